@@ -1,0 +1,281 @@
+//! The delivery engine: receive → bounded concurrent delivery → settle.
+//!
+//! One task per route pulls from the source only when a concurrency permit is free (that
+//! is the backpressure: the source waits for room before asking the broker for more), and
+//! spawns one task per message that makes attempts until the response table says ack or
+//! dead-letter. Retries go back to the broker when the broker can hold them (SQS
+//! visibility), otherwise they wait here without holding a permit.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::ack::{AckHandle, DeadLetter, Settlement};
+use crate::backoff::Backoff;
+use crate::error::EngineError;
+use crate::message::Message;
+use crate::metrics::RouteMetrics;
+use crate::policy::{ResponsePolicy, Verdict};
+use crate::sink::{Sink, SinkResponse};
+use crate::source::{Delivery, Source, SourceContext};
+
+/// How a route delivers: the `[routes.x.delivery]` section, validated.
+#[derive(Debug, Clone)]
+pub struct DeliveryPolicy {
+    /// Requests in flight at most.
+    pub concurrency: usize,
+    /// Attempts before a retryable failure is dead-lettered.
+    pub max_attempts: u32,
+    /// Delay between attempts.
+    pub backoff: Backoff,
+    /// How long in-flight deliveries may finish after shutdown starts.
+    pub shutdown_grace: Duration,
+    /// What each endpoint answer means.
+    pub responses: ResponsePolicy,
+}
+
+impl Default for DeliveryPolicy {
+    fn default() -> Self {
+        Self {
+            concurrency: 10,
+            max_attempts: 10,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(60)),
+            shutdown_grace: Duration::from_secs(30),
+            responses: ResponsePolicy::default(),
+        }
+    }
+}
+
+/// One source wired to one sink.
+#[derive(Debug)]
+pub struct Route<S, K> {
+    /// Route name, for logs.
+    pub name: Arc<str>,
+    /// Where messages come from.
+    pub source: S,
+    /// Where they go.
+    pub sink: K,
+    /// How.
+    pub policy: DeliveryPolicy,
+    /// The route's metric children.
+    pub metrics: RouteMetrics,
+}
+
+struct Shared<K> {
+    route: Arc<str>,
+    sink: K,
+    policy: DeliveryPolicy,
+    metrics: RouteMetrics,
+    permits: Arc<Semaphore>,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// Runs a route until `ctx.shutdown` is cancelled (or the source ends), then shuts down
+/// as DESIGN section 3 says: stop receiving, release what has not started, give in-flight
+/// deliveries `shutdown_grace` to finish, release the rest, and wait for the source to
+/// flush its settlements.
+pub async fn run_route<S: Source, K: Sink>(
+    route: Route<S, K>,
+    ctx: SourceContext,
+) -> Result<(), EngineError> {
+    let Route {
+        name,
+        source,
+        sink,
+        policy,
+        metrics,
+    } = route;
+    let concurrency = policy.concurrency.max(1);
+    metrics.concurrency_limit.set(concurrency as i64);
+    let shutdown = ctx.shutdown.clone();
+    let shared = Arc::new(Shared {
+        route: name.clone(),
+        sink,
+        policy,
+        metrics,
+        permits: Arc::new(Semaphore::new(concurrency)),
+        shutdown: shutdown.clone(),
+    });
+
+    let (tx, mut rx) = mpsc::channel::<Delivery>(concurrency);
+    let mut source_task = tokio::spawn(source.run(tx, ctx));
+    let mut tasks = JoinSet::new();
+
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            p = shared.permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let delivery = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            d = rx.recv() => match d {
+                Some(d) => d,
+                None => break,
+            },
+        };
+        shared.metrics.received.inc();
+        tasks.spawn(deliver(shared.clone(), delivery, permit));
+        while tasks.try_join_next().is_some() {}
+    }
+
+    // Stop receiving: the source sees the closed channel (or the cancelled token) and
+    // stops; anything it already handed over but we did not start goes back at once.
+    rx.close();
+    let mut released = 0usize;
+    while let Ok(unstarted) = rx.try_recv() {
+        unstarted.ack.settle(Settlement::Release);
+        released += 1;
+    }
+    let in_flight = tasks.len();
+    info!(route = %name, in_flight, released, "route stopping");
+    let grace = shared.policy.shutdown_grace;
+    let finished =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if finished.is_err() {
+        warn!(route = %name, left = tasks.len(), grace = ?grace, "shutdown grace over; releasing in-flight deliveries");
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    drop(shared);
+    // The source returns once every handle it gave out has settled and been flushed.
+    shutdown.cancel();
+    let result = (&mut source_task).await;
+    info!(route = %name, "route stopped");
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(EngineError::Source {
+            route: name.to_string(),
+            source,
+        }),
+        Err(join) => Err(EngineError::SourcePanicked {
+            route: name.to_string(),
+            detail: join.to_string(),
+        }),
+    }
+}
+
+/// Keeps `ferry_in_flight` right even when a delivery task is aborted mid-request.
+struct InFlight<'a>(&'a Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn deliver<K: Sink>(
+    shared: Arc<Shared<K>>,
+    delivery: Delivery,
+    mut permit: OwnedSemaphorePermit,
+) {
+    let Delivery { mut message, ack } = delivery;
+    loop {
+        let response = attempt(&shared, &message).await;
+        match shared.policy.responses.classify(&response) {
+            Verdict::Ack => {
+                ack.settle(Settlement::Ack);
+                shared.metrics.delivered.inc();
+                if let Ok(age) = SystemTime::now().duration_since(message.timestamp) {
+                    shared.metrics.end_to_end.observe(age.as_secs_f64());
+                }
+                return;
+            }
+            Verdict::DeadLetter { reason } => {
+                return dead_letter(&shared, &message, ack, &response, reason);
+            }
+            Verdict::Retry { after } => {
+                if message.attempt >= shared.policy.max_attempts {
+                    let reason = format!("attempts exhausted: {}", describe(&response));
+                    return dead_letter(&shared, &message, ack, &response, reason);
+                }
+                shared.metrics.retried.inc();
+                let backoff = shared.policy.backoff;
+                let delay =
+                    after.map_or_else(|| backoff.delay(message.attempt), |a| backoff.capped(a));
+                debug!(route = %shared.route, id = %message.id, attempt = message.attempt, ?delay, outcome = %describe(&response), "retrying");
+                if ack.holds_retries() {
+                    ack.settle(Settlement::Retry { delay });
+                    return;
+                }
+                drop(permit);
+                tokio::select! {
+                    biased;
+                    _ = shared.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                permit = tokio::select! {
+                    biased;
+                    _ = shared.shutdown.cancelled() => return,
+                    p = shared.permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
+                message.attempt += 1;
+            }
+        }
+    }
+}
+
+async fn attempt<K: Sink>(shared: &Shared<K>, message: &Message) -> SinkResponse {
+    let _in_flight = InFlight::enter(&shared.metrics.in_flight);
+    let started = Instant::now();
+    let response = shared.sink.deliver(message).await;
+    shared
+        .metrics
+        .request_duration
+        .observe(started.elapsed().as_secs_f64());
+    shared.metrics.count_response(response.class());
+    response
+}
+
+fn dead_letter<K>(
+    shared: &Shared<K>,
+    message: &Message,
+    ack: AckHandle,
+    response: &SinkResponse,
+    reason: String,
+) {
+    let status = match response {
+        SinkResponse::Status { status, .. } => Some(*status),
+        _ => None,
+    };
+    let dl = DeadLetter {
+        reason,
+        status,
+        attempts: message.attempt,
+    };
+    warn!(route = %shared.route, id = %message.id, reason = %dl, "dead-lettering message");
+    ack.settle(Settlement::DeadLetter(dl));
+    shared.metrics.dead_lettered.inc();
+}
+
+fn describe(response: &SinkResponse) -> String {
+    match response {
+        SinkResponse::Status { status, detail, .. } if detail.is_empty() => {
+            format!("status {status}")
+        }
+        SinkResponse::Status { status, detail, .. } => format!("status {status}: {detail}"),
+        SinkResponse::Timeout => "timeout".to_owned(),
+        SinkResponse::Error(e) => format!("error: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,309 @@
+//! Engine tests with an in-memory source and a scripted sink, under paused time.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::ack::Settle;
+use crate::error::SourceError;
+use crate::metrics::{Metrics, RouteLabels};
+
+type Log = Arc<Mutex<Vec<(String, Settlement)>>>;
+
+struct Recorder {
+    id: String,
+    log: Log,
+    holds: bool,
+}
+
+impl Settle for Recorder {
+    fn settle(self: Box<Self>, s: Settlement) {
+        self.log.lock().expect("lock").push((self.id, s));
+    }
+    fn holds_retries(&self) -> bool {
+        self.holds
+    }
+}
+
+struct VecSource {
+    count: usize,
+    log: Log,
+    holds: bool,
+}
+
+impl Source for VecSource {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+    async fn run(self, out: mpsc::Sender<Delivery>, ctx: SourceContext) -> Result<(), SourceError> {
+        let source: Arc<str> = Arc::from("memory");
+        for i in 0..self.count {
+            let id = format!("m{i}");
+            let delivery = Delivery {
+                message: Message::new(id.clone(), format!("payload {i}"), source.clone()),
+                ack: AckHandle::new(Recorder {
+                    id,
+                    log: self.log.clone(),
+                    holds: self.holds,
+                }),
+            };
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+                r = out.send(delivery) => if r.is_err() { return Ok(()) },
+            }
+        }
+        ctx.shutdown.cancelled().await;
+        Ok(())
+    }
+}
+
+/// A sink whose answer depends on the message and attempt; counts calls and concurrency.
+struct Scripted<F> {
+    answer: F,
+    latency: Duration,
+    calls: Arc<AtomicUsize>,
+    current: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+}
+
+impl<F: Fn(&Message) -> SinkResponse + Send + Sync + 'static> Sink for Scripted<F> {
+    async fn deliver(&self, message: &Message) -> SinkResponse {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let now = self.current.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(self.latency).await;
+        self.current.fetch_sub(1, Ordering::SeqCst);
+        (self.answer)(message)
+    }
+}
+
+fn ok() -> SinkResponse {
+    status(200)
+}
+
+fn status(status: u16) -> SinkResponse {
+    SinkResponse::Status {
+        status,
+        retry_after: None,
+        action: None,
+        detail: String::new(),
+    }
+}
+
+struct Harness {
+    log: Log,
+    calls: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), EngineError>>,
+}
+
+fn start<F>(
+    count: usize,
+    holds: bool,
+    policy: DeliveryPolicy,
+    latency: Duration,
+    answer: F,
+) -> Harness
+where
+    F: Fn(&Message) -> SinkResponse + Send + Sync + 'static,
+{
+    let log: Log = Arc::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let metrics = Metrics::default().route(&RouteLabels {
+        route: "t".into(),
+        source: "memory".into(),
+        sink: "scripted".into(),
+    });
+    let shutdown = CancellationToken::new();
+    let ctx = SourceContext::new(Arc::from("t"), shutdown.clone(), metrics.backlog.clone());
+    let route = Route {
+        name: Arc::from("t"),
+        source: VecSource {
+            count,
+            log: log.clone(),
+            holds,
+        },
+        sink: Scripted {
+            answer,
+            latency,
+            calls: calls.clone(),
+            current: Arc::default(),
+            peak: peak.clone(),
+        },
+        policy,
+        metrics,
+    };
+    let task = tokio::spawn(run_route(route, ctx));
+    Harness {
+        log,
+        calls,
+        peak,
+        shutdown,
+        task,
+    }
+}
+
+impl Harness {
+    async fn settle_all(self, expected: usize) -> HashMap<String, Vec<Settlement>> {
+        for _ in 0..100_000 {
+            if self.log.lock().expect("lock").len() >= expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.shutdown.cancel();
+        self.task.await.expect("join").expect("route");
+        let mut by_id: HashMap<String, Vec<Settlement>> = HashMap::new();
+        for (id, s) in self.log.lock().expect("lock").drain(..) {
+            by_id.entry(id).or_default().push(s);
+        }
+        by_id
+    }
+}
+
+fn policy(concurrency: usize, max_attempts: u32) -> DeliveryPolicy {
+    DeliveryPolicy {
+        concurrency,
+        max_attempts,
+        backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
+        shutdown_grace: Duration::from_secs(5),
+        responses: ResponsePolicy::default(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_message_is_acked_once_and_concurrency_is_capped() {
+    let h = start(200, false, policy(8, 3), Duration::from_millis(5), |_| ok());
+    let peak = h.peak.clone();
+    let settled = h.settle_all(200).await;
+    assert_eq!(settled.len(), 200);
+    assert!(settled.values().all(|s| s == &[Settlement::Ack]));
+    let peak = peak.load(Ordering::SeqCst);
+    assert!((2..=8).contains(&peak), "peak concurrency {peak}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_memory_retry_then_success() {
+    // Every 3rd message fails its first attempt.
+    let h = start(60, false, policy(4, 5), Duration::from_millis(1), |m| {
+        let n: usize = m.id[1..].parse().expect("id");
+        if n % 3 == 0 && m.attempt == 1 {
+            status(500)
+        } else {
+            ok()
+        }
+    });
+    let calls = h.calls.clone();
+    let settled = h.settle_all(60).await;
+    assert_eq!(settled.len(), 60);
+    assert!(settled.values().all(|s| s == &[Settlement::Ack]));
+    assert_eq!(calls.load(Ordering::SeqCst), 60 + 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_attempts_dead_letter_with_reason() {
+    let h = start(5, false, policy(2, 3), Duration::ZERO, |_| status(503));
+    let calls = h.calls.clone();
+    let settled = h.settle_all(5).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 15);
+    for s in settled.values() {
+        match s.as_slice() {
+            [Settlement::DeadLetter(dl)] => {
+                assert_eq!(dl.attempts, 3);
+                assert_eq!(dl.status, Some(503));
+                assert!(dl.reason.contains("attempts exhausted"), "{}", dl.reason);
+            }
+            other => panic!("unexpected settlements {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_message_is_dead_lettered_at_once() {
+    let h = start(10, false, policy(2, 5), Duration::ZERO, |m| {
+        if m.id == "m4" {
+            SinkResponse::Status {
+                status: 422,
+                retry_after: None,
+                action: None,
+                detail: "no such order".into(),
+            }
+        } else {
+            ok()
+        }
+    });
+    let settled = h.settle_all(10).await;
+    assert_eq!(settled.len(), 10);
+    match settled["m4"].as_slice() {
+        [Settlement::DeadLetter(dl)] => {
+            assert_eq!(dl.reason, "no such order");
+            assert_eq!(dl.attempts, 1);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn broker_held_retry_uses_retry_after_capped() {
+    let h = start(3, true, policy(2, 5), Duration::ZERO, |_| {
+        SinkResponse::Status {
+            status: 429,
+            retry_after: Some(Duration::from_secs(600)),
+            action: None,
+            detail: String::new(),
+        }
+    });
+    let settled = h.settle_all(3).await;
+    for s in settled.values() {
+        assert_eq!(
+            s.as_slice(),
+            [Settlement::Retry {
+                delay: Duration::from_secs(2)
+            }]
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_releases_unstarted_and_overdue_in_flight() {
+    // Each request takes 60 s; grace is 5 s: the 2 in flight are released after the grace,
+    // the buffered ones at once, and nothing is acked.
+    let h = start(6, false, policy(2, 5), Duration::from_secs(60), |_| ok());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let log = h.log.clone();
+    let started = tokio::time::Instant::now();
+    h.shutdown.cancel();
+    h.task.await.expect("join").expect("route");
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(6));
+    let log = log.lock().expect("lock");
+    let mut ids: Vec<_> = log.iter().map(|(id, _)| id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), log.len(), "settled twice: {log:?}");
+    assert!(
+        log.iter().all(|(_, s)| *s == Settlement::Release),
+        "{log:?}"
+    );
+    // 2 in flight + 2 buffered in the channel (capacity = concurrency) at least.
+    assert!(log.len() >= 4, "{log:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_flight_finishes_within_grace() {
+    let h = start(4, false, policy(4, 5), Duration::from_secs(2), |_| ok());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let log = h.log.clone();
+    h.shutdown.cancel();
+    h.task.await.expect("join").expect("route");
+    let log = log.lock().expect("lock");
+    assert_eq!(log.len(), 4);
+    assert!(log.iter().all(|(_, s)| *s == Settlement::Ack), "{log:?}");
+}

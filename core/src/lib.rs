@@ -1,0 +1,30 @@
+//! The broker-independent heart of ferry.
+//!
+//! A [`Source`] hands out [`Delivery`] values (a [`Message`] plus its [`AckHandle`]), a
+//! [`Sink`] pushes one message to the endpoint and reports what it answered, and the engine
+//! ([`run_route`]) sits between them: bounded concurrency, the response table, retries with
+//! backoff, dead-lettering and graceful shutdown. Nothing here knows about SQS or HTTP
+//! clients, so a new broker is a new crate that implements [`Source`].
+
+pub mod ack;
+pub mod backoff;
+pub mod engine;
+pub mod error;
+pub mod message;
+pub mod metrics;
+pub mod policy;
+pub mod sink;
+pub mod source;
+
+pub use ack::{AckHandle, DeadLetter, Settle, Settlement};
+pub use backoff::Backoff;
+pub use engine::{run_route, DeliveryPolicy, Route};
+pub use error::{EngineError, SourceError};
+pub use message::Message;
+pub use metrics::{Metrics, RouteLabels, RouteMetrics};
+pub use policy::{Action, ResponsePolicy, Verdict};
+pub use sink::{Sink, SinkResponse};
+pub use source::{Delivery, Source, SourceContext};
+
+// Re-exported so that backends written outside the workspace use the same types as the engine.
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,234 @@
+//! The metrics of DESIGN section 5, one set of children per route.
+//!
+//! Families live in one [`Metrics`] value that the binary registers once; each route
+//! resolves its own children up front ([`Metrics::route`]) so the hot path only touches
+//! atomics, never the family maps.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The labels every ferry metric carries.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Route name from the configuration.
+    pub route: String,
+    /// Source kind (`sqs`, ...).
+    pub source: String,
+    /// Sink kind (`http`, ...).
+    pub sink: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    route: String,
+    source: String,
+    sink: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    route: String,
+    source: String,
+    sink: String,
+    class: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// Every metric family ferry exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    received: Family<RouteLabels, Counter>,
+    deliveries: Family<OutcomeLabels, Counter>,
+    responses: Family<ClassLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram>,
+    in_flight: Family<RouteLabels, Gauge>,
+    concurrency_limit: Family<RouteLabels, Gauge>,
+    backlog: Family<RouteLabels, Gauge>,
+    end_to_end: Family<RouteLabels, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            received: Family::default(),
+            deliveries: Family::default(),
+            responses: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            in_flight: Family::default(),
+            concurrency_limit: Family::default(),
+            backlog: Family::default(),
+            end_to_end: Family::new_with_constructor(latency_histogram),
+        }
+    }
+}
+
+impl Metrics {
+    /// Creates the families and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "ferry_messages_received",
+            "Messages handed out by the broker",
+            m.received.clone(),
+        );
+        registry.register(
+            "ferry_deliveries",
+            "Delivery outcomes: delivered, retried, dead_lettered",
+            m.deliveries.clone(),
+        );
+        registry.register(
+            "ferry_http_responses",
+            "Endpoint answers by class: 2xx, 4xx, 5xx, timeout, error",
+            m.responses.clone(),
+        );
+        registry.register(
+            "ferry_http_request_duration_seconds",
+            "Time from request start to the endpoint's answer",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "ferry_in_flight",
+            "Requests in flight to the endpoint",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "ferry_concurrency_limit",
+            "Current cap on requests in flight",
+            m.concurrency_limit.clone(),
+        );
+        registry.register(
+            "ferry_source_backlog",
+            "Messages waiting in the broker (visible backlog)",
+            m.backlog.clone(),
+        );
+        registry.register(
+            "ferry_end_to_end_seconds",
+            "From the broker's sent timestamp to the ack",
+            m.end_to_end.clone(),
+        );
+        m
+    }
+
+    /// Resolves the children of one route.
+    pub fn route(&self, labels: &RouteLabels) -> RouteMetrics {
+        let outcome = |outcome| {
+            self.deliveries
+                .get_or_create(&OutcomeLabels {
+                    route: labels.route.clone(),
+                    source: labels.source.clone(),
+                    sink: labels.sink.clone(),
+                    outcome,
+                })
+                .clone()
+        };
+        let class = |class| {
+            self.responses
+                .get_or_create(&ClassLabels {
+                    route: labels.route.clone(),
+                    source: labels.source.clone(),
+                    sink: labels.sink.clone(),
+                    class,
+                })
+                .clone()
+        };
+        RouteMetrics {
+            received: self.received.get_or_create(labels).clone(),
+            delivered: outcome("delivered"),
+            retried: outcome("retried"),
+            dead_lettered: outcome("dead_lettered"),
+            responses: HTTP_CLASSES.map(class),
+            request_duration: self.request_duration.get_or_create(labels).clone(),
+            in_flight: self.in_flight.get_or_create(labels).clone(),
+            concurrency_limit: self.concurrency_limit.get_or_create(labels).clone(),
+            backlog: self.backlog.get_or_create(labels).clone(),
+            end_to_end: self.end_to_end.get_or_create(labels).clone(),
+        }
+    }
+}
+
+const HTTP_CLASSES: [&str; 5] = ["2xx", "4xx", "5xx", "timeout", "error"];
+
+/// One route's metric children; cloning shares the same counters.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    /// `ferry_messages_received_total`
+    pub received: Counter,
+    /// `ferry_deliveries_total{outcome="delivered"}`
+    pub delivered: Counter,
+    /// `ferry_deliveries_total{outcome="retried"}`
+    pub retried: Counter,
+    /// `ferry_deliveries_total{outcome="dead_lettered"}`
+    pub dead_lettered: Counter,
+    responses: [Counter; 5],
+    /// `ferry_http_request_duration_seconds`
+    pub request_duration: Histogram,
+    /// `ferry_in_flight`
+    pub in_flight: Gauge,
+    /// `ferry_concurrency_limit`
+    pub concurrency_limit: Gauge,
+    /// `ferry_source_backlog`
+    pub backlog: Gauge,
+    /// `ferry_end_to_end_seconds`
+    pub end_to_end: Histogram,
+}
+
+impl RouteMetrics {
+    /// Counts one endpoint answer under its class label.
+    pub fn count_response(&self, class: &str) {
+        if let Some(i) = HTTP_CLASSES.iter().position(|c| *c == class) {
+            self.responses[i].inc();
+        }
+    }
+
+    /// The count of one response class (for `/routes`).
+    pub fn responses(&self, class: &str) -> u64 {
+        HTTP_CLASSES
+            .iter()
+            .position(|c| *c == class)
+            .map_or(0, |i| self.responses[i].get())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_contract_metric_is_exported() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let route = metrics.route(&RouteLabels {
+            route: "orders".into(),
+            source: "sqs".into(),
+            sink: "http".into(),
+        });
+        route.received.inc();
+        route.count_response("2xx");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for name in [
+            "ferry_messages_received_total",
+            "ferry_deliveries_total",
+            "ferry_http_responses_total",
+            "ferry_http_request_duration_seconds_bucket",
+            "ferry_in_flight",
+            "ferry_concurrency_limit",
+            "ferry_source_backlog",
+            "ferry_end_to_end_seconds_bucket",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+        assert!(text.contains(
+            r#"ferry_http_responses_total{route="orders",source="sqs",sink="http",class="2xx"} 1"#
+        ));
+    }
+}

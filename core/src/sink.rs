@@ -1,0 +1,52 @@
+//! Where messages go.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::message::Message;
+use crate::policy::Action;
+
+/// What the endpoint did with one delivery attempt, in terms the engine can classify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkResponse {
+    /// The endpoint answered.
+    Status {
+        /// HTTP status code.
+        status: u16,
+        /// `Retry-After`, if the endpoint sent one.
+        retry_after: Option<Duration>,
+        /// The endpoint's per-message decision (`Ferry-Action`), if any.
+        action: Option<Action>,
+        /// The start of the response body (at most 1 KB), kept as a dead-letter reason.
+        detail: String,
+    },
+    /// No answer within the sink's timeout.
+    Timeout,
+    /// The request could not be made or the connection broke.
+    Error(String),
+}
+
+impl SinkResponse {
+    /// The `class` label of `ferry_http_responses_total`.
+    pub fn class(&self) -> &'static str {
+        match self {
+            SinkResponse::Status { status, .. } => match status {
+                200..=299 => "2xx",
+                400..=499 => "4xx",
+                500..=599 => "5xx",
+                _ => "error",
+            },
+            SinkResponse::Timeout => "timeout",
+            SinkResponse::Error(_) => "error",
+        }
+    }
+}
+
+/// Pushes one message to the endpoint.
+///
+/// A sink never retries by itself: it reports each attempt so the engine alone decides
+/// between ack, retry and dead-letter, the same way for every sink.
+pub trait Sink: Send + Sync + 'static {
+    /// Makes one delivery attempt of `message`.
+    fn deliver(&self, message: &Message) -> impl Future<Output = SinkResponse> + Send;
+}
