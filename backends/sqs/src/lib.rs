@@ -1,1 +1,196 @@
-//! placeholder
+//! The Amazon SQS source of ferry.
+//!
+//! `receivers` long-poll loops receive up to `batch_size` messages each, but only when the
+//! engine has room for them. Every message is settled on its own: deletes are coalesced
+//! into `DeleteMessageBatch`, retries and releases become visibility changes (so retry
+//! state lives in the queue and survives a restart), dead-letters are sent to
+//! `dead_letter_queue_url` and then deleted. While a message waits or is in flight, its
+//! visibility is extended so that no other consumer receives it.
+
+mod convert;
+mod lease;
+mod receive;
+mod settle;
+pub mod sns;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_sqs::types::QueueAttributeName;
+use aws_sdk_sqs::Client;
+use ferry_core::{Delivery, Source, SourceContext, SourceError};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+/// The `[routes.x.source]` section of an `sqs` route, validated.
+#[derive(Debug, Clone)]
+pub struct SqsConfig {
+    /// The queue to consume.
+    pub queue_url: String,
+    /// Overrides the AWS endpoint (local emulators).
+    pub endpoint_url: Option<String>,
+    /// AWS region; from the standard chain when `None`.
+    pub region: Option<String>,
+    /// Concurrent `ReceiveMessage` loops.
+    pub receivers: usize,
+    /// Messages per `ReceiveMessage` (1..=10).
+    pub batch_size: i32,
+    /// Long-poll wait (0..=20 s).
+    pub wait_time: Duration,
+    /// Visibility given at receive and renewed while a message is held.
+    pub visibility_timeout: Duration,
+    /// Where dead-letters go; without one they are left to the queue's redrive policy.
+    pub dead_letter_queue_url: Option<String>,
+}
+
+/// Why the source could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SqsError {
+    /// No region in the configuration or the environment.
+    #[error("region: not set and no AWS region in the environment (set `region` or AWS_REGION)")]
+    NoRegion,
+    /// The queue could not be reached or does not exist.
+    #[error("{key}: cannot use queue {url}: {detail}")]
+    Queue {
+        /// The configuration key that names the queue.
+        key: &'static str,
+        /// The queue URL.
+        url: String,
+        /// What SQS said.
+        detail: String,
+    },
+}
+
+/// A connected SQS source; build it with [`SqsSource::connect`].
+#[derive(Debug, Clone)]
+pub struct SqsSource {
+    client: Client,
+    config: Arc<SqsConfig>,
+    queue_name: Arc<str>,
+}
+
+impl SqsSource {
+    /// Builds the client from the standard AWS chain and checks that the queue (and the
+    /// dead-letter queue) exist, so a wrong URL is reported at start, not per message.
+    pub async fn connect(config: SqsConfig) -> Result<Self, SqsError> {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = &config.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some(endpoint) = &config.endpoint_url {
+            loader = loader.endpoint_url(endpoint);
+        }
+        let shared = loader.load().await;
+        if shared.region().is_none() {
+            return Err(SqsError::NoRegion);
+        }
+        let client = Client::new(&shared);
+        check_queue(&client, "queue_url", &config.queue_url).await?;
+        if let Some(dlq) = &config.dead_letter_queue_url {
+            check_queue(&client, "dead_letter_queue_url", dlq).await?;
+        }
+        let queue_name = Arc::from(
+            config
+                .queue_url
+                .rsplit('/')
+                .next()
+                .unwrap_or(&config.queue_url),
+        );
+        Ok(Self {
+            client,
+            config: Arc::new(config),
+            queue_name,
+        })
+    }
+
+    /// The SDK client, for tools that share the connection (redrive, benchmarks).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+async fn check_queue(client: &Client, key: &'static str, url: &str) -> Result<(), SqsError> {
+    client
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| SqsError::Queue {
+            key,
+            url: url.to_owned(),
+            detail: describe(&e),
+        })
+}
+
+/// One line for an SDK error: the service's code and message, or the transport failure.
+pub(crate) fn describe<E, R>(e: &aws_sdk_sqs::error::SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match (e.code(), e.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => DisplayErrorContext(e).to_string().replace('\n', " "),
+    }
+}
+
+impl Source for SqsSource {
+    fn kind(&self) -> &'static str {
+        "sqs"
+    }
+
+    async fn run(self, out: mpsc::Sender<Delivery>, ctx: SourceContext) -> Result<(), SourceError> {
+        let leases = Arc::new(lease::Leases::new(self.config.visibility_timeout));
+        let (settler, settle_tx) =
+            settle::spawn(self.client.clone(), self.config.clone(), ctx.route.clone());
+        let lease_stop = tokio_util::sync::CancellationToken::new();
+        let lease_task = tokio::spawn(lease::extend(
+            self.client.clone(),
+            self.config.queue_url.clone(),
+            leases.clone(),
+            lease_stop.clone(),
+        ));
+        let backlog_task = tokio::spawn(receive::poll_backlog(
+            self.client.clone(),
+            self.config.queue_url.clone(),
+            ctx.clone(),
+        ));
+        info!(route = %ctx.route, queue = %self.queue_name, receivers = self.config.receivers, "receiving");
+        let mut receivers = JoinSet::new();
+        for _ in 0..self.config.receivers.max(1) {
+            receivers.spawn(receive::receive_loop(
+                receive::Receiver {
+                    client: self.client.clone(),
+                    config: self.config.clone(),
+                    queue_name: self.queue_name.clone(),
+                    leases: leases.clone(),
+                    settle: settle_tx.clone(),
+                },
+                out.clone(),
+                ctx.clone(),
+            ));
+        }
+        drop(out);
+        drop(settle_tx);
+        while let Some(r) = receivers.join_next().await {
+            if let Err(e) = r {
+                warn!(route = %ctx.route, error = %e, "receiver task ended abnormally");
+            }
+        }
+        backlog_task.abort();
+        // Every handle given out holds a sender of the settler: it ends once all have
+        // settled (or been released by dropping), after its last broker call.
+        if let Err(e) = settler.await {
+            warn!(route = %ctx.route, error = %e, "settler task ended abnormally");
+        }
+        lease_stop.cancel();
+        let _ = lease_task.await;
+        Ok(())
+    }
+}

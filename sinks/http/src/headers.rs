@@ -1,0 +1,72 @@
+//! The per-message headers of the delivery contract.
+
+use ferry_core::Message;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+
+/// Adds the contract's per-message headers to `headers`.
+///
+/// A value that cannot travel in a header (non-visible characters) is left out of the
+/// headers rather than mangled; the body still carries every attribute.
+pub fn message_headers(message: &Message, route: &HeaderValue, headers: &mut HeaderMap) {
+    if let Ok(id) = HeaderValue::from_str(&message.id) {
+        headers.insert("idempotency-key", id.clone());
+        headers.insert("x-ferry-message-id", id);
+    }
+    headers.insert("x-ferry-attempt", HeaderValue::from(message.attempt));
+    headers.insert("x-ferry-route", route.clone());
+    put(headers, "x-ferry-source", &message.source);
+    if let Some(at) = message.first_received_at {
+        put(
+            headers,
+            "x-ferry-first-received-at",
+            &humantime::format_rfc3339_millis(at).to_string(),
+        );
+    }
+    if let Some(group) = &message.group {
+        put(headers, "x-ferry-group", group);
+    }
+    if let Some(tp) = &message.traceparent {
+        put(headers, "traceparent", tp);
+    }
+    for (name, value) in &message.attributes {
+        let Ok(name) = HeaderName::from_bytes(format!("x-ferry-attr-{name}").as_bytes()) else {
+            continue;
+        };
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.append(name, value);
+        }
+    }
+}
+
+fn put(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn contract_headers() {
+        let mut m = Message::new("abc", "x", Arc::from("orders-consumer"));
+        m.attempt = 3;
+        m.group = Some("g1".into());
+        m.attributes.insert("tenant".into(), "acme".into());
+        m.attributes.insert("bad name".into(), "x".into());
+        m.attributes.insert("newline".into(), "a\nb".into());
+        let mut h = HeaderMap::new();
+        message_headers(&m, &HeaderValue::from_static("orders"), &mut h);
+        assert_eq!(h["idempotency-key"], "abc");
+        assert_eq!(h["x-ferry-message-id"], "abc");
+        assert_eq!(h["x-ferry-attempt"], "3");
+        assert_eq!(h["x-ferry-route"], "orders");
+        assert_eq!(h["x-ferry-source"], "orders-consumer");
+        assert_eq!(h["x-ferry-group"], "g1");
+        assert_eq!(h["x-ferry-attr-tenant"], "acme");
+        assert!(!h.contains_key("x-ferry-attr-newline"));
+        assert!(!h.contains_key("x-ferry-first-received-at"));
+    }
+}
