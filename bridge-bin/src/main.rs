@@ -1,1 +1,206 @@
-fn main() {}
+//! `ferry`: receives messages from a broker and POSTs each one to an HTTP endpoint,
+//! acknowledging it only after a 2xx.
+
+mod admin;
+mod config;
+mod wiring;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_core::Metrics;
+use futures::future::join_all;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::{ConfigError, LoadOptions, Plan};
+
+/// Message bridge: broker → your HTTP endpoint, ack only after a 2xx.
+#[derive(Parser)]
+#[command(name = "ferry", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every configured route until SIGTERM or SIGINT.
+    Run(ConfigArgs),
+    /// Check the configuration and print it resolved, with secrets redacted.
+    Validate(ConfigArgs),
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// One configuration file (TOML, or YAML by extension) plus FERRY__ overrides.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Root of the layered configuration tree.
+    #[arg(long, default_value = "config")]
+    config_dir: PathBuf,
+    /// Environment layer: config/{env}/config.toml.
+    #[arg(long, env = "ENV")]
+    env: Option<String>,
+    /// Scope layer: config/{env}/{scope}.config.toml.
+    #[arg(long, env = "SCOPE")]
+    scope: Option<String>,
+}
+
+/// How the process ends: configuration mistakes exit 2, everything else 1.
+enum Failure {
+    Config(Vec<ConfigError>),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Validate(args) => validate(&args),
+        Command::Run(args) => run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(errors)) => {
+            for e in errors {
+                eprintln!("ferry: {e}");
+            }
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(args: &ConfigArgs) -> Result<(config::Config, Plan), Failure> {
+    let options = LoadOptions {
+        file: args.config.clone(),
+        dir: args.config_dir.clone(),
+        env: args.env.clone(),
+        scope: args.scope.clone(),
+    };
+    let vars: Vec<(String, String)> = std::env::vars().collect();
+    let (config, _files) = config::load(&options, &vars).map_err(Failure::Config)?;
+    let plan = config::validate(&config).map_err(Failure::Config)?;
+    Ok((config, plan))
+}
+
+fn validate(args: &ConfigArgs) -> Result<(), Failure> {
+    let (config, _plan) = load(args)?;
+    let text =
+        toml::to_string_pretty(&config::redacted(&config)).context("printing the configuration")?;
+    print!("{text}");
+    Ok(())
+}
+
+fn run(args: &ConfigArgs) -> Result<(), Failure> {
+    let (_config, plan) = load(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_routes(plan))
+}
+
+async fn run_routes(plan: Plan) -> Result<(), Failure> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let shutdown = CancellationToken::new();
+
+    let mut views = Vec::new();
+    let mut tasks = Vec::new();
+    for route in plan.routes {
+        match wiring::build(route, &metrics, &shutdown).await {
+            Ok((view, task)) => {
+                views.push(view);
+                tasks.push(task);
+            }
+            Err(e) if e.is_config() => {
+                return Err(Failure::Config(vec![ConfigError::new(
+                    "start",
+                    e.to_string(),
+                )]))
+            }
+            Err(e) => return Err(anyhow::Error::new(e).into()),
+        }
+    }
+    let names: Vec<String> = views.iter().map(|v| v.name.to_string()).collect();
+    let admin = admin::serve(plan.admin, registry, views, shutdown.clone())
+        .await
+        .with_context(|| format!("admin.listen: cannot listen on {}", plan.admin))?;
+    info!(admin = %plan.admin, routes = ?names, "ferry started");
+
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    let results = join_all(tasks.into_iter().map(|task| {
+        let shutdown = shutdown.clone();
+        async move {
+            let result = task.await;
+            if let Err(e) = &result {
+                error!(error = %e, "route failed; stopping ferry");
+                shutdown.cancel();
+            }
+            result
+        }
+    }))
+    .await;
+    shutdown.cancel();
+    let _ = admin.await;
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| e.to_string()))
+        .collect();
+    if failed.is_empty() {
+        info!("ferry stopped");
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(failed.join("; ")).into())
+    }
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+    }
+    shutdown.cancel();
+}

@@ -135,6 +135,10 @@ pub async fn run_route<S: Source, K: Sink>(
         unstarted.ack.settle(Settlement::Release);
         released += 1;
     }
+    // Dropping the receiver also releases whatever a source still sends through permits
+    // it reserved before the close.
+    drop(rx);
+    while tasks.try_join_next().is_some() {}
     let in_flight = tasks.len();
     info!(route = %name, in_flight, released, "route stopping");
     let grace = shared.policy.shutdown_grace;

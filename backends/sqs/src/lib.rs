@@ -61,7 +61,19 @@ pub enum SqsError {
         url: String,
         /// What SQS said.
         detail: String,
+        /// SQS answered that the queue does not exist or the URL is not one of its own.
+        not_found: bool,
     },
+}
+
+impl SqsError {
+    /// True when the configuration is wrong (as opposed to SQS being unreachable).
+    pub fn is_config(&self) -> bool {
+        match self {
+            SqsError::NoRegion => true,
+            SqsError::Queue { not_found, .. } => *not_found,
+        }
+    }
 }
 
 /// A connected SQS source; build it with [`SqsSource::connect`].
@@ -124,6 +136,12 @@ async fn check_queue(client: &Client, key: &'static str, url: &str) -> Result<()
             key,
             url: url.to_owned(),
             detail: describe(&e),
+            not_found: e.code().is_some_and(|c| {
+                c.contains("NonExistentQueue")
+                    || c.contains("QueueDoesNotExist")
+                    || c.contains("InvalidAddress")
+                    || c.contains("InvalidParameterValue")
+            }),
         })
 }
 

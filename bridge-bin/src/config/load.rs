@@ -1,0 +1,267 @@
+//! Reading, layering and interpolating configuration files.
+//!
+//! Layers, first wins: `FERRY__...` environment variables, `config/{env}/{scope}.config.toml`,
+//! `config/{env}/config.toml`, `config/config.toml` (or one `--config FILE` plus the
+//! environment). Files are merged as generic trees, `${VAR}` is replaced in every string,
+//! and only then is the result deserialized, so every error names its key path.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::{Config, ConfigError};
+
+/// Where to look for configuration.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// One file (then no layering of files).
+    pub file: Option<PathBuf>,
+    /// The layered tree's root (`config/`).
+    pub dir: PathBuf,
+    /// `ENV`: the environment layer's folder.
+    pub env: Option<String>,
+    /// `SCOPE`: the scope file inside the environment's folder.
+    pub scope: Option<String>,
+}
+
+const EXTENSIONS: [&str; 3] = ["toml", "yaml", "yml"];
+const ENV_PREFIX: &str = "FERRY__";
+
+/// Loads, merges, interpolates and deserializes the configuration.
+pub fn load(
+    options: &LoadOptions,
+    vars: &[(String, String)],
+) -> Result<(Config, Vec<PathBuf>), Vec<ConfigError>> {
+    let files = match &options.file {
+        Some(file) => vec![file.clone()],
+        None => layered_files(options)?,
+    };
+    let mut tree = Value::Object(Map::new());
+    for file in &files {
+        merge(&mut tree, read_file(file).map_err(|e| vec![e])?);
+    }
+    apply_env_overrides(&mut tree, vars);
+    let mut errors = Vec::new();
+    interpolate(&mut tree, &mut String::new(), vars, &mut errors);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let at = e.path().to_string();
+        let at = if at == "." { "config".to_owned() } else { at };
+        vec![ConfigError::new(at, one_line(&e.inner().to_string()))]
+    })?;
+    Ok((config, files))
+}
+
+fn layered_files(options: &LoadOptions) -> Result<Vec<PathBuf>, Vec<ConfigError>> {
+    let mut candidates = vec![options.dir.join("config")];
+    if let Some(env) = &options.env {
+        candidates.push(options.dir.join(env).join("config"));
+        if let Some(scope) = &options.scope {
+            candidates.push(options.dir.join(env).join(format!("{scope}.config")));
+        }
+    }
+    let files: Vec<PathBuf> = candidates
+        .iter()
+        .filter_map(|stem| {
+            EXTENSIONS
+                .iter()
+                .map(|ext| stem.with_extension(ext))
+                .find(|p| p.is_file())
+        })
+        .collect();
+    if files.is_empty() {
+        return Err(vec![ConfigError::new(
+            options.dir.display().to_string(),
+            "no configuration found (expected config.toml here, or pass --config FILE)",
+        )]);
+    }
+    Ok(files)
+}
+
+fn read_file(path: &Path) -> Result<Value, ConfigError> {
+    let at = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&at, e.to_string()))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let value = match ext {
+        "yaml" | "yml" => serde_yaml::from_str::<Value>(&text)
+            .map_err(|e| ConfigError::new(&at, one_line(&e.to_string())))?,
+        _ => toml::from_str::<Value>(&text).map_err(|e| {
+            let place = e
+                .span()
+                .map(|s| {
+                    let before = &text[..s.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("line {line}, column {col}: ")
+                })
+                .unwrap_or_default();
+            ConfigError::new(&at, format!("{place}{}", one_line(e.message())))
+        })?,
+    };
+    match value {
+        Value::Object(_) => Ok(value),
+        Value::Null => Ok(Value::Object(Map::new())),
+        _ => Err(ConfigError::new(
+            at,
+            "the top level must be a table of keys",
+        )),
+    }
+}
+
+/// Deep-merges `over` into `base`; tables merge key by key, anything else replaces.
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+/// `FERRY__ROUTES__ORDERS__SINK__URL=...` sets `routes.orders.sink.url`. Values are read as
+/// TOML values when they parse as one (`10`, `true`, `["a"]`) and as strings otherwise.
+fn apply_env_overrides(tree: &mut Value, vars: &[(String, String)]) {
+    for (name, raw) in vars {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+        if keys.iter().any(String::is_empty) {
+            continue;
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .and_then(|v| serde_json::to_value(v).ok())
+            .unwrap_or_else(|| Value::String(raw.clone()));
+        let mut over = value;
+        for key in keys.iter().rev() {
+            let mut m = Map::new();
+            m.insert(key.clone(), over);
+            over = Value::Object(m);
+        }
+        merge(tree, over);
+    }
+}
+
+fn interpolate(
+    value: &mut Value,
+    path: &mut String,
+    vars: &[(String, String)],
+    errors: &mut Vec<ConfigError>,
+) {
+    match value {
+        Value::String(s) if s.contains("${") => match expand(s, vars) {
+            Ok(expanded) => *s = expanded,
+            Err(what) => errors.push(ConfigError::new(path.clone(), what)),
+        },
+        Value::Object(m) => {
+            for (k, v) in m.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                interpolate(v, path, vars, errors);
+                path.truncate(len);
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter_mut().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                interpolate(v, path, vars, errors);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Replaces every `${VAR}`; a missing variable is an error (never an empty secret).
+fn expand(s: &str, vars: &[(String, String)]) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated ${ in value".to_owned())?;
+        let name = &after[..end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("invalid variable name {name:?} in ${{...}}"));
+        }
+        let value = vars
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+            .ok_or_else(|| format!("environment variable {name} is not set"))?;
+        out.push_str(value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Error texts of parsers span lines; ferry reports one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn expand_variables() {
+        let v = vars(&[("TOKEN", "s3cret")]);
+        assert_eq!(
+            expand("Bearer ${TOKEN}", &v).as_deref(),
+            Ok("Bearer s3cret")
+        );
+        assert_eq!(
+            expand("${MISSING}", &v),
+            Err("environment variable MISSING is not set".into())
+        );
+        assert!(expand("${TOKEN", &v).is_err());
+    }
+
+    #[test]
+    fn env_overrides_are_typed_and_nested() {
+        let mut tree = serde_json::json!({"routes": {"orders": {"sink": {"url": "http://a"}}}});
+        apply_env_overrides(
+            &mut tree,
+            &vars(&[
+                ("FERRY__ROUTES__ORDERS__SINK__URL", "http://b:1/x"),
+                ("FERRY__ROUTES__ORDERS__DELIVERY__CONCURRENCY", "64"),
+                ("OTHER", "x"),
+            ]),
+        );
+        assert_eq!(tree["routes"]["orders"]["sink"]["url"], "http://b:1/x");
+        assert_eq!(tree["routes"]["orders"]["delivery"]["concurrency"], 64);
+    }
+
+    #[test]
+    fn layers_merge_deeply() {
+        let mut base = serde_json::json!({"a": {"b": 1, "c": 2}});
+        merge(&mut base, serde_json::json!({"a": {"c": 3, "d": 4}}));
+        assert_eq!(base, serde_json::json!({"a": {"b": 1, "c": 3, "d": 4}}));
+    }
+}

@@ -1,0 +1,243 @@
+//! The configuration file (DESIGN section 4): serde types that reject unknown keys, the
+//! layered loader, and validation that collects every error with its key path.
+
+mod duration;
+mod load;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use duration::Dur;
+pub use load::{load, LoadOptions};
+pub use validate::{redacted, validate, Plan, RoutePlan, SourcePlan};
+
+/// One error in the configuration, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path (`routes.orders.sink.url`) or file name.
+    pub at: String,
+    /// What is wrong.
+    pub what: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.at, self.what)
+    }
+}
+
+impl ConfigError {
+    pub fn new(at: impl Into<String>, what: impl Into<String>) -> Self {
+        Self {
+            at: at.into(),
+            what: what.into(),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The admin server.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Routes by name (`[a-z0-9_]+`).
+    #[serde(default)]
+    pub routes: BTreeMap<String, RouteConfig>,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where `/ping`, `/metrics` and friends listen.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8080".to_owned()
+}
+
+/// `[routes.NAME]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Where messages come from.
+    pub source: SourceConfig,
+    /// Where they go.
+    pub sink: SinkConfig,
+    /// How they are delivered.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+}
+
+/// `[routes.NAME.source]`, by `type`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    /// Amazon SQS.
+    Sqs(SqsSourceConfig),
+}
+
+/// `type = "sqs"`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsSourceConfig {
+    /// The queue to consume.
+    pub queue_url: String,
+    /// Only for local emulators.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// AWS region; from the environment when absent.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Concurrent ReceiveMessage loops.
+    #[serde(default = "default_receivers")]
+    pub receivers: usize,
+    /// Messages per receive, 1..=10.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    /// Long-poll wait, at most 20 s.
+    #[serde(default = "default_wait_time")]
+    pub wait_time: Dur,
+    /// Visibility given at receive and renewed while held.
+    #[serde(default = "default_visibility")]
+    pub visibility_timeout: Dur,
+    /// Where dead-letters go; without it the queue's redrive policy applies.
+    #[serde(default)]
+    pub dead_letter_queue_url: Option<String>,
+}
+
+fn default_receivers() -> usize {
+    2
+}
+fn default_batch_size() -> u32 {
+    10
+}
+fn default_wait_time() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_visibility() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+/// `[routes.NAME.sink]`, by `type`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SinkConfig {
+    /// HTTP POST to the team's endpoint.
+    Http(HttpSinkConfig),
+}
+
+/// `type = "http"`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSinkConfig {
+    /// Absolute http(s) URL.
+    pub url: String,
+    /// `envelope` or `raw`.
+    #[serde(default)]
+    pub mode: SinkMode,
+    /// One attempt's whole-request timeout.
+    #[serde(default = "default_timeout")]
+    pub timeout: Dur,
+    /// TCP + TLS connect timeout.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Idle keep-alive connections kept.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Static headers; values may use `${VAR}` for secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Body format of the HTTP sink.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkMode {
+    /// `{"id", "msg", "timestamp", "attributes"}`.
+    #[default]
+    Envelope,
+    /// The payload unchanged.
+    Raw,
+}
+
+fn default_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_connect_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn default_pool_size() -> usize {
+    20
+}
+
+/// `[routes.NAME.delivery]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Requests in flight at most.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Attempts before dead-lettering.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay ceiling.
+    #[serde(default = "default_min_backoff")]
+    pub min_backoff: Dur,
+    /// Longest retry delay (also caps `Retry-After`).
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: Dur,
+    /// Time in-flight deliveries get to finish at shutdown.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: Dur,
+    /// Statuses that dead-letter at once.
+    #[serde(default = "default_dead_letter_statuses")]
+    pub dead_letter_statuses: Vec<u16>,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: default_concurrency(),
+            max_attempts: default_max_attempts(),
+            min_backoff: default_min_backoff(),
+            max_backoff: default_max_backoff(),
+            shutdown_grace: default_shutdown_grace(),
+            dead_letter_statuses: default_dead_letter_statuses(),
+        }
+    }
+}
+
+fn default_concurrency() -> usize {
+    10
+}
+fn default_max_attempts() -> u32 {
+    10
+}
+fn default_min_backoff() -> Dur {
+    Dur(Duration::from_millis(100))
+}
+fn default_max_backoff() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+fn default_shutdown_grace() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_dead_letter_statuses() -> Vec<u16> {
+    ferry_core::ResponsePolicy::default().dead_letter_statuses
+}

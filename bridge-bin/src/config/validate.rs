@@ -1,0 +1,368 @@
+//! Pure validation: no I/O, every error with its key path, and a typed plan per route that
+//! the wiring consumes. `ferry validate` runs only this half.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_core::{Backoff, DeliveryPolicy, ResponsePolicy};
+use url::Url;
+
+use super::{
+    Config, ConfigError, DeliveryConfig, HttpSinkConfig, SinkConfig, SinkMode, SourceConfig,
+};
+
+/// A route ready to be built.
+#[derive(Debug)]
+pub struct RoutePlan {
+    /// Route name.
+    pub name: Arc<str>,
+    /// Validated source settings.
+    pub source: SourcePlan,
+    /// Validated sink settings.
+    pub sink: ferry_http::HttpSinkConfig,
+    /// Validated delivery policy.
+    pub policy: DeliveryPolicy,
+}
+
+/// A validated source, one variant per backend built in.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SourcePlan {
+    /// Amazon SQS.
+    #[cfg(feature = "sqs")]
+    Sqs(ferry_sqs::SqsConfig),
+}
+
+/// Everything `ferry run` needs, validated.
+#[derive(Debug)]
+pub struct Plan {
+    /// Admin server address.
+    pub admin: SocketAddr,
+    /// The routes.
+    pub routes: Vec<RoutePlan>,
+}
+
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn push(&mut self, at: impl Into<String>, what: impl Into<String>) {
+        self.0.push(ConfigError::new(at, what));
+    }
+}
+
+/// Validates the whole configuration, reporting every error at once.
+pub fn validate(config: &Config) -> Result<Plan, Vec<ConfigError>> {
+    let mut errors = Errors(Vec::new());
+    let admin = config.admin.listen.parse::<SocketAddr>().map_err(|_| {
+        errors.push(
+            "admin.listen",
+            format!(
+                "{:?} is not an address like 0.0.0.0:8080",
+                config.admin.listen
+            ),
+        )
+    });
+    if config.routes.is_empty() {
+        errors.push("routes", "no routes configured");
+    }
+    let mut routes = Vec::new();
+    for (name, route) in &config.routes {
+        let at = format!("routes.{name}");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            errors.push(&at, "route names use only a-z, 0-9 and _");
+        }
+        let source = source_plan(&route.source, &format!("{at}.source"), &mut errors);
+        let SinkConfig::Http(http) = &route.sink;
+        let sink = http_sink(name, http, &format!("{at}.sink"), &mut errors);
+        let policy = delivery(&route.delivery, &format!("{at}.delivery"), &mut errors);
+        if let (Some(source), Some(sink)) = (source, sink) {
+            routes.push(RoutePlan {
+                name: Arc::from(name.as_str()),
+                source,
+                sink,
+                policy,
+            });
+        }
+    }
+    match admin {
+        Ok(admin) if errors.0.is_empty() => Ok(Plan { admin, routes }),
+        _ => Err(errors.0),
+    }
+}
+
+fn http_url(value: &str, at: &str, errors: &mut Errors) -> Option<Url> {
+    match Url::parse(value) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Some(url),
+        Ok(url) => {
+            errors.push(
+                at,
+                format!("scheme {:?} is not http or https", url.scheme()),
+            );
+            None
+        }
+        Err(e) => {
+            errors.push(at, e.to_string());
+            None
+        }
+    }
+}
+
+fn range<T: PartialOrd + std::fmt::Display>(
+    value: T,
+    min: T,
+    max: T,
+    at: &str,
+    errors: &mut Errors,
+) -> T {
+    if value < min || value > max {
+        errors.push(at, format!("{value} is out of range {min}..={max}"));
+    }
+    value
+}
+
+#[cfg_attr(not(feature = "sqs"), allow(unused_variables))]
+fn source_plan(source: &SourceConfig, at: &str, errors: &mut Errors) -> Option<SourcePlan> {
+    match source {
+        SourceConfig::Sqs(sqs) => {
+            http_url(&sqs.queue_url, &format!("{at}.queue_url"), errors);
+            if let Some(e) = &sqs.endpoint_url {
+                http_url(e, &format!("{at}.endpoint_url"), errors);
+            }
+            if let Some(d) = &sqs.dead_letter_queue_url {
+                http_url(d, &format!("{at}.dead_letter_queue_url"), errors);
+            }
+            range(sqs.receivers, 1, 64, &format!("{at}.receivers"), errors);
+            range(sqs.batch_size, 1, 10, &format!("{at}.batch_size"), errors);
+            if sqs.wait_time.0 > Duration::from_secs(20) {
+                errors.push(
+                    format!("{at}.wait_time"),
+                    "at most 20s (SQS long-poll limit)",
+                );
+            }
+            let vis = sqs.visibility_timeout.0;
+            if vis < Duration::from_secs(1) || vis > Duration::from_secs(43_200) {
+                errors.push(
+                    format!("{at}.visibility_timeout"),
+                    "must be between 1s and 12h",
+                );
+            }
+            #[cfg(feature = "sqs")]
+            {
+                Some(SourcePlan::Sqs(ferry_sqs::SqsConfig {
+                    queue_url: sqs.queue_url.clone(),
+                    endpoint_url: sqs.endpoint_url.clone(),
+                    region: sqs.region.clone(),
+                    receivers: sqs.receivers,
+                    batch_size: sqs.batch_size as i32,
+                    wait_time: sqs.wait_time.0,
+                    visibility_timeout: vis,
+                    dead_letter_queue_url: sqs.dead_letter_queue_url.clone(),
+                }))
+            }
+            #[cfg(not(feature = "sqs"))]
+            {
+                errors.push(
+                    format!("{at}.type"),
+                    "\"sqs\" is not built into this ferry; rebuild with --features sqs",
+                );
+                None
+            }
+        }
+    }
+}
+
+fn http_sink(
+    route: &str,
+    http: &HttpSinkConfig,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<ferry_http::HttpSinkConfig> {
+    let url = http_url(&http.url, &format!("{at}.url"), errors);
+    if http.timeout.0.is_zero() {
+        errors.push(format!("{at}.timeout"), "must be more than 0s");
+    }
+    if http.connect_timeout.0.is_zero() {
+        errors.push(format!("{at}.connect_timeout"), "must be more than 0s");
+    }
+    range(
+        http.pool_size,
+        1,
+        10_000,
+        &format!("{at}.pool_size"),
+        errors,
+    );
+    for (name, value) in &http.headers {
+        if reqwest_header_name_ok(name).is_err() {
+            errors.push(format!("{at}.headers.{name}"), "not a valid header name");
+        }
+        if value.chars().any(|c| c.is_control()) {
+            errors.push(
+                format!("{at}.headers.{name}"),
+                "value has control characters",
+            );
+        }
+    }
+    Some(ferry_http::HttpSinkConfig {
+        route: Arc::from(route),
+        url: url?,
+        mode: match http.mode {
+            SinkMode::Envelope => ferry_http::Mode::Envelope,
+            SinkMode::Raw => ferry_http::Mode::Raw,
+        },
+        timeout: http.timeout.0,
+        connect_timeout: http.connect_timeout.0,
+        pool_size: http.pool_size,
+        headers: http
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    })
+}
+
+fn reqwest_header_name_ok(name: &str) -> Result<(), ()> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy {
+    range(
+        d.concurrency,
+        1,
+        100_000,
+        &format!("{at}.concurrency"),
+        errors,
+    );
+    range(
+        d.max_attempts,
+        1,
+        1_000,
+        &format!("{at}.max_attempts"),
+        errors,
+    );
+    if d.min_backoff.0 > d.max_backoff.0 {
+        errors.push(format!("{at}.min_backoff"), "is larger than max_backoff");
+    }
+    for s in &d.dead_letter_statuses {
+        if !(100..=599).contains(s) {
+            errors.push(
+                format!("{at}.dead_letter_statuses"),
+                format!("{s} is not an HTTP status"),
+            );
+        }
+    }
+    DeliveryPolicy {
+        concurrency: d.concurrency,
+        max_attempts: d.max_attempts,
+        backoff: Backoff::new(d.min_backoff.0, d.max_backoff.0),
+        shutdown_grace: d.shutdown_grace.0,
+        responses: ResponsePolicy {
+            dead_letter_statuses: d.dead_letter_statuses.clone(),
+        },
+    }
+}
+
+/// The configuration as `ferry validate` prints it: header values and URL passwords
+/// replaced, since any of them may hold a secret.
+pub fn redacted(config: &Config) -> Config {
+    let mut config = config.clone();
+    for route in config.routes.values_mut() {
+        let SinkConfig::Http(http) = &mut route.sink;
+        for value in http.headers.values_mut() {
+            *value = "<redacted>".to_owned();
+        }
+        http.url = redact_url(&http.url);
+        match &mut route.source {
+            SourceConfig::Sqs(sqs) => {
+                sqs.queue_url = redact_url(&sqs.queue_url);
+                sqs.endpoint_url = sqs.endpoint_url.as_deref().map(redact_url);
+            }
+        }
+    }
+    config
+}
+
+fn redact_url(value: &str) -> String {
+    match Url::parse(value) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("redacted"));
+            url.to_string()
+        }
+        _ => value.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        toml::from_str(text).expect("parses")
+    }
+
+    const GOOD: &str = r#"
+        [routes.orders.source]
+        type = "sqs"
+        queue_url = "http://localhost:4566/000000000000/orders"
+        [routes.orders.sink]
+        type = "http"
+        url = "http://localhost:4000/orders"
+        headers = { Authorization = "Bearer s3cret" }
+    "#;
+
+    #[test]
+    fn good_config_validates_and_redacts() {
+        let config = parse(GOOD);
+        let plan = validate(&config).expect("valid");
+        assert_eq!(plan.routes.len(), 1);
+        let shown = toml::to_string(&redacted(&config)).expect("toml");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn every_error_has_its_path() {
+        let config = parse(
+            r#"
+            [admin]
+            listen = "nowhere"
+            [routes.Orders.source]
+            type = "sqs"
+            queue_url = "not a url"
+            batch_size = 11
+            [routes.Orders.sink]
+            type = "http"
+            url = "/relative"
+            [routes.Orders.delivery]
+            concurrency = 0
+            "#,
+        );
+        let errors = validate(&config).expect_err("invalid");
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let expect = [
+            "admin.listen:",
+            "routes.Orders: route names",
+            "routes.Orders.source.queue_url: relative URL without a base",
+            "routes.Orders.source.batch_size: 11 is out of range",
+            "routes.Orders.sink.url: relative URL without a base",
+            "routes.Orders.delivery.concurrency: 0 is out of range",
+        ];
+        for e in expect {
+            assert!(
+                text.iter().any(|t| t.starts_with(e)),
+                "{e} not in {text:#?}"
+            );
+        }
+    }
+}

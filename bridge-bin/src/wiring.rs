@@ -1,0 +1,108 @@
+//! Builds each route from its validated plan; the only place besides config validation
+//! that knows which backends are compiled in.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use ferry_core::{run_route, EngineError, Metrics, Route, RouteLabels, SourceContext};
+use ferry_http::HttpSink;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::RouteView;
+use crate::config::{RoutePlan, SourcePlan};
+
+/// A route ready to run.
+pub type RouteTask = Pin<Box<dyn Future<Output = Result<(), EngineError>> + Send>>;
+
+/// Why a route could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration names something that does not exist or is refused.
+    #[error("routes.{route}.{detail}")]
+    Config { route: String, detail: String },
+    /// The broker or endpoint could not be reached or set up.
+    #[error("routes.{route}.{detail}")]
+    Unavailable { route: String, detail: String },
+}
+
+impl StartError {
+    /// Configuration mistakes exit with 2, like a bad file.
+    pub fn is_config(&self) -> bool {
+        matches!(self, StartError::Config { .. })
+    }
+}
+
+/// Connects the route's source and builds its sink.
+pub async fn build(
+    plan: RoutePlan,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<(RouteView, RouteTask), StartError> {
+    let route = plan.name.to_string();
+    let sink = HttpSink::new(plan.sink).map_err(|e| StartError::Config {
+        route: route.clone(),
+        detail: format!("sink.{e}"),
+    })?;
+    match plan.source {
+        #[cfg(feature = "sqs")]
+        SourcePlan::Sqs(config) => {
+            let source = ferry_sqs::SqsSource::connect(config).await.map_err(|e| {
+                let detail = format!("source.{e}");
+                if e.is_config() {
+                    StartError::Config {
+                        route: route.clone(),
+                        detail,
+                    }
+                } else {
+                    StartError::Unavailable {
+                        route: route.clone(),
+                        detail,
+                    }
+                }
+            })?;
+            Ok(assemble(
+                plan.name,
+                source,
+                sink,
+                plan.policy,
+                metrics,
+                shutdown,
+            ))
+        }
+    }
+}
+
+fn assemble<S: ferry_core::Source>(
+    name: std::sync::Arc<str>,
+    source: S,
+    sink: HttpSink,
+    policy: ferry_core::DeliveryPolicy,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> (RouteView, RouteTask) {
+    let kind = source.kind();
+    let metrics = metrics.route(&RouteLabels {
+        route: name.to_string(),
+        source: kind.to_owned(),
+        sink: "http".to_owned(),
+    });
+    let ctx = SourceContext::new(
+        name.clone(),
+        shutdown.child_token(),
+        metrics.backlog.clone(),
+    );
+    let view = RouteView {
+        name: name.clone(),
+        source: kind,
+        ctx: ctx.clone(),
+        metrics: metrics.clone(),
+    };
+    let route = Route {
+        name,
+        source,
+        sink,
+        policy,
+        metrics,
+    };
+    (view, Box::pin(run_route(route, ctx)))
+}
