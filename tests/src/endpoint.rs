@@ -1,0 +1,167 @@
+//! A real HTTP endpoint on 127.0.0.1 that records every request and answers as told.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+
+/// One request as the endpoint saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// `X-Ferry-Message-Id`.
+    pub id: String,
+    /// `X-Ferry-Attempt`.
+    pub attempt: u32,
+    /// The request body.
+    pub body: Bytes,
+    /// All request headers.
+    pub headers: HeaderMap,
+    /// The status the endpoint answered.
+    pub status: u16,
+}
+
+impl Seen {
+    /// The envelope's `msg`.
+    pub fn msg(&self) -> Option<String> {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+        v.get("msg")?.as_str().map(str::to_owned)
+    }
+}
+
+/// How to answer one request.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// Wait this long before answering.
+    pub delay: Duration,
+    /// Extra response headers.
+    pub headers: Vec<(&'static str, String)>,
+    /// Response body.
+    pub body: String,
+}
+
+impl Reply {
+    /// 200 at once.
+    pub fn ok() -> Self {
+        Self::status(200)
+    }
+
+    /// This status at once.
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            delay: Duration::ZERO,
+            headers: Vec::new(),
+            body: String::new(),
+        }
+    }
+
+    /// Wait before answering.
+    pub fn after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Answer with this body.
+    pub fn body(mut self, body: &str) -> Self {
+        self.body = body.to_owned();
+        self
+    }
+}
+
+type Behaviour = dyn Fn(&Seen) -> Reply + Send + Sync;
+
+struct Inner {
+    seen: Mutex<Vec<Seen>>,
+    behaviour: Box<Behaviour>,
+}
+
+/// The recording endpoint; dropping it does not stop the server (tests are short-lived).
+#[derive(Clone)]
+pub struct Endpoint {
+    addr: SocketAddr,
+    inner: Arc<Inner>,
+}
+
+impl Endpoint {
+    /// Starts an endpoint that answers with `behaviour(request)`.
+    pub async fn start(behaviour: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Self {
+        let inner = Arc::new(Inner {
+            seen: Mutex::new(Vec::new()),
+            behaviour: Box::new(behaviour),
+        });
+        let app = Router::new().fallback(handle).with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the test endpoint");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { addr, inner }
+    }
+
+    /// The URL to configure as the sink.
+    pub fn url(&self) -> String {
+        format!("http://{}/deliver", self.addr)
+    }
+
+    /// Every request so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.inner.seen.lock().expect("lock").clone()
+    }
+
+    /// Requests answered with 2xx so far.
+    pub fn delivered(&self) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| (200..300).contains(&s.status))
+            .collect()
+    }
+
+    /// Number of distinct message ids answered with 2xx.
+    pub fn delivered_unique(&self) -> usize {
+        let mut ids: Vec<String> = self.delivered().into_iter().map(|s| s.id).collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    }
+}
+
+async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut seen = Seen {
+        id: header("x-ferry-message-id"),
+        attempt: header("x-ferry-attempt").parse().unwrap_or(0),
+        body,
+        headers: headers.clone(),
+        status: 0,
+    };
+    let reply = (inner.behaviour)(&seen);
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    seen.status = reply.status;
+    inner.seen.lock().expect("lock").push(seen);
+    let mut response = (
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        reply.body,
+    )
+        .into_response();
+    for (name, value) in reply.headers {
+        if let Ok(v) = value.parse() {
+            response.headers_mut().insert(name, v);
+        }
+    }
+    response
+}
