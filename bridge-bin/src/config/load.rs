@@ -67,7 +67,7 @@ fn layered_files(options: &LoadOptions) -> Result<Vec<PathBuf>, Vec<ConfigError>
         .filter_map(|stem| {
             EXTENSIONS
                 .iter()
-                .map(|ext| stem.with_extension(ext))
+                .map(|ext| PathBuf::from(format!("{}.{ext}", stem.display())))
                 .find(|p| p.is_file())
         })
         .collect();

@@ -1,0 +1,186 @@
+//! Bad input at the command line: one clear line naming what and where, exit code 2 for
+//! configuration errors, never a panic; and `validate` showing the resolved configuration.
+
+use std::process::Output;
+
+use ferry_e2e::ferry::{run_cli, scratch};
+use ferry_e2e::sqs;
+
+fn write(name: &str, text: &str) -> String {
+    let path = scratch("cli").join(name);
+    std::fs::write(&path, text).expect("write config");
+    path.display().to_string()
+}
+
+fn stderr_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Exit 2 and exactly one stderr line that contains every `needle`.
+fn assert_config_error(out: &Output, needles: &[&str]) {
+    let lines = stderr_lines(out);
+    assert_eq!(out.status.code(), Some(2), "stderr: {lines:?}");
+    assert_eq!(lines.len(), 1, "expected one line, got {lines:?}");
+    for needle in needles {
+        assert!(
+            lines[0].contains(needle),
+            "{needle:?} not in {:?}",
+            lines[0]
+        );
+    }
+    assert!(!lines[0].contains("panicked"));
+}
+
+fn config(queue_url: &str, sink_url: &str, extra_sink: &str) -> String {
+    format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+[routes.orders.source]
+type = "sqs"
+queue_url = "{queue_url}"
+endpoint_url = "{endpoint}"
+region = "us-east-1"
+[routes.orders.sink]
+type = "http"
+url = "{sink_url}"
+{extra_sink}
+"#,
+        endpoint = ferry_e2e::sqs_endpoint()
+    )
+}
+
+#[test]
+fn unknown_key_is_named_with_its_path() {
+    let file = write(
+        "unknown.toml",
+        &config(
+            "http://127.0.0.1:4566/000000000000/q",
+            "http://127.0.0.1:9/x",
+            "urll = \"x\"",
+        ),
+    );
+    for cmd in ["validate", "run"] {
+        let out = run_cli(&[cmd, "--config", &file]);
+        assert_config_error(&out, &["routes.orders.sink", "unknown field `urll`"]);
+    }
+}
+
+#[test]
+fn missing_file_is_named() {
+    let out = run_cli(&["run", "--config", "/nonexistent/ferry.toml"]);
+    assert_config_error(&out, &["/nonexistent/ferry.toml", "No such file"]);
+}
+
+#[test]
+fn malformed_url_is_named_with_its_path() {
+    let file = write(
+        "badurl.toml",
+        &config("http://127.0.0.1:4566/000000000000/q", "not a url", ""),
+    );
+    let out = run_cli(&["run", "--config", &file]);
+    assert_config_error(
+        &out,
+        &["routes.orders.sink.url: relative URL without a base"],
+    );
+}
+
+#[test]
+fn broken_toml_names_file_and_line() {
+    let file = write("broken.toml", "[routes.orders\ntype = 1\n");
+    let out = run_cli(&["validate", "--config", &file]);
+    assert_config_error(&out, &["broken.toml", "line 1"]);
+}
+
+#[test]
+fn missing_secret_variable_is_an_error_not_an_empty_header() {
+    let file = write(
+        "secret.toml",
+        &config(
+            "http://127.0.0.1:4566/000000000000/q",
+            "http://127.0.0.1:9/x",
+            "headers = { Authorization = \"Bearer ${FERRY_TEST_UNSET_TOKEN}\" }",
+        ),
+    );
+    let out = run_cli(&["validate", "--config", &file]);
+    assert_config_error(
+        &out,
+        &[
+            "routes.orders.sink.headers.Authorization",
+            "FERRY_TEST_UNSET_TOKEN is not set",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn wrong_queue_url_is_named_at_start() {
+    // Needs the emulator: the queue check is a real call.
+    let _client = sqs::client().await;
+    let file = write(
+        "noqueue.toml",
+        &config(
+            "http://127.0.0.1:4566/000000000000/no-such-queue-for-ferry",
+            "http://127.0.0.1:9/x",
+            "",
+        ),
+    );
+    let out = run_cli(&["run", "--config", &file]);
+    assert_config_error(
+        &out,
+        &["routes.orders.source.queue_url", "no-such-queue-for-ferry"],
+    );
+}
+
+#[test]
+fn validate_prints_layers_merged_with_secrets_redacted() {
+    let dir = scratch("layers");
+    std::fs::create_dir_all(dir.join("prod")).expect("mkdir");
+    std::fs::write(
+        dir.join("config.toml"),
+        config(
+            "http://127.0.0.1:4566/000000000000/base",
+            "http://127.0.0.1:9/base",
+            "headers = { Authorization = \"Bearer ${FERRY_TEST_TOKEN}\" }",
+        ),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("prod/config.yaml"),
+        "routes:\n  orders:\n    sink:\n      url: http://127.0.0.1:9/prod\n      pool_size: 7\n",
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("prod/eu.config.toml"),
+        "[routes.orders.delivery]\nconcurrency = 3\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(ferry_e2e::ferry::binary())
+        .args(["validate", "--config-dir"])
+        .arg(&dir)
+        .env("ENV", "prod")
+        .env("SCOPE", "eu")
+        .env("FERRY_TEST_TOKEN", "s3cret-value")
+        .env("FERRY__ROUTES__ORDERS__DELIVERY__MAX_ATTEMPTS", "4")
+        .output()
+        .expect("run validate");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("url = \"http://127.0.0.1:9/prod\""), "{text}");
+    assert!(text.contains("pool_size = 7"), "{text}");
+    assert!(text.contains("concurrency = 3"), "{text}");
+    assert!(text.contains("max_attempts = 4"), "{text}");
+    assert!(
+        text.contains("queue_url = \"http://127.0.0.1:4566/000000000000/base\""),
+        "{text}"
+    );
+    assert!(!text.contains("s3cret-value"), "secret printed: {text}");
+    assert!(text.contains("<redacted>"), "{text}");
+}
