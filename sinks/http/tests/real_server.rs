@@ -1,0 +1,136 @@
+//! The HTTP sink against a real HTTP server on loopback.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use ferry_core::{Action, Message, Sink, SinkResponse};
+use ferry_http::{HttpSink, HttpSinkConfig, Mode};
+
+#[derive(Default)]
+struct Seen {
+    requests: AtomicUsize,
+    peers: std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>,
+}
+
+async fn answer(
+    State(seen): State<Arc<Seen>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+    body: String,
+) -> axum::response::Response {
+    seen.requests.fetch_add(1, Ordering::SeqCst);
+    seen.peers.lock().expect("lock").insert(peer);
+    assert_eq!(headers["authorization"], "Bearer t0ken");
+    match body.as_str() {
+        b if b.contains("\"msg\":\"slow\"") => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            StatusCode::OK.into_response()
+        }
+        b if b.contains("\"msg\":\"busy\"") => {
+            (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "7")], "busy").into_response()
+        }
+        b if b.contains("\"msg\":\"poison\"") => (
+            StatusCode::OK,
+            [("ferry-action", "dead-letter")],
+            "unknown customer 42",
+        )
+            .into_response(),
+        _ => StatusCode::NO_CONTENT.into_response(),
+    }
+}
+
+async fn server() -> (String, Arc<Seen>) {
+    let seen = Arc::new(Seen::default());
+    let app = axum::Router::new()
+        .fallback(answer)
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+    });
+    (format!("http://{addr}/in"), seen)
+}
+
+fn sink(url: &str, timeout: Duration) -> HttpSink {
+    HttpSink::new(HttpSinkConfig {
+        route: Arc::from("orders"),
+        url: url.parse().expect("url"),
+        mode: Mode::Envelope,
+        timeout,
+        connect_timeout: Duration::from_secs(1),
+        pool_size: 4,
+        headers: vec![("Authorization".into(), "Bearer t0ken".into())],
+    })
+    .expect("sink")
+}
+
+fn message(msg: &str) -> Message {
+    Message::new(format!("id-{msg}"), msg.to_owned(), Arc::from("q"))
+}
+
+#[tokio::test]
+async fn answers_become_sink_responses_and_connections_are_reused() {
+    let (url, seen) = server().await;
+    let sink = sink(&url, Duration::from_millis(500));
+
+    for _ in 0..50 {
+        match sink.deliver(&message("fine")).await {
+            SinkResponse::Status { status: 204, .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Sequential requests on a keep-alive pool use one connection.
+    assert_eq!(seen.peers.lock().expect("lock").len(), 1);
+
+    assert_eq!(
+        sink.deliver(&message("busy")).await,
+        SinkResponse::Status {
+            status: 503,
+            retry_after: Some(Duration::from_secs(7)),
+            action: None,
+            detail: "busy".into(),
+        }
+    );
+    assert_eq!(
+        sink.deliver(&message("poison")).await,
+        SinkResponse::Status {
+            status: 200,
+            retry_after: None,
+            action: Some(Action::DeadLetter),
+            detail: "unknown customer 42".into(),
+        }
+    );
+    assert_eq!(sink.deliver(&message("slow")).await, SinkResponse::Timeout);
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 53);
+}
+
+#[tokio::test]
+async fn refused_connection_is_an_error_without_the_url() {
+    // Bind and drop to find a port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let sink = sink(
+        &format!("http://user:secret@127.0.0.1:{port}/in"),
+        Duration::from_secs(1),
+    );
+    match sink.deliver(&message("x")).await {
+        SinkResponse::Error(text) => {
+            assert!(text.starts_with("connection failed"), "{text}");
+            assert!(!text.contains("secret"), "{text}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
