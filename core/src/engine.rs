@@ -101,7 +101,7 @@ pub async fn run_route<S: Source, K: Sink>(
         shutdown: shutdown.clone(),
     });
 
-    let (tx, mut rx) = mpsc::channel::<Delivery>(concurrency);
+    let (tx, mut rx) = mpsc::channel::<Delivery>(source.buffer().max(1));
     let mut source_task = tokio::spawn(source.run(tx, ctx));
     let mut tasks = JoinSet::new();
 

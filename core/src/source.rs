@@ -65,6 +65,13 @@ pub trait Source: Send + 'static {
     /// Short kind name for metrics labels (`sqs`, `amqp`, ...).
     fn kind(&self) -> &'static str;
 
+    /// How many received messages may wait for a free concurrency slot. Enough for every
+    /// receive loop to have one batch in hand keeps the endpoint busy while the broker is
+    /// polled; more only holds messages away from other consumers.
+    fn buffer(&self) -> usize {
+        16
+    }
+
     /// Receives until shutdown; see the trait documentation.
     fn run(
         self,

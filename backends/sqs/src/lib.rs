@@ -163,6 +163,10 @@ impl Source for SqsSource {
         "sqs"
     }
 
+    fn buffer(&self) -> usize {
+        self.config.receivers.max(1) * self.config.batch_size.clamp(1, 10) as usize
+    }
+
     async fn run(self, out: mpsc::Sender<Delivery>, ctx: SourceContext) -> Result<(), SourceError> {
         let leases = Arc::new(lease::Leases::new(self.config.visibility_timeout));
         let (settler, settle_tx) =

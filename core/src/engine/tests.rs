@@ -292,8 +292,8 @@ async fn shutdown_releases_unstarted_and_overdue_in_flight() {
         log.iter().all(|(_, s)| *s == Settlement::Release),
         "{log:?}"
     );
-    // 2 in flight + 2 buffered in the channel (capacity = concurrency) at least.
-    assert!(log.len() >= 4, "{log:?}");
+    // 2 in flight + the 4 others buffered in the channel.
+    assert_eq!(log.len(), 6, "{log:?}");
 }
 
 #[tokio::test(start_paused = true)]
