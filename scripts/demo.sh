@@ -16,9 +16,10 @@ cargo build --release --quiet -p ferry-bin -p ferry-example-target
 
 WORK="$(mktemp -d)"
 PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+cleanup() { # SIGTERM every background process still running, wait for it, drop the logs
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -47,7 +48,8 @@ aws setup
 target/release/example-target --listen 127.0.0.1:4000 >"$WORK/target.log" 2>&1 &
 PIDS+=($!)
 target/release/ferry run --config examples/local.toml 2>"$WORK/ferry.log" &
-PIDS+=($!)
+FERRY_PID=$!
+PIDS+=("$FERRY_PID")
 
 for _ in $(seq 1 50); do
   curl -s -o /dev/null --max-time 1 http://127.0.0.1:8080/readyz && break
@@ -69,5 +71,19 @@ if [ "$(grep -c ' id=' "$WORK/target.log" || true)" -lt 5 ]; then
   cat "$WORK/ferry.log" >&2
   exit 1
 fi
+
 echo
-echo "Run it yourself: target/release/example-target &  target/release/ferry run --config examples/local.toml"
+echo "stopping ferry (SIGTERM: finishes in-flight deliveries) and the endpoint..."
+kill -TERM "$FERRY_PID" 2>/dev/null || true
+wait "$FERRY_PID" 2>/dev/null || true
+cleanup
+trap - EXIT
+
+cat <<'MSG'
+
+Run it yourself (the emulator keeps running; scripts/moto.sh starts it if needed):
+  target/release/example-target --listen 127.0.0.1:4000 &     # prints what it receives
+  target/release/ferry run --config examples/local.toml        # ctrl-c or SIGTERM to stop
+and publish to orders-topic on http://127.0.0.1:4566 (e.g. awslocal sns publish ...).
+Options of the endpoint: --latency-ms, --fail-rate, --fail-every, --status.
+MSG

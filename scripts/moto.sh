@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the local SQS/SNS emulator (moto) answers on 127.0.0.1:4566:
-# installs it from PyPI if needed and starts it in the background. Safe to run twice.
+# installs it from PyPI if needed and starts it in the background. Safe to run twice;
+# does nothing if the emulator already answers. Needs no stdin.
 set -euo pipefail
 
 ADDR=127.0.0.1
@@ -13,18 +14,35 @@ up() { curl -s -o /dev/null --max-time 2 "$URL"; }
 if up; then
   exit 0
 fi
+
 if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
   echo "installing moto[server] from PyPI..."
   python3 -m pip install --quiet 'moto[server]' </dev/null
 fi
+
+# Prefer the moto_server entry point; fall back to the module if it is not on PATH.
+if command -v moto_server >/dev/null 2>&1; then
+  CMD=(moto_server -H "$ADDR" -p "$PORT")
+else
+  CMD=(python3 -m moto.server -H "$ADDR" -p "$PORT")
+fi
+
 echo "starting the SQS/SNS emulator on $ADDR:$PORT (log: $LOG)"
-nohup python3 -m moto.server -H "$ADDR" -p "$PORT" >"$LOG" 2>&1 </dev/null &
+nohup "${CMD[@]}" >"$LOG" 2>&1 </dev/null &
+PID=$!
+
+# Wait up to 30 s (60 x 0.5 s) for it to answer.
 for _ in $(seq 1 60); do
   if up; then
     exit 0
   fi
+  if ! kill -0 "$PID" 2>/dev/null; then
+    echo "the SQS/SNS emulator exited during startup (is port $PORT taken?); see $LOG" >&2
+    tail -n 20 "$LOG" >&2 || true
+    exit 1
+  fi
   sleep 0.5
 done
-echo "the SQS/SNS emulator did not start on $ADDR:$PORT; see $LOG" >&2
+echo "the SQS/SNS emulator did not answer on $ADDR:$PORT within 30 s; see $LOG" >&2
 tail -n 20 "$LOG" >&2 || true
 exit 1

@@ -19,6 +19,8 @@ use crate::SqsConfig;
 /// Broker calls in flight at once; while they are busy, settlements pile up and the next
 /// call carries up to 10 of them.
 const CALLS_IN_FLIGHT: usize = 8;
+/// How long a settlement may wait for others to share its call.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 /// SQS's longest visibility timeout (12 h).
 const MAX_VISIBILITY: u64 = 43_200;
 
@@ -102,6 +104,9 @@ async fn run(settler: Settler, mut rx: mpsc::UnboundedReceiver<Op>) {
         let mut deletes = Vec::new();
         let mut visibility = Vec::new();
         let mut dead = Vec::new();
+        // Wait a moment for more settlements so a call carries up to 10: every SQS call
+        // costs the same whatever it carries. Only the broker call waits, not a delivery.
+        let deadline = tokio::time::Instant::now() + LINGER;
         let mut next = Some(first);
         while let Some(op) = next {
             match op {
@@ -110,7 +115,13 @@ async fn run(settler: Settler, mut rx: mpsc::UnboundedReceiver<Op>) {
                 Op::DeadLetter(r, original, dl) => dead.push((r, original, dl)),
             }
             next = if deletes.len() < 10 && visibility.len() < 10 && dead.len() < 10 {
-                rx.try_recv().ok()
+                match rx.try_recv() {
+                    Ok(op) => Some(op),
+                    Err(_) => tokio::time::timeout_at(deadline, rx.recv())
+                        .await
+                        .ok()
+                        .flatten(),
+                }
             } else {
                 None
             };

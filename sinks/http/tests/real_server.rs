@@ -30,9 +30,12 @@ async fn answer(
             tokio::time::sleep(Duration::from_secs(5)).await;
             StatusCode::OK.into_response()
         }
-        b if b.contains("\"msg\":\"busy\"") => {
-            (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "7")], "busy").into_response()
-        }
+        b if b.contains("\"msg\":\"busy\"") => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("retry-after", "7")],
+            "busy",
+        )
+            .into_response(),
         b if b.contains("\"msg\":\"poison\"") => (
             StatusCode::OK,
             [("ferry-action", "dead-letter")],
