@@ -40,6 +40,9 @@ struct Args {
     /// The SQS endpoint.
     #[arg(long, default_value = "http://127.0.0.1:4566")]
     endpoint: String,
+    /// Alternating native / ferry rounds.
+    #[arg(long, default_value_t = 2)]
+    rounds: u64,
     /// 2,000 messages instead of the default: a smoke run.
     #[arg(long)]
     quick: bool,
@@ -57,23 +60,40 @@ async fn main() -> Result<()> {
         args.endpoint, args.messages, args.size, args.receivers
     );
 
-    let native = native_drain(&client, &args).await?;
-    println!("native drain: {:.0} msg/s", native.rate);
-    let ferry = ferry_run(&client, &args).await?;
+    // The emulator's speed drifts over a run, so the phases alternate and the ratio is
+    // taken over the sums.
+    let mut native_secs = 0.0;
+    let mut ferry_secs = 0.0;
+    let mut cpu = 0.0;
+    let mut rss = 0u64;
+    let mut rows = Vec::new();
+    for round in 1..=args.rounds {
+        let native = native_drain(&client, &args).await?;
+        let ferry = ferry_run(&client, &args).await?;
+        println!(
+            "round {round}: native {:.0} msg/s, ferry {:.0} msg/s",
+            native.rate, ferry.rate
+        );
+        native_secs += args.messages as f64 / native.rate;
+        ferry_secs += args.messages as f64 / ferry.rate;
+        cpu += ferry.cpu_seconds;
+        rss = rss.max(ferry.peak_rss_kib);
+        rows.push((native.rate, ferry.rate));
+    }
+    let total = (args.messages * args.rounds) as f64;
+    let native_rate = total / native_secs;
+    let ferry_rate = total / ferry_secs;
     println!();
     println!("| run | msg/s | ratio to drain | CPU s per 10k msgs | peak RSS MiB |");
     println!("|---|---|---|---|---|");
-    println!(
-        "| native drain (receive + batch delete) | {:.0} | 1.00 | - | - |",
-        native.rate
-    );
+    println!("| native drain (receive + batch delete) | {native_rate:.0} | 1.00 | - | - |");
     println!(
         "| ferry end to end (concurrency {}) | {:.0} | {:.2} | {:.2} | {:.1} |",
         args.concurrency,
-        ferry.rate,
-        ferry.rate / native.rate,
-        ferry.cpu_seconds / args.messages as f64 * 10_000.0,
-        ferry.peak_rss_kib as f64 / 1024.0
+        ferry_rate,
+        ferry_rate / native_rate,
+        cpu / total * 10_000.0,
+        rss as f64 / 1024.0
     );
     Ok(())
 }
