@@ -11,8 +11,16 @@ LOG="${TMPDIR:-/tmp}/ferry-moto.log"
 
 up() { curl -s -o /dev/null --max-time 2 "$URL"; }
 
+SERVER="$(cd "$(dirname "$0")" && pwd)/moto_server.py"
+
 if up; then
-  exit 0
+  # An emulator started some other way lacks the delete fix in moto_server.py.
+  if pgrep -f "moto_server.py" >/dev/null; then
+    exit 0
+  fi
+  echo "restarting the emulator on $ADDR:$PORT with the fix from scripts/moto_server.py"
+  pkill -f "moto_server|moto.server" || true
+  for _ in $(seq 1 20); do up || break; sleep 0.5; done
 fi
 
 if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
@@ -20,12 +28,7 @@ if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
   python3 -m pip install --quiet 'moto[server]' </dev/null
 fi
 
-# Prefer the moto_server entry point; fall back to the module if it is not on PATH.
-if command -v moto_server >/dev/null 2>&1; then
-  CMD=(moto_server -H "$ADDR" -p "$PORT")
-else
-  CMD=(python3 -m moto.server -H "$ADDR" -p "$PORT")
-fi
+CMD=(python3 "$SERVER" -H "$ADDR" -p "$PORT")
 
 echo "starting the SQS/SNS emulator on $ADDR:$PORT (log: $LOG)"
 nohup "${CMD[@]}" >"$LOG" 2>&1 </dev/null &

@@ -1,9 +1,14 @@
-//! `ferry-bench`: measures, in one run on loopback, the SQS emulator's native drain rate
-//! (receive + batch delete, no HTTP) and ferry end to end into a counting HTTP sink, and
+//! `ferry-bench`: measures, in one run on loopback, a broker's native drain rate (a
+//! consumer that only acks, no HTTP) and ferry end to end into a counting HTTP sink, and
 //! prints ferry's rate as a ratio of the drain rate with its CPU time and peak RSS.
 //!
-//! Both phases publish while they drain, through the same publisher and the same window
-//! of outstanding messages, because the emulator slows down with queue depth.
+//! SQS phases publish while they drain, through the same publisher and the same window
+//! of outstanding messages, because the emulator slows down with queue depth. RabbitMQ
+//! and Kafka phases drain a queue or topic filled beforehand (see `sweep.rs`).
+
+mod amqp;
+mod kafka;
+mod sweep;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -16,21 +21,45 @@ use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequest
 use aws_sdk_sqs::Client;
 use clap::Parser;
 
+/// Which broker to measure.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Broker {
+    /// SQS on the local emulator.
+    Sqs,
+    /// The local RabbitMQ.
+    Amqp,
+    /// librdkafka's mock cluster, in the bench process.
+    Kafka,
+}
+
 #[derive(Parser, Clone)]
-#[command(about = "SQS drain rate vs ferry end to end")]
+#[command(about = "A broker's native drain rate vs ferry end to end")]
 struct Args {
-    /// Messages per phase.
-    #[arg(long, default_value_t = 20_000)]
-    messages: u64,
+    /// The broker.
+    #[arg(long, value_enum, default_value = "sqs")]
+    broker: Broker,
+    /// Messages per phase [default: 20,000 on SQS, 200,000 on RabbitMQ and Kafka].
+    #[arg(long)]
+    messages: Option<u64>,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 256)]
     size: usize,
     /// Receive loops, for the native drainer and for ferry alike.
     #[arg(long, default_value_t = 4)]
     receivers: usize,
-    /// ferry's `concurrency`.
-    #[arg(long, default_value_t = 64)]
-    concurrency: usize,
+    /// ferry's `concurrency`; RabbitMQ and Kafka run each of a comma-separated list, SQS
+    /// the first.
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    concurrency: Vec<usize>,
+    /// Endpoint latency in ms (RabbitMQ and Kafka: each of a comma-separated list).
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    latency_ms: Vec<u64>,
+    /// RabbitMQ server.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_uri: String,
+    /// Unacked deliveries the RabbitMQ consumers (native and ferry) may hold.
+    #[arg(long, default_value_t = 500)]
+    prefetch: u16,
     /// Most messages published but not yet consumed.
     #[arg(long, default_value_t = 1000)]
     window: u64,
@@ -43,21 +72,45 @@ struct Args {
     /// Alternating native / ferry rounds.
     #[arg(long, default_value_t = 2)]
     rounds: u64,
-    /// 2,000 messages instead of the default: a smoke run.
+    /// A tenth of the default messages: a smoke run.
     #[arg(long)]
     quick: bool,
+}
+
+impl Args {
+    fn messages(&self) -> u64 {
+        let default = match self.broker {
+            Broker::Sqs => 20_000,
+            Broker::Amqp | Broker::Kafka => 200_000,
+        };
+        match (self.messages, self.quick) {
+            (Some(n), _) => n,
+            (None, true) => default / 10,
+            (None, false) => default,
+        }
+    }
+
+    fn first_concurrency(&self) -> usize {
+        self.concurrency.first().copied().unwrap_or(64)
+    }
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = Args::parse();
-    if args.quick {
-        args.messages = 2_000;
+    args.messages = Some(args.messages());
+    match args.broker {
+        Broker::Amqp => return amqp::run(&args).await,
+        Broker::Kafka => return kafka::run(&args).await,
+        Broker::Sqs => {}
     }
     let client = client(&args.endpoint).await?;
     println!(
         "SQS (emulator at {}), {} messages of {} B, {} receivers",
-        args.endpoint, args.messages, args.size, args.receivers
+        args.endpoint,
+        args.messages(),
+        args.size,
+        args.receivers
     );
 
     // The emulator's speed drifts over a run, so the phases alternate and the ratio is
@@ -74,13 +127,13 @@ async fn main() -> Result<()> {
             "round {round}: native {:.0} msg/s, ferry {:.0} msg/s",
             native.rate, ferry.rate
         );
-        native_secs += args.messages as f64 / native.rate;
-        ferry_secs += args.messages as f64 / ferry.rate;
+        native_secs += args.messages() as f64 / native.rate;
+        ferry_secs += args.messages() as f64 / ferry.rate;
         cpu += ferry.cpu_seconds;
         rss = rss.max(ferry.peak_rss_kib);
         rows.push((native.rate, ferry.rate));
     }
-    let total = (args.messages * args.rounds) as f64;
+    let total = (args.messages() * args.rounds) as f64;
     let native_rate = total / native_secs;
     let ferry_rate = total / ferry_secs;
     println!();
@@ -89,7 +142,7 @@ async fn main() -> Result<()> {
     println!("| native drain (receive + batch delete) | {native_rate:.0} | 1.00 | - | - |");
     println!(
         "| ferry end to end (concurrency {}) | {:.0} | {:.2} | {:.2} | {:.1} |",
-        args.concurrency,
+        args.first_concurrency(),
         ferry_rate,
         ferry_rate / native_rate,
         cpu / total * 10_000.0,
@@ -141,7 +194,7 @@ fn publish(
     args: &Args,
     consumed: Arc<AtomicU64>,
 ) -> tokio::task::JoinHandle<Result<()>> {
-    let total = args.messages;
+    let total = args.messages();
     let window = args.window;
     let size = args.size;
     tokio::spawn(async move {
@@ -202,7 +255,7 @@ async fn native_drain(client: &Client, args: &Args) -> Result<Rate> {
             client.clone(),
             url.clone(),
             consumed.clone(),
-            args.messages,
+            args.messages(),
             calls.clone(),
         );
         tasks.spawn(async move {
@@ -256,10 +309,10 @@ async fn native_drain(client: &Client, args: &Args) -> Result<Rate> {
     println!(
         "native drain: {} receive calls, {:.1} messages per call",
         calls.load(Ordering::Relaxed),
-        args.messages as f64 / calls.load(Ordering::Relaxed).max(1) as f64
+        args.messages() as f64 / calls.load(Ordering::Relaxed).max(1) as f64
     );
     Ok(Rate {
-        rate: args.messages as f64 / elapsed.as_secs_f64(),
+        rate: args.messages() as f64 / elapsed.as_secs_f64(),
     })
 }
 
@@ -269,13 +322,16 @@ struct FerryRun {
     peak_rss_kib: u64,
 }
 
-/// A counting sink: answers 200 to everything and counts requests.
-async fn counting_sink(count: Arc<AtomicU64>) -> Result<std::net::SocketAddr> {
+/// A counting sink: answers 200 to everything after `latency` and counts requests.
+async fn counting_sink(count: Arc<AtomicU64>, latency: Duration) -> Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let app = axum::Router::new().fallback(move || {
         let count = count.clone();
         async move {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
             count.fetch_add(1, Ordering::SeqCst);
             "ok"
         }
@@ -285,59 +341,22 @@ async fn counting_sink(count: Arc<AtomicU64>) -> Result<std::net::SocketAddr> {
 }
 
 async fn ferry_run(client: &Client, args: &Args) -> Result<FerryRun> {
-    if !args.ferry.is_file() {
-        bail!(
-            "{} not found: cargo build --release -p ferry-bin",
-            args.ferry.display()
-        );
-    }
     let url = create_queue(client, "bench-ferry").await?;
     let consumed = Arc::new(AtomicU64::new(0));
-    let sink = counting_sink(consumed.clone()).await?;
-    let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("bench.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[admin]
-listen = "127.0.0.1:0"
-[routes.bench.source]
-type = "sqs"
-queue_url = "{url}"
-endpoint_url = "{endpoint}"
-region = "us-east-1"
-receivers = {receivers}
-wait_time = "1s"
-[routes.bench.sink]
-type = "http"
-url = "http://{sink}/bench"
-pool_size = {concurrency}
-[routes.bench.delivery]
-concurrency = {concurrency}
-"#,
-            endpoint = args.endpoint,
-            receivers = args.receivers,
-            concurrency = args.concurrency,
-        ),
-    )?;
-    let mut child = Command::new(&args.ferry)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("FERRY_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting ferry")?;
-    let pid = child.id();
+    let latency = Duration::from_millis(args.latency_ms.first().copied().unwrap_or(0));
+    let sink = counting_sink(consumed.clone(), latency).await?;
+    let source = format!(
+        "type = \"sqs\"\nqueue_url = \"{url}\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\n\
+         receivers = {}\nwait_time = \"1s\"\n",
+        args.endpoint, args.receivers
+    );
+    let (mut child, pid) = spawn_ferry(args, &source, sink, args.first_concurrency())?;
     // Let it connect before the clock starts, like the native drainer's client.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cpu_before = cpu_seconds(pid)?;
     let started = Instant::now();
     let publisher = publish(client.clone(), url, args, consumed.clone());
-    while consumed.load(Ordering::SeqCst) < args.messages {
+    while consumed.load(Ordering::SeqCst) < args.messages() {
         if let Some(status) = child.try_wait()? {
             bail!("ferry exited early: {status}");
         }
@@ -347,13 +366,9 @@ concurrency = {concurrency}
     let cpu = cpu_seconds(pid)? - cpu_before;
     let peak_rss_kib = peak_rss_kib(pid)?;
     publisher.await??;
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()?;
-    child.wait()?;
+    stop_ferry(child, pid)?;
     Ok(FerryRun {
-        rate: args.messages as f64 / elapsed.as_secs_f64(),
+        rate: args.messages() as f64 / elapsed.as_secs_f64(),
         cpu_seconds: cpu,
         peak_rss_kib,
     })
@@ -376,4 +391,53 @@ fn peak_rss_kib(pid: u32) -> Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .context("VmHWM missing")
+}
+
+/// Starts the ferry binary with one route `bench` from `source` (the source section's
+/// body) to the counting sink; returns the process and its pid.
+fn spawn_ferry(
+    args: &Args,
+    source: &str,
+    sink: std::net::SocketAddr,
+    concurrency: usize,
+) -> Result<(std::process::Child, u32)> {
+    if !args.ferry.is_file() {
+        bail!(
+            "{} not found: cargo build --release -p ferry-bin --all-features",
+            args.ferry.display()
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[routes.bench.source]\n{source}\n\
+             [routes.bench.sink]\ntype = \"http\"\nurl = \"http://{sink}/bench\"\npool_size = {concurrency}\n\
+             [routes.bench.delivery]\nconcurrency = {concurrency}\n"
+        ),
+    )?;
+    let child = Command::new(&args.ferry)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("FERRY_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting ferry")?;
+    let pid = child.id();
+    Ok((child, pid))
+}
+
+/// SIGTERM, then wait for the exit.
+fn stop_ferry(mut child: std::process::Child, pid: u32) -> Result<()> {
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()?;
+    child.wait()?;
+    Ok(())
 }

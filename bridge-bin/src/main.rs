@@ -3,7 +3,10 @@
 
 // Built without any backend, the wiring has nothing to wire; that build exists only to
 // refuse such routes with a clear error.
-#![cfg_attr(not(feature = "sqs"), allow(unused))]
+#![cfg_attr(
+    not(any(feature = "sqs", feature = "amqp", feature = "kafka")),
+    allow(unused)
+)]
 
 mod admin;
 mod config;
@@ -97,8 +100,10 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
+    // lapin logs every closed connection or channel at ERROR on its own; ferry reports
+    // the same event once, with the route and what to fix, so its lines only repeat it.
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

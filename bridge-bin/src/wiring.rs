@@ -43,23 +43,13 @@ pub async fn build(
         route: route.clone(),
         detail: format!("sink.{e}"),
     })?;
-    match plan.source {
-        #[cfg(feature = "sqs")]
-        SourcePlan::Sqs(config) => {
-            let source = ferry_sqs::SqsSource::connect(config).await.map_err(|e| {
-                let detail = format!("source.{e}");
-                if e.is_config() {
-                    StartError::Config {
-                        route: route.clone(),
-                        detail,
-                    }
-                } else {
-                    StartError::Unavailable {
-                        route: route.clone(),
-                        detail,
-                    }
-                }
-            })?;
+    // Every backend connects (reporting a wrong setting as a configuration error) and is
+    // then assembled the same way.
+    macro_rules! connected {
+        ($connect:expr) => {{
+            let source = $connect
+                .await
+                .map_err(|e| source_error(&route, &e, e.is_config()))?;
             Ok(assemble(
                 plan.name,
                 source,
@@ -68,7 +58,24 @@ pub async fn build(
                 metrics,
                 shutdown,
             ))
-        }
+        }};
+    }
+    match plan.source {
+        #[cfg(feature = "sqs")]
+        SourcePlan::Sqs(config) => connected!(ferry_sqs::SqsSource::connect(config)),
+        #[cfg(feature = "kafka")]
+        SourcePlan::Kafka(config) => connected!(ferry_kafka::KafkaSource::connect(config)),
+        #[cfg(feature = "amqp")]
+        SourcePlan::Amqp(config) => connected!(ferry_amqp::AmqpSource::connect(config)),
+    }
+}
+
+fn source_error(route: &str, e: &dyn std::fmt::Display, config: bool) -> StartError {
+    let (route, detail) = (route.to_owned(), format!("source.{e}"));
+    if config {
+        StartError::Config { route, detail }
+    } else {
+        StartError::Unavailable { route, detail }
     }
 }
 

@@ -62,6 +62,13 @@ pub trait Settle: Send + 'static {
     fn holds_retries(&self) -> bool {
         false
     }
+
+    /// False once the broker has taken the message back (its connection was lost, its
+    /// partition was revoked): another consumer gets it, so delivering it here would only
+    /// make a duplicate whose ack cannot count. The engine checks before every attempt.
+    fn is_current(&self) -> bool {
+        true
+    }
 }
 
 /// Owns a message's settlement; settles as [`Settlement::Release`] when dropped unsettled.
@@ -83,6 +90,11 @@ impl AckHandle {
     /// See [`Settle::holds_retries`].
     pub fn holds_retries(&self) -> bool {
         self.0.as_ref().is_some_and(|s| s.holds_retries())
+    }
+
+    /// See [`Settle::is_current`].
+    pub fn is_current(&self) -> bool {
+        self.0.as_ref().is_some_and(|s| s.is_current())
     }
 }
 

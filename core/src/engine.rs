@@ -22,6 +22,7 @@ use crate::metrics::RouteMetrics;
 use crate::policy::{ResponsePolicy, Verdict};
 use crate::sink::{Sink, SinkResponse};
 use crate::source::{Delivery, Source, SourceContext};
+use lanes::Lanes;
 
 /// How a route delivers: the `[routes.x.delivery]` section, validated.
 #[derive(Debug, Clone)]
@@ -36,6 +37,21 @@ pub struct DeliveryPolicy {
     pub shutdown_grace: Duration,
     /// What each endpoint answer means.
     pub responses: ResponsePolicy,
+    /// Whether messages that share an ordering key must arrive one after another.
+    pub order: MessageOrder,
+}
+
+/// The order in which a route's messages reach the endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MessageOrder {
+    /// Any order: every message is independent (the fastest).
+    #[default]
+    Unordered,
+    /// Messages with the same [`Message::group`] one after another, in the order the
+    /// source handed them over, each finished (acked or dead-lettered) before the next
+    /// starts; different keys in parallel. Retries then wait in ferry, so that a retrying
+    /// message holds back only its own key. Messages without a key are unordered.
+    ByKey,
 }
 
 impl Default for DeliveryPolicy {
@@ -46,6 +62,7 @@ impl Default for DeliveryPolicy {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(60)),
             shutdown_grace: Duration::from_secs(30),
             responses: ResponsePolicy::default(),
+            order: MessageOrder::Unordered,
         }
     }
 }
@@ -72,6 +89,7 @@ struct Shared<K> {
     metrics: RouteMetrics,
     permits: Arc<Semaphore>,
     shutdown: tokio_util::sync::CancellationToken,
+    lanes: Lanes,
 }
 
 /// Runs a route until `ctx.shutdown` is cancelled (or the source ends), then shuts down
@@ -99,6 +117,7 @@ pub async fn run_route<S: Source, K: Sink>(
         metrics,
         permits: Arc::new(Semaphore::new(concurrency)),
         shutdown: shutdown.clone(),
+        lanes: Lanes::default(),
     });
 
     let (tx, mut rx) = mpsc::channel::<Delivery>(source.buffer().max(1));
@@ -123,7 +142,21 @@ pub async fn run_route<S: Source, K: Sink>(
             },
         };
         shared.metrics.received.inc();
-        tasks.spawn(deliver(shared.clone(), delivery, permit));
+        // The key is copied only when it orders anything (not per message otherwise).
+        let key = match shared.policy.order {
+            MessageOrder::ByKey => delivery.message.group.clone(),
+            MessageOrder::Unordered => None,
+        };
+        match key {
+            Some(key) => {
+                if let Some(first) = shared.lanes.enter(&key, (delivery, permit)) {
+                    tasks.spawn(lane(shared.clone(), key, first));
+                }
+            }
+            None => {
+                tasks.spawn(deliver(shared.clone(), delivery, permit));
+            }
+        }
         while tasks.try_join_next().is_some() {}
     }
 
@@ -133,6 +166,11 @@ pub async fn run_route<S: Source, K: Sink>(
     let mut released = 0usize;
     while let Ok(unstarted) = rx.try_recv() {
         unstarted.ack.settle(Settlement::Release);
+        released += 1;
+    }
+    // Messages queued behind their key have not started either.
+    for (queued, _permit) in shared.lanes.take_all() {
+        queued.ack.settle(Settlement::Release);
         released += 1;
     }
     // Dropping the receiver also releases whatever a source still sends through permits
@@ -148,6 +186,10 @@ pub async fn run_route<S: Source, K: Sink>(
         warn!(route = %name, left = tasks.len(), grace = ?grace, "shutdown grace over; releasing in-flight deliveries");
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+    }
+    // A lane cut off by the grace leaves its queue behind: those go back too.
+    for (queued, _permit) in shared.lanes.take_all() {
+        queued.ack.settle(Settlement::Release);
     }
     drop(shared);
     // The source returns once every handle it gave out has settled and been flushed.
@@ -183,6 +225,23 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Delivers a key's messages one after another until its queue is empty.
+async fn lane<K: Sink>(shared: Arc<Shared<K>>, key: String, first: lanes::Waiting) {
+    let mut current = first;
+    loop {
+        let (delivery, permit) = current;
+        deliver(shared.clone(), delivery, permit).await;
+        // At shutdown the rest of the queue is released by `run_route`.
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
+        match shared.lanes.next(&key) {
+            Some(next) => current = next,
+            None => return,
+        }
+    }
+}
+
 async fn deliver<K: Sink>(
     shared: Arc<Shared<K>>,
     delivery: Delivery,
@@ -190,6 +249,12 @@ async fn deliver<K: Sink>(
 ) {
     let Delivery { mut message, ack } = delivery;
     loop {
+        if !ack.is_current() {
+            // Dropping the handle releases it, which the backend ignores as stale.
+            debug!(route = %shared.route, id = %message.id, "the broker took the message back; not delivered here");
+            shared.metrics.stale.inc();
+            return;
+        }
         let response = attempt(&shared, &message).await;
         match shared.policy.responses.classify(&response) {
             Verdict::Ack => {
@@ -213,22 +278,35 @@ async fn deliver<K: Sink>(
                 let delay =
                     after.map_or_else(|| backoff.delay(message.attempt), |a| backoff.capped(a));
                 debug!(route = %shared.route, id = %message.id, attempt = message.attempt, ?delay, outcome = %describe(&response), "retrying");
-                if ack.holds_retries() {
+                // Under key order the broker must not take the message back: the next
+                // one of its key would overtake it.
+                let ordered = shared.policy.order == MessageOrder::ByKey && message.group.is_some();
+                if ack.holds_retries() && !ordered {
                     ack.settle(Settlement::Retry { delay });
                     return;
                 }
-                drop(permit);
+                // A keyed message keeps its slot while it waits: the messages queued
+                // behind its key hold the others, and giving it up could leave it none.
+                let held = if ordered {
+                    Some(permit)
+                } else {
+                    drop(permit);
+                    None
+                };
                 tokio::select! {
                     biased;
                     _ = shared.shutdown.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
                 }
-                permit = tokio::select! {
-                    biased;
-                    _ = shared.shutdown.cancelled() => return,
-                    p = shared.permits.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => return,
+                permit = match held {
+                    Some(p) => p,
+                    None => tokio::select! {
+                        biased;
+                        _ = shared.shutdown.cancelled() => return,
+                        p = shared.permits.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => return,
+                        },
                     },
                 };
                 message.attempt += 1;
@@ -281,5 +359,6 @@ fn describe(response: &SinkResponse) -> String {
     }
 }
 
+mod lanes;
 #[cfg(test)]
 mod tests;

@@ -82,7 +82,7 @@ impl Metrics {
         );
         registry.register(
             "ferry_deliveries",
-            "Delivery outcomes: delivered, retried, dead_lettered",
+            "Delivery outcomes: delivered, retried, dead_lettered, taken_back (the broker took the message back before it was sent)",
             m.deliveries.clone(),
         );
         registry.register(
@@ -145,6 +145,7 @@ impl Metrics {
             delivered: outcome("delivered"),
             retried: outcome("retried"),
             dead_lettered: outcome("dead_lettered"),
+            stale: outcome("taken_back"),
             responses: HTTP_CLASSES.map(class),
             request_duration: self.request_duration.get_or_create(labels).clone(),
             in_flight: self.in_flight.get_or_create(labels).clone(),
@@ -168,6 +169,9 @@ pub struct RouteMetrics {
     pub retried: Counter,
     /// `ferry_deliveries_total{outcome="dead_lettered"}`
     pub dead_lettered: Counter,
+    /// `ferry_deliveries_total{outcome="taken_back"}`: not sent because the broker took
+    /// the message back first (connection lost, partition revoked).
+    pub stale: Counter,
     responses: [Counter; 5],
     /// `ferry_http_request_duration_seconds`
     pub request_duration: Histogram,

@@ -1,6 +1,7 @@
 //! A real HTTP endpoint on 127.0.0.1 that records every request and answers as told.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -80,6 +81,8 @@ type Behaviour = dyn Fn(&Seen) -> Reply + Send + Sync;
 struct Inner {
     seen: Mutex<Vec<Seen>>,
     behaviour: Box<Behaviour>,
+    in_flight: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 /// The recording endpoint; dropping it does not stop the server (tests are short-lived).
@@ -95,6 +98,8 @@ impl Endpoint {
         let inner = Arc::new(Inner {
             seen: Mutex::new(Vec::new()),
             behaviour: Box::new(behaviour),
+            in_flight: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
         });
         let app = Router::new().fallback(handle).with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -108,6 +113,11 @@ impl Endpoint {
     /// The URL to configure as the sink.
     pub fn url(&self) -> String {
         format!("http://{}/deliver", self.addr)
+    }
+
+    /// The most requests that were open at once.
+    pub fn peak_in_flight(&self) -> usize {
+        self.inner.peak.load(Ordering::SeqCst)
     }
 
     /// Every request so far.
@@ -130,6 +140,26 @@ impl Endpoint {
         ids.dedup();
         ids.len()
     }
+
+    /// Ids accepted more than once where more than one of those copies claimed to be a
+    /// first attempt: a duplicate the endpoint could not recognise as a redelivery.
+    /// Brokers may hand a message out twice; ferry must then label the extra copy with
+    /// `X-Ferry-Attempt` > 1, whatever order the copies arrive in.
+    pub fn unlabelled_duplicates(&self) -> Vec<String> {
+        let mut first_attempts: std::collections::HashMap<String, usize> = Default::default();
+        for s in self.delivered() {
+            if s.attempt <= 1 {
+                *first_attempts.entry(s.id).or_default() += 1;
+            }
+        }
+        let mut ids: Vec<String> = first_attempts
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort();
+        ids
+    }
 }
 
 async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -147,10 +177,13 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
         headers: headers.clone(),
         status: 0,
     };
+    let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    inner.peak.fetch_max(now, Ordering::SeqCst);
     let reply = (inner.behaviour)(&seen);
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
+    inner.in_flight.fetch_sub(1, Ordering::SeqCst);
     seen.status = reply.status;
     inner.seen.lock().expect("lock").push(seen);
     let mut response = (

@@ -6,15 +6,20 @@ use std::time::Duration;
 
 /// Path of the `ferry` binary built next to the test binaries (`cargo build --bins`).
 pub fn binary() -> PathBuf {
+    workspace_binary("ferry")
+}
+
+/// Path of a binary of this workspace, built next to the test binaries.
+pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target dir");
-    let path = dir.join("ferry");
+    let path = dir.join(name);
     assert!(
         path.is_file(),
-        "{} is missing: build it first (cargo build --workspace --bins, as scripts/test.sh does)",
+        "{} is missing: build it first (cargo build --workspace --bins --all-features, as scripts/test.sh does)",
         path.display()
     );
     path
@@ -27,64 +32,66 @@ pub fn scratch(prefix: &str) -> PathBuf {
     dir
 }
 
-/// An SQS → HTTP route with the test's own extra keys.
-pub struct SqsRoute<'a> {
-    /// Queue to consume.
-    pub queue_url: &'a str,
-    /// Dead-letter queue, if any.
-    pub dead_letter_queue_url: Option<&'a str>,
+/// A route named `r` with the test's own keys.
+pub struct Route<'a> {
+    /// The whole `[routes.r.source]` body (see [`sqs_source`], [`amqp_source`]).
+    pub source: String,
     /// The endpoint.
     pub sink_url: &'a str,
-    /// Extra lines for `[routes.r.source]`.
-    pub source: &'a str,
     /// Extra lines for `[routes.r.sink]`.
     pub sink: &'a str,
     /// Extra lines for `[routes.r.delivery]`.
     pub delivery: &'a str,
 }
 
-impl SqsRoute<'_> {
+/// An SQS source on the emulator.
+pub fn sqs_source(queue_url: &str, dead_letter_queue_url: Option<&str>, extra: &str) -> String {
+    let dlq = dead_letter_queue_url
+        .map(|u| format!("dead_letter_queue_url = \"{u}\"\n"))
+        .unwrap_or_default();
+    format!(
+        "type = \"sqs\"\nqueue_url = \"{queue_url}\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\n{dlq}{extra}\n",
+        crate::sqs_endpoint()
+    )
+}
+
+/// A RabbitMQ source on the local broker.
+pub fn amqp_source(queue: &str, extra: &str) -> String {
+    format!(
+        "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{queue}\"\n{extra}\n",
+        crate::amqp_uri()
+    )
+}
+
+/// A `[routes.r.source]` body for a Kafka topic, with quick group timeouts so that a
+/// killed member's partitions move on within seconds.
+pub fn kafka_source(brokers: &str, group: &str, topic: &str, dead_letter_topic: &str) -> String {
+    format!(
+        "type = \"kafka\"\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n\
+         dead_letter_topic = \"{dead_letter_topic}\"\n\
+         librdkafka = {{ \"session.timeout.ms\" = 6000, \"heartbeat.interval.ms\" = 100 }}\n"
+    )
+}
+
+impl Route<'_> {
     /// The configuration file text, with the admin server on `admin_port`.
     pub fn config(&self, admin_port: u16) -> String {
-        let dlq = self
-            .dead_letter_queue_url
-            .map(|u| format!("dead_letter_queue_url = \"{u}\"\n"))
-            .unwrap_or_default();
         format!(
-            r#"[admin]
-listen = "127.0.0.1:{admin_port}"
-
-[routes.r.source]
-type = "sqs"
-queue_url = "{queue}"
-endpoint_url = "{endpoint}"
-region = "us-east-1"
-{dlq}{source}
-
-[routes.r.sink]
-type = "http"
-url = "{sink_url}"
-{sink}
-
-[routes.r.delivery]
-{delivery}
-"#,
-            queue = self.queue_url,
-            endpoint = crate::sqs_endpoint(),
-            source = self.source,
-            sink_url = self.sink_url,
-            sink = self.sink,
-            delivery = self.delivery,
+            "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[routes.r.source]\n{}\n\
+             [routes.r.sink]\ntype = \"http\"\nurl = \"{}\"\n{}\n\n[routes.r.delivery]\n{}\n",
+            self.source, self.sink_url, self.sink, self.delivery
         )
     }
 }
 
-/// A running ferry process; killed when dropped.
+/// A running ferry process (or another bridge program); killed when dropped.
 pub struct Ferry {
     child: Child,
-    /// The admin server's port.
+    /// The admin server's port (0 for a program without one).
     pub admin_port: u16,
     log: PathBuf,
+    /// For a program without an admin server: the log line that says it receives.
+    ready_marker: Option<String>,
 }
 
 fn command() -> Command {
@@ -99,7 +106,7 @@ fn command() -> Command {
 
 impl Ferry {
     /// Starts `ferry run` with `route` and a fresh admin port.
-    pub fn start(route: &SqsRoute<'_>) -> Self {
+    pub fn start(route: &Route<'_>) -> Self {
         let admin_port = crate::free_port();
         let dir = scratch("ferry");
         let config = dir.join("ferry.toml");
@@ -118,6 +125,28 @@ impl Ferry {
             child,
             admin_port,
             log,
+            ready_marker: None,
+        }
+    }
+
+    /// Starts another bridge program (a backend built outside ferry) that logs
+    /// `ready_marker` once it receives.
+    pub fn start_program(path: &std::path::Path, args: &[String], ready_marker: &str) -> Self {
+        let dir = scratch("bridge");
+        let log = dir.join("bridge.log");
+        let child = Command::new(path)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", path.display()));
+        Self {
+            child,
+            admin_port: 0,
+            log,
+            ready_marker: Some(ready_marker.to_owned()),
         }
     }
 
@@ -172,12 +201,17 @@ impl Ferry {
             .and_then(|v| v.parse().ok())
     }
 
-    /// Waits until `/readyz` answers 200 (every route receiving).
+    /// Waits until `/readyz` answers 200 (every route receiving), or for a program
+    /// without an admin server, until it logs its ready marker.
     pub async fn wait_ready(&self, limit: Duration) {
         let url = format!("http://127.0.0.1:{}/readyz", self.admin_port);
         let deadline = tokio::time::Instant::now() + limit;
         while tokio::time::Instant::now() < deadline {
-            if let Ok(r) = reqwest::get(&url).await {
+            if let Some(marker) = &self.ready_marker {
+                if self.log().contains(marker.as_str()) {
+                    return;
+                }
+            } else if let Ok(r) = reqwest::get(&url).await {
                 if r.status().is_success() {
                     return;
                 }

@@ -3,13 +3,18 @@
 //!
 //! Tests that need a broker fail loudly when it is not there; they never skip.
 
+pub mod amqp;
+pub mod conformance;
 pub mod endpoint;
 pub mod ferry;
+pub mod kafka;
+pub mod proxy;
 pub mod sns;
 pub mod sqs;
 
 use std::time::Duration;
 
+pub use amqp::amqp_uri;
 pub use endpoint::{Endpoint, Reply, Seen};
 pub use ferry::Ferry;
 

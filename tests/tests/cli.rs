@@ -184,3 +184,115 @@ fn validate_prints_layers_merged_with_secrets_redacted() {
     assert!(!text.contains("s3cret-value"), "secret printed: {text}");
     assert!(text.contains("<redacted>"), "{text}");
 }
+
+fn amqp_config(uri: &str, queue: &str) -> String {
+    format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+[routes.events.source]
+type = "amqp"
+uri = "{uri}"
+queue = "{queue}"
+[routes.events.sink]
+type = "http"
+url = "http://127.0.0.1:9/x"
+"#
+    )
+}
+
+#[tokio::test]
+async fn missing_rabbitmq_queue_is_named_at_start() {
+    // Needs the broker: the queue check is a real passive declare.
+    let _rabbit = ferry_e2e::amqp::Rabbit::connect().await;
+    let file = write(
+        "noamqpqueue.toml",
+        &amqp_config(&ferry_e2e::amqp_uri(), "no-such-queue-for-ferry"),
+    );
+    let out = run_cli(&["run", "--config", &file]);
+    assert_config_error(&out, &["routes.events.source", "no-such-queue-for-ferry"]);
+}
+
+#[tokio::test]
+async fn refused_rabbitmq_login_is_one_line_without_the_password() {
+    let _rabbit = ferry_e2e::amqp::Rabbit::connect().await;
+    let file = write(
+        "badlogin.toml",
+        &amqp_config("amqp://guest:not-the-password@127.0.0.1:5672/%2f", "q"),
+    );
+    let out = run_cli(&["run", "--config", &file]);
+    assert_config_error(&out, &["routes.events.source"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !text.contains("not-the-password"),
+        "password leaked: {text}"
+    );
+}
+
+fn kafka_config(brokers: &str, topic: &str, extra: &str) -> String {
+    format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+[routes.clicks.source]
+type = "kafka"
+brokers = "{brokers}"
+group_id = "ferry-cli"
+topics = ["{topic}"]
+{extra}
+[routes.clicks.sink]
+type = "http"
+url = "http://127.0.0.1:9/x"
+"#
+    )
+}
+
+#[test]
+fn missing_kafka_topic_is_named_at_start() {
+    let cluster = ferry_e2e::kafka::Cluster::start();
+    cluster.create_topic("present", 1);
+    let file = write(
+        "nokafkatopic.toml",
+        &kafka_config(cluster.bootstrap(), "no-such-topic-for-ferry", ""),
+    );
+    let out = run_cli(&["run", "--config", &file]);
+    assert_config_error(
+        &out,
+        &["routes.clicks.source.topics", "no-such-topic-for-ferry"],
+    );
+}
+
+#[test]
+fn kafka_settings_ferry_owns_are_refused_and_values_stay_secret() {
+    let file = write(
+        "kafkaowned.toml",
+        &kafka_config(
+            "127.0.0.1:9092",
+            "t",
+            "[routes.clicks.source.librdkafka]\nenable.auto.commit = true\n\"sasl.password\" = \"hunter2\"",
+        ),
+    );
+    let out = run_cli(&["validate", "--config", &file]);
+    assert_config_error(
+        &out,
+        &["routes.clicks.source.librdkafka.enable.auto.commit"],
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("hunter2"), "secret leaked: {text}");
+}
+
+#[test]
+fn unreachable_kafka_is_one_line_naming_the_brokers() {
+    let port = ferry_e2e::free_port();
+    let brokers = format!("127.0.0.1:{port}");
+    let file = write("nokafka.toml", &kafka_config(&brokers, "t", ""));
+    let out = run_cli(&["run", "--config", &file]);
+    let lines = stderr_lines(&out);
+    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(lines.len(), 1, "expected one line, got {lines:?}");
+    assert!(
+        lines[0].contains("routes.clicks.source.brokers"),
+        "{lines:?}"
+    );
+    assert!(lines[0].contains(&brokers), "{lines:?}");
+}

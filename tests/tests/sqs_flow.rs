@@ -1,10 +1,10 @@
 //! SNS → SQS → ferry → HTTP, end to end: the real `ferry` binary, the real AWS SDK against
 //! the local SQS/SNS emulator, and a real HTTP endpoint. Every test counts ids in and out.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use ferry_e2e::ferry::SqsRoute;
+use ferry_e2e::ferry::{sqs_source, Route};
 use ferry_e2e::sns::Topic;
 use ferry_e2e::{sqs, wait_until, Endpoint, Ferry, Reply, Seen};
 
@@ -46,11 +46,9 @@ async fn a_thousand_sns_messages_arrive_once_each() {
         .await;
     let endpoint = Endpoint::start(|_| Reply::ok()).await;
     // One receiver: the emulator hands out rare duplicates only to concurrent receivers.
-    let ferry = Ferry::start(&SqsRoute {
-        queue_url: &queue,
-        dead_letter_queue_url: None,
+    let ferry = Ferry::start(&Route {
+        source: sqs_source(&queue, None, "receivers = 1"),
         sink_url: &endpoint.url(),
-        source: "receivers = 1",
         sink: "",
         delivery: "concurrency = 32",
     });
@@ -108,11 +106,9 @@ async fn failed_first_attempts_are_retried_with_counting_attempts() {
         }
     })
     .await;
-    let ferry = Ferry::start(&SqsRoute {
-        queue_url: &queue,
-        dead_letter_queue_url: None,
+    let ferry = Ferry::start(&Route {
+        source: sqs_source(&queue, None, "receivers = 2"),
         sink_url: &endpoint.url(),
-        source: "receivers = 2",
         sink: "",
         delivery: "concurrency = 16\nmin_backoff = \"100ms\"\nmax_backoff = \"1s\"",
     });
@@ -123,15 +119,32 @@ async fn failed_first_attempts_are_retried_with_counting_attempts() {
         endpoint.delivered_unique() >= 150
     })
     .await;
+    let seen = endpoint.seen();
+    let delivered: BTreeSet<usize> = endpoint.delivered().iter().map(number).collect();
+    let missing: Vec<usize> = (0..150).filter(|n| !delivered.contains(n)).collect();
+    let requests_of = |n: usize| -> Vec<(u32, u16)> {
+        seen.iter()
+            .filter(|s| number(s) == n)
+            .map(|s| (s.attempt, s.status))
+            .collect()
+    };
     assert!(
         done,
-        "only {} of 150 arrived; log:\n{}",
-        endpoint.delivered_unique(),
+        "missing {missing:?} (requests (attempt, status): {:?}); queue (visible, in flight) = {:?}; log:\n{}",
+        missing.first().map(|n| requests_of(*n)),
+        sqs::depth(&client, &queue).await,
         ferry.log()
     );
-    let seen = endpoint.seen();
+    // Every third message's first attempt was refused (a copy first handed out twice
+    // by the emulator may arrive already labelled as attempt 2).
+    for n in (0..150).filter(|n| n % 3 == 0) {
+        let requests = requests_of(n);
+        assert!(
+            requests.first().is_some_and(|r| r.1 == 500 || r.0 > 1),
+            "message {n}: requests (attempt, status) {requests:?}"
+        );
+    }
     let failed: Vec<&Seen> = seen.iter().filter(|s| s.status == 500).collect();
-    assert!(failed.len() >= 50, "{} first attempts failed", failed.len());
     assert!(failed.iter().all(|s| s.attempt == 1));
     for s in endpoint.delivered() {
         if number(&s) % 3 == 0 {
@@ -144,18 +157,11 @@ async fn failed_first_attempts_are_retried_with_counting_attempts() {
         }
     }
     // Every duplicate is a labelled redelivery.
-    let mut by_id: HashMap<String, Vec<u32>> = HashMap::new();
-    for s in endpoint.delivered() {
-        by_id.entry(s.id.clone()).or_default().push(s.attempt);
-    }
-    for (id, attempts) in by_id {
-        if attempts.len() > 1 {
-            assert!(
-                attempts.iter().skip(1).all(|a| *a > 1),
-                "{id}: {attempts:?}"
-            );
-        }
-    }
+    let unlabelled = endpoint.unlabelled_duplicates();
+    assert!(
+        unlabelled.is_empty(),
+        "unlabelled duplicates: {unlabelled:?}"
+    );
     wait_empty(&client, &queue).await;
 }
 
@@ -171,11 +177,9 @@ async fn refused_messages_are_dead_lettered_and_odd_bodies_pass_unchanged() {
         _ => Reply::ok(),
     })
     .await;
-    let ferry = Ferry::start(&SqsRoute {
-        queue_url: &queue,
-        dead_letter_queue_url: Some(&dlq),
+    let ferry = Ferry::start(&Route {
+        source: sqs_source(&queue, Some(&dlq), "receivers = 1"),
         sink_url: &endpoint.url(),
-        source: "receivers = 1",
         sink: "",
         delivery: "",
     });
@@ -236,19 +240,17 @@ async fn an_endpoint_slower_than_the_visibility_timeout_gets_the_message_once() 
     let queue = sqs::create_queue(&client, "slow").await;
     let endpoint = Endpoint::start(|seen| {
         if seen.msg().as_deref() == Some("slow") {
-            Reply::ok().after(Duration::from_secs(7))
+            Reply::ok().after(Duration::from_secs(9))
         } else {
             Reply::ok()
         }
     })
     .await;
     // Two receivers polling all the time: without the lease, the slow message would be
-    // handed out again after 2 s.
-    let ferry = Ferry::start(&SqsRoute {
-        queue_url: &queue,
-        dead_letter_queue_url: None,
+    // handed out again after 3 s.
+    let ferry = Ferry::start(&Route {
+        source: sqs_source(&queue, None, "receivers = 2\nvisibility_timeout = \"3s\""),
         sink_url: &endpoint.url(),
-        source: "receivers = 2\nvisibility_timeout = \"2s\"",
         sink: "timeout = \"20s\"",
         delivery: "",
     });
@@ -269,7 +271,9 @@ async fn an_endpoint_slower_than_the_visibility_timeout_gets_the_message_once() 
         .filter(|s| s.msg().as_deref() == Some("slow"))
         .collect();
     assert_eq!(slow.len(), 1, "slow message requested {} times", slow.len());
-    assert_eq!(endpoint.seen().len(), 10);
+    // With two receivers the emulator may hand a fast message out twice, as SQS may; such a
+    // copy must come labelled as a redelivery.
+    assert_eq!(endpoint.unlabelled_duplicates(), Vec::<String>::new());
     wait_empty(&client, &queue).await;
 }
 
@@ -279,11 +283,9 @@ async fn sigterm_mid_run_loses_nothing_and_duplicates_nothing() {
     let client = sqs::client().await;
     let queue = sqs::create_queue(&client, "sigterm").await;
     let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(20))).await;
-    let route = SqsRoute {
-        queue_url: &queue,
-        dead_letter_queue_url: None,
+    let route = Route {
+        source: sqs_source(&queue, None, "receivers = 1"),
         sink_url: &endpoint.url(),
-        source: "receivers = 1",
         sink: "",
         delivery: "concurrency = 20\nshutdown_grace = \"5s\"",
     };
@@ -343,11 +345,9 @@ async fn raw_sns_delivery_passes_the_message_as_published() {
         .subscribe_queue(&sqs::queue_arn(&client, &queue).await, true)
         .await;
     let endpoint = Endpoint::start(|_| Reply::ok()).await;
-    let ferry = Ferry::start(&SqsRoute {
-        queue_url: &queue,
-        dead_letter_queue_url: None,
+    let ferry = Ferry::start(&Route {
+        source: sqs_source(&queue, None, "receivers = 1"),
         sink_url: &endpoint.url(),
-        source: "receivers = 1",
         sink: "mode = \"raw\"",
         delivery: "",
     });

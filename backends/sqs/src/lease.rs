@@ -33,12 +33,15 @@ impl Leases {
         }
     }
 
-    /// Starts holding a message just received; returns the key its handle keeps.
-    pub(crate) fn hold(&self, receipt: String) -> u64 {
+    /// Starts holding a message received by a call sent at `asked`; returns the key its
+    /// handle keeps. The broker starts the visibility clock somewhere between the call and
+    /// its answer, so the lease counts from the call: a slow answer then means an early
+    /// extension rather than a message that reappears while ferry still holds it.
+    pub(crate) fn hold(&self, receipt: String, asked: Instant) -> u64 {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
         let lease = Lease {
             receipt,
-            expires: Instant::now() + self.visibility,
+            expires: asked + self.visibility,
         };
         self.lock().insert(key, lease);
         key
@@ -113,8 +116,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn due_leases_are_renewed_once_per_half_timeout() {
         let leases = Leases::new(Duration::from_secs(10));
-        let a = leases.hold("a".into());
-        let _b = leases.hold("b".into());
+        let a = leases.hold("a".into(), Instant::now());
+        let _b = leases.hold("b".into(), Instant::now());
         assert!(leases.due(Instant::now()).is_empty());
         tokio::time::advance(Duration::from_secs(6)).await;
         let mut due = leases.due(Instant::now());

@@ -50,6 +50,7 @@ pub(crate) async fn receive_loop(r: Receiver, out: mpsc::Sender<Delivery>, ctx: 
                 Err(_) => return,
             },
         };
+        let asked = tokio::time::Instant::now();
         let call = r
             .client
             .receive_message()
@@ -80,7 +81,7 @@ pub(crate) async fn receive_loop(r: Receiver, out: mpsc::Sender<Delivery>, ctx: 
                         warn!(route = %ctx.route, "SQS returned a message without id or receipt handle; skipped");
                         continue;
                     };
-                    let key = r.leases.hold(received.receipt);
+                    let key = r.leases.hold(received.receipt, asked);
                     let ack = AckHandle::new(SqsAck {
                         key,
                         leases: r.leases.clone(),

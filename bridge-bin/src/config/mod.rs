@@ -90,6 +90,102 @@ pub struct RouteConfig {
 pub enum SourceConfig {
     /// Amazon SQS.
     Sqs(SqsSourceConfig),
+    /// RabbitMQ (AMQP 0-9-1).
+    Amqp(AmqpSourceConfig),
+    /// Apache Kafka.
+    Kafka(KafkaSourceConfig),
+}
+
+/// `type = "kafka"`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// Bootstrap brokers, `host:port,host:port`.
+    pub brokers: String,
+    /// Consumer group shared by the replicas of this route.
+    pub group_id: String,
+    /// Topics to consume.
+    pub topics: Vec<String>,
+    /// Where dead letters are produced; without one they are logged and skipped.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// librdkafka settings passed through (`security.protocol`, `sasl.password`, ...).
+    /// Written as TOML keys, `session.timeout.ms = 6000` and
+    /// `"session.timeout.ms" = "6000"` mean the same.
+    #[serde(default)]
+    pub librdkafka: BTreeMap<String, Setting>,
+}
+
+/// A pass-through client setting: librdkafka takes every value as text.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Setting {
+    /// `"value"`
+    Text(String),
+    /// `6000`
+    Int(i64),
+    /// `true`
+    Bool(bool),
+    /// `0.5`
+    Float(f64),
+    /// A dotted key written as nested TOML keys.
+    Nested(BTreeMap<String, Setting>),
+}
+
+impl Setting {
+    /// Flattens nested keys into librdkafka's dotted names.
+    pub fn flatten(settings: &BTreeMap<String, Setting>) -> BTreeMap<String, String> {
+        fn walk(
+            prefix: &str,
+            settings: &BTreeMap<String, Setting>,
+            out: &mut BTreeMap<String, String>,
+        ) {
+            for (key, value) in settings {
+                let name = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                let text = match value {
+                    Setting::Text(s) => s.clone(),
+                    Setting::Int(n) => n.to_string(),
+                    Setting::Bool(b) => b.to_string(),
+                    Setting::Float(f) => f.to_string(),
+                    Setting::Nested(inner) => {
+                        walk(&name, inner, out);
+                        continue;
+                    }
+                };
+                out.insert(name, text);
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk("", settings, &mut out);
+        out
+    }
+}
+
+/// `type = "amqp"`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSourceConfig {
+    /// `amqp://user:password@host:port/vhost`.
+    pub uri: String,
+    /// The queue to consume; must exist unless `declare = true`.
+    pub queue: String,
+    /// Unacked deliveries at most; keep it at least `concurrency`.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Declare the queue (durable) if it does not exist.
+    #[serde(default)]
+    pub declare: bool,
+    /// Header carrying the ordering key; the routing key when absent.
+    #[serde(default)]
+    pub ordering_header: Option<String>,
+}
+
+fn default_prefetch() -> u16 {
+    100
 }
 
 /// `type = "sqs"`
@@ -208,6 +304,21 @@ pub struct DeliveryConfig {
     /// Statuses that dead-letter at once.
     #[serde(default = "default_dead_letter_statuses")]
     pub dead_letter_statuses: Vec<u16>,
+    /// Message order; unset means the source's natural default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<Ordering>,
+}
+
+/// `ordering = "none" | "key" | "partition"`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// Every message independent.
+    None,
+    /// Same ordering key in order, different keys in parallel.
+    Key,
+    /// Kafka only: each partition in order, partitions in parallel.
+    Partition,
 }
 
 impl Default for DeliveryConfig {
@@ -219,6 +330,7 @@ impl Default for DeliveryConfig {
             max_backoff: default_max_backoff(),
             shutdown_grace: default_shutdown_grace(),
             dead_letter_statuses: default_dead_letter_statuses(),
+            ordering: None,
         }
     }
 }

@@ -5,11 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_core::{Backoff, DeliveryPolicy, ResponsePolicy};
+use ferry_core::{Backoff, DeliveryPolicy, MessageOrder, ResponsePolicy};
 use url::Url;
 
 use super::{
-    Config, ConfigError, DeliveryConfig, HttpSinkConfig, SinkConfig, SinkMode, SourceConfig,
+    Config, ConfigError, DeliveryConfig, HttpSinkConfig, Ordering, SinkConfig, SinkMode,
+    SourceConfig,
 };
 
 /// A route ready to be built.
@@ -32,6 +33,12 @@ pub enum SourcePlan {
     /// Amazon SQS.
     #[cfg(feature = "sqs")]
     Sqs(ferry_sqs::SqsConfig),
+    /// RabbitMQ.
+    #[cfg(feature = "amqp")]
+    Amqp(ferry_amqp::AmqpConfig),
+    /// Kafka.
+    #[cfg(feature = "kafka")]
+    Kafka(ferry_kafka::KafkaConfig),
 }
 
 /// Everything `ferry run` needs, validated.
@@ -76,10 +83,28 @@ pub fn validate(config: &Config) -> Result<Plan, Vec<ConfigError>> {
         {
             errors.push(&at, "route names use only a-z, 0-9 and _");
         }
-        let source = source_plan(&route.source, &format!("{at}.source"), &mut errors);
+        let ordering = route.delivery.ordering;
+        let source = source_plan(
+            &route.source,
+            ordering,
+            &format!("{at}.source"),
+            &mut errors,
+        );
         let SinkConfig::Http(http) = &route.sink;
         let sink = http_sink(name, http, &format!("{at}.sink"), &mut errors);
-        let policy = delivery(&route.delivery, &format!("{at}.delivery"), &mut errors);
+        let mut policy = delivery(&route.delivery, &format!("{at}.delivery"), &mut errors);
+        match (&route.source, ordering) {
+            // A Kafka partition is ordered; ferry keeps that per key unless told otherwise.
+            (SourceConfig::Kafka(_), None | Some(Ordering::Partition)) => {
+                policy.order = MessageOrder::ByKey;
+            }
+            (SourceConfig::Kafka(_), _) => {}
+            (_, Some(Ordering::Partition)) => errors.push(
+                format!("{at}.delivery.ordering"),
+                "\"partition\" is only for kafka sources; use \"key\"",
+            ),
+            _ => {}
+        }
         if let (Some(source), Some(sink)) = (source, sink) {
             routes.push(RoutePlan {
                 name: Arc::from(name.as_str()),
@@ -125,8 +150,28 @@ fn range<T: PartialOrd + std::fmt::Display>(
     value
 }
 
-#[cfg_attr(not(feature = "sqs"), allow(unused_variables))]
-fn source_plan(source: &SourceConfig, at: &str, errors: &mut Errors) -> Option<SourcePlan> {
+#[cfg_attr(
+    all(feature = "sqs", feature = "amqp", feature = "kafka"),
+    allow(dead_code)
+)]
+fn missing_feature(at: &str, kind: &str, errors: &mut Errors) -> Option<SourcePlan> {
+    errors.push(
+        format!("{at}.type"),
+        format!("\"{kind}\" is not built into this ferry; rebuild with --features {kind}"),
+    );
+    None
+}
+
+#[cfg_attr(
+    not(all(feature = "sqs", feature = "amqp", feature = "kafka")),
+    allow(unused_variables)
+)]
+fn source_plan(
+    source: &SourceConfig,
+    ordering: Option<Ordering>,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<SourcePlan> {
     match source {
         SourceConfig::Sqs(sqs) => {
             http_url(&sqs.queue_url, &format!("{at}.queue_url"), errors);
@@ -165,16 +210,89 @@ fn source_plan(source: &SourceConfig, at: &str, errors: &mut Errors) -> Option<S
                 }))
             }
             #[cfg(not(feature = "sqs"))]
-            {
-                errors.push(
-                    format!("{at}.type"),
-                    "\"sqs\" is not built into this ferry; rebuild with --features sqs",
-                );
-                None
+            missing_feature(at, "sqs", errors)
+        }
+        SourceConfig::Amqp(amqp) => {
+            match amqp.uri.split_once("://") {
+                Some(("amqp" | "amqps", _)) => {}
+                _ => errors.push(format!("{at}.uri"), "not an amqp:// or amqps:// URI"),
             }
+            if amqp.queue.is_empty() {
+                errors.push(format!("{at}.queue"), "must not be empty");
+            }
+            if amqp.prefetch == 0 {
+                errors.push(format!("{at}.prefetch"), "must be at least 1");
+            }
+            #[cfg(feature = "amqp")]
+            {
+                Some(SourcePlan::Amqp(ferry_amqp::AmqpConfig {
+                    uri: amqp.uri.clone(),
+                    queue: amqp.queue.clone(),
+                    prefetch: amqp.prefetch,
+                    declare: amqp.declare,
+                    ordering_header: amqp.ordering_header.clone(),
+                }))
+            }
+            #[cfg(not(feature = "amqp"))]
+            missing_feature(at, "amqp", errors)
+        }
+        SourceConfig::Kafka(kafka) => {
+            if kafka.brokers.trim().is_empty() {
+                errors.push(format!("{at}.brokers"), "must not be empty");
+            }
+            if kafka.group_id.trim().is_empty() {
+                errors.push(format!("{at}.group_id"), "must not be empty");
+            }
+            if kafka.topics.is_empty() {
+                errors.push(format!("{at}.topics"), "name at least one topic");
+            }
+            if kafka.topics.iter().any(|t| t.trim().is_empty()) {
+                errors.push(format!("{at}.topics"), "a topic name is empty");
+            }
+            if let Some(dlt) = &kafka.dead_letter_topic {
+                if kafka.topics.contains(dlt) {
+                    errors.push(
+                        format!("{at}.dead_letter_topic"),
+                        "is also in topics: dead letters would be delivered again",
+                    );
+                }
+            }
+            let settings = super::Setting::flatten(&kafka.librdkafka);
+            for key in settings.keys() {
+                if RESERVED_KAFKA_SETTINGS.contains(&key.as_str()) {
+                    errors.push(
+                        format!("{at}.librdkafka.{key}"),
+                        "is set by ferry (offsets are committed only after delivery)",
+                    );
+                }
+            }
+            #[cfg(feature = "kafka")]
+            {
+                Some(SourcePlan::Kafka(ferry_kafka::KafkaConfig {
+                    brokers: kafka.brokers.clone(),
+                    group_id: kafka.group_id.clone(),
+                    topics: kafka.topics.clone(),
+                    dead_letter_topic: kafka.dead_letter_topic.clone(),
+                    librdkafka: settings,
+                    key_from: match ordering {
+                        Some(Ordering::Partition) => ferry_kafka::KeyFrom::Partition,
+                        _ => ferry_kafka::KeyFrom::RecordKey,
+                    },
+                }))
+            }
+            #[cfg(not(feature = "kafka"))]
+            missing_feature(at, "kafka", errors)
         }
     }
 }
+
+/// Client settings ferry owns: it commits offsets itself, only after delivery.
+const RESERVED_KAFKA_SETTINGS: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+];
 
 fn http_sink(
     route: &str,
@@ -271,6 +389,10 @@ fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy
         responses: ResponsePolicy {
             dead_letter_statuses: d.dead_letter_statuses.clone(),
         },
+        order: match d.ordering {
+            Some(Ordering::Key | Ordering::Partition) => MessageOrder::ByKey,
+            Some(Ordering::None) | None => MessageOrder::Unordered,
+        },
     }
 }
 
@@ -288,6 +410,12 @@ pub fn redacted(config: &Config) -> Config {
             SourceConfig::Sqs(sqs) => {
                 sqs.queue_url = redact_url(&sqs.queue_url);
                 sqs.endpoint_url = sqs.endpoint_url.as_deref().map(redact_url);
+            }
+            SourceConfig::Amqp(amqp) => amqp.uri = redact_url(&amqp.uri),
+            SourceConfig::Kafka(kafka) => {
+                for value in kafka.librdkafka.values_mut() {
+                    *value = super::Setting::Text("<redacted>".to_owned());
+                }
             }
         }
     }

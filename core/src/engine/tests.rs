@@ -19,7 +19,11 @@ struct Recorder {
     id: String,
     log: Log,
     holds: bool,
+    revoked: Revoked,
 }
+
+/// Ids the "broker" has taken back.
+type Revoked = Arc<Mutex<std::collections::HashSet<String>>>;
 
 impl Settle for Recorder {
     fn settle(self: Box<Self>, s: Settlement) {
@@ -28,12 +32,18 @@ impl Settle for Recorder {
     fn holds_retries(&self) -> bool {
         self.holds
     }
+    fn is_current(&self) -> bool {
+        !self.revoked.lock().expect("lock").contains(&self.id)
+    }
 }
 
 struct VecSource {
     count: usize,
     log: Log,
     holds: bool,
+    /// Message `i` gets ordering key `k{i % keys}`; 0 = no keys.
+    keys: usize,
+    revoked: Revoked,
 }
 
 impl Source for VecSource {
@@ -44,12 +54,17 @@ impl Source for VecSource {
         let source: Arc<str> = Arc::from("memory");
         for i in 0..self.count {
             let id = format!("m{i}");
+            let mut message = Message::new(id.clone(), format!("payload {i}"), source.clone());
+            if self.keys > 0 {
+                message.group = Some(format!("k{}", i % self.keys));
+            }
             let delivery = Delivery {
-                message: Message::new(id.clone(), format!("payload {i}"), source.clone()),
+                message,
                 ack: AckHandle::new(Recorder {
                     id,
                     log: self.log.clone(),
                     holds: self.holds,
+                    revoked: self.revoked.clone(),
                 }),
             };
             tokio::select! {
@@ -99,6 +114,7 @@ struct Harness {
     log: Log,
     calls: Arc<AtomicUsize>,
     peak: Arc<AtomicUsize>,
+    revoked: Revoked,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), EngineError>>,
 }
@@ -113,7 +129,22 @@ fn start<F>(
 where
     F: Fn(&Message) -> SinkResponse + Send + Sync + 'static,
 {
+    start_keyed(count, 0, holds, policy, latency, answer)
+}
+
+fn start_keyed<F>(
+    count: usize,
+    keys: usize,
+    holds: bool,
+    policy: DeliveryPolicy,
+    latency: Duration,
+    answer: F,
+) -> Harness
+where
+    F: Fn(&Message) -> SinkResponse + Send + Sync + 'static,
+{
     let log: Log = Arc::default();
+    let revoked = Revoked::default();
     let calls = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let metrics = Metrics::default().route(&RouteLabels {
@@ -129,6 +160,8 @@ where
             count,
             log: log.clone(),
             holds,
+            keys,
+            revoked: revoked.clone(),
         },
         sink: Scripted {
             answer,
@@ -145,6 +178,7 @@ where
         log,
         calls,
         peak,
+        revoked,
         shutdown,
         task,
     }
@@ -175,6 +209,7 @@ fn policy(concurrency: usize, max_attempts: u32) -> DeliveryPolicy {
         backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
         shutdown_grace: Duration::from_secs(5),
         responses: ResponsePolicy::default(),
+        order: MessageOrder::Unordered,
     }
 }
 
@@ -306,4 +341,94 @@ async fn in_flight_finishes_within_grace() {
     let log = log.lock().expect("lock");
     assert_eq!(log.len(), 4);
     assert!(log.iter().all(|(_, s)| *s == Settlement::Ack), "{log:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn same_key_in_order_other_keys_in_parallel_even_with_retries() {
+    // 4 keys x 25 messages; every 5th fails twice, and the broker could hold retries:
+    // under key order they must wait in ferry instead.
+    let calls: Arc<Mutex<Vec<(usize, u32)>>> = Arc::default();
+    let seen = calls.clone();
+    let mut ordered = policy(8, 5);
+    ordered.order = MessageOrder::ByKey;
+    let h = start_keyed(100, 4, true, ordered, Duration::from_millis(3), move |m| {
+        let n: usize = m.id[1..].parse().expect("id");
+        seen.lock().expect("lock").push((n, m.attempt));
+        if n % 5 == 0 && m.attempt < 3 {
+            status(503)
+        } else {
+            ok()
+        }
+    });
+    let peak = h.peak.clone();
+    let log = h.log.clone();
+    let settled = h.settle_all(100).await;
+    assert_eq!(settled.len(), 100);
+    assert!(
+        settled.values().all(|s| s == &[Settlement::Ack]),
+        "{settled:?}"
+    );
+    let calls = calls.lock().expect("lock").clone();
+    for key in 0..4 {
+        let of_key: Vec<(usize, u32)> = calls
+            .iter()
+            .copied()
+            .filter(|(n, _)| n % 4 == key)
+            .collect();
+        assert!(
+            of_key
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 || (w[0].0 == w[1].0 && w[0].1 < w[1].1)),
+            "key k{key} out of order: {of_key:?}"
+        );
+        assert_eq!(of_key.len(), 25 + 2 * 5, "key k{key}: {of_key:?}");
+    }
+    assert!(
+        log.lock().expect("lock").is_empty(),
+        "drained by settle_all"
+    );
+    let peak = peak.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&peak), "peak concurrency {peak}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_releases_messages_queued_behind_their_key() {
+    // One key: one message in flight (slow), the rest queued behind it.
+    let mut ordered = policy(8, 5);
+    ordered.order = MessageOrder::ByKey;
+    ordered.shutdown_grace = Duration::from_secs(10);
+    let h = start_keyed(8, 1, false, ordered, Duration::from_secs(2), |_| ok());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.shutdown.cancel();
+    h.task.await.expect("join").expect("route");
+    let log = h.log.lock().expect("lock").clone();
+    let acked: Vec<&String> = log
+        .iter()
+        .filter(|(_, s)| *s == Settlement::Ack)
+        .map(|(id, _)| id)
+        .collect();
+    let released = log
+        .iter()
+        .filter(|(_, s)| *s == Settlement::Release)
+        .count();
+    assert_eq!(acked, [&"m0".to_owned()], "{log:?}");
+    assert_eq!(released, 7, "{log:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_the_broker_took_back_are_not_delivered() {
+    let h = start(10, false, policy(1, 3), Duration::from_millis(5), |_| ok());
+    h.revoked
+        .lock()
+        .expect("lock")
+        .extend((5..10).map(|i| format!("m{i}")));
+    let calls = h.calls.clone();
+    let settled = h.settle_all(10).await;
+    for i in 0..5 {
+        assert_eq!(settled[&format!("m{i}")], [Settlement::Ack], "m{i}");
+    }
+    for i in 5..10 {
+        assert_eq!(settled[&format!("m{i}")], [Settlement::Release], "m{i}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
 }

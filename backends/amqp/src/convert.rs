@@ -1,0 +1,84 @@
+//! From an AMQP delivery to a ferry [`Message`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_core::Message;
+use lapin::message::Delivery;
+use lapin::types::AMQPValue;
+
+/// The header quorum queues use to count earlier deliveries.
+const DELIVERY_COUNT: &str = "x-delivery-count";
+
+fn text(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        _ => return None,
+    })
+}
+
+/// Numbers messages that carry no `message_id`, so that every message has an id.
+static SYNTHETIC: AtomicU64 = AtomicU64::new(0);
+
+/// Builds the message; `group_header` names the header that carries the ordering key
+/// (the routing key when absent).
+pub(crate) fn convert(
+    delivery: &Delivery,
+    source: &Arc<str>,
+    group_header: Option<&str>,
+) -> Message {
+    let props = &delivery.properties;
+    // Publishers should set message_id: it is the only id that survives redelivery.
+    let id = match props.message_id() {
+        Some(id) if !id.as_str().is_empty() => id.as_str().to_owned(),
+        _ => format!(
+            "{source}-{}-{}",
+            std::process::id(),
+            SYNTHETIC.fetch_add(1, Ordering::Relaxed)
+        ),
+    };
+    let mut message = Message::new(id, delivery.data.clone(), source.clone());
+    if let Some(ts) = props.timestamp() {
+        message.timestamp = UNIX_EPOCH + Duration::from_secs(*ts);
+    }
+    let mut delivery_count = None;
+    if let Some(headers) = props.headers() {
+        for (name, value) in headers.inner() {
+            if name.as_str() == DELIVERY_COUNT {
+                delivery_count = text(value).and_then(|v| v.parse::<u32>().ok());
+                continue;
+            }
+            if let Some(v) = text(value) {
+                message.attributes.insert(name.as_str().to_owned(), v);
+            }
+        }
+    }
+    message.attempt = match delivery_count {
+        Some(n) => n.saturating_add(1),
+        None if delivery.redelivered => 2,
+        None => 1,
+    };
+    message.traceparent = message.attributes.get("traceparent").cloned();
+    message.group = match group_header {
+        Some(h) => message.attributes.get(h).cloned(),
+        None => Some(delivery.routing_key.as_str().to_owned()).filter(|k| !k.is_empty()),
+    };
+    if message.timestamp > SystemTime::now() + Duration::from_secs(86_400) {
+        // A publisher's clock far in the future would make end-to-end lag meaningless.
+        message.timestamp = SystemTime::now();
+    }
+    message
+}

@@ -1,0 +1,352 @@
+//! The RabbitMQ (AMQP 0-9-1) source of ferry.
+//!
+//! One consumer per route with `prefetch` unacked deliveries at most. Acks are coalesced
+//! into `multiple` acks where the order allows; dead-letters are rejected without requeue
+//! so the queue's dead-letter exchange takes them; retries wait in ferry (the broker has no
+//! delayed redelivery), never in a hot requeue loop. A lost connection is re-established
+//! with backoff while the route, its state and its metrics carry on.
+
+mod convert;
+mod settle;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_core::{AckHandle, Delivery, Source, SourceContext, SourceError};
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// The `[routes.x.source]` section of an `amqp` route, validated.
+#[derive(Clone)]
+pub struct AmqpConfig {
+    /// `amqp://user:password@host:port/vhost`; holds a secret, never logged.
+    pub uri: String,
+    /// The queue to consume.
+    pub queue: String,
+    /// Unacked deliveries at most (`basic.qos`); keep it at least `concurrency`.
+    pub prefetch: u16,
+    /// Declare the queue (durable) instead of requiring that it exists.
+    pub declare: bool,
+    /// Header that carries the ordering key; the routing key when `None`.
+    pub ordering_header: Option<String>,
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("uri", &redact(&self.uri))
+            .field("queue", &self.queue)
+            .field("prefetch", &self.prefetch)
+            .field("declare", &self.declare)
+            .field("ordering_header", &self.ordering_header)
+            .finish()
+    }
+}
+
+/// The URI without its password, for messages.
+pub fn redact(uri: &str) -> String {
+    match uri.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                format!("{scheme}://{user}:<redacted>@{host}")
+            }
+            None => uri.to_owned(),
+        },
+        None => "<unparsable uri>".to_owned(),
+    }
+}
+
+/// Why the source could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AmqpError {
+    /// The broker could not be reached or refused the login.
+    #[error("uri: cannot connect to {uri}: {detail}")]
+    Connect {
+        /// The URI, password redacted.
+        uri: String,
+        /// What went wrong.
+        detail: String,
+        /// The broker refused the credentials or the vhost.
+        refused: bool,
+    },
+    /// The queue does not exist (and `declare` is off) or could not be declared.
+    #[error("queue: {queue:?}: {detail}")]
+    Queue {
+        /// The queue name.
+        queue: String,
+        /// What the broker said.
+        detail: String,
+    },
+}
+
+impl AmqpError {
+    /// True when the configuration is wrong rather than the broker unreachable.
+    pub fn is_config(&self) -> bool {
+        match self {
+            AmqpError::Connect { refused, .. } => *refused,
+            AmqpError::Queue { .. } => true,
+        }
+    }
+}
+
+/// A connected RabbitMQ source; build it with [`AmqpSource::connect`].
+pub struct AmqpSource {
+    config: Arc<AmqpConfig>,
+    queue_name: Arc<str>,
+    connection: Option<(Connection, Channel)>,
+}
+
+fn one_line(e: &lapin::Error) -> String {
+    e.to_string().replace('\n', " ")
+}
+
+async fn open(config: &AmqpConfig) -> Result<(Connection, Channel), AmqpError> {
+    // After the login, a failure is the broker's or the network's, not the credentials'.
+    let unavailable = |e: lapin::Error| AmqpError::Connect {
+        uri: redact(&config.uri),
+        detail: one_line(&e),
+        refused: false,
+    };
+    let connection = Connection::connect(&config.uri, ConnectionProperties::default())
+        .await
+        .map_err(|e| {
+            let detail = one_line(&e);
+            let refused = detail.contains("ACCESS_REFUSED")
+                || detail.contains("NOT_ALLOWED")
+                || detail.to_ascii_lowercase().contains("auth");
+            AmqpError::Connect {
+                uri: redact(&config.uri),
+                detail,
+                refused,
+            }
+        })?;
+    let channel = connection.create_channel().await.map_err(unavailable)?;
+    channel
+        .queue_declare(
+            config.queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: !config.declare,
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| AmqpError::Queue {
+            queue: config.queue.clone(),
+            detail: one_line(&e),
+        })?;
+    channel
+        .basic_qos(config.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(unavailable)?;
+    Ok((connection, channel))
+}
+
+impl AmqpSource {
+    /// Connects and checks the queue, so a wrong queue or login is reported at start.
+    pub async fn connect(config: AmqpConfig) -> Result<Self, AmqpError> {
+        let connection = open(&config).await?;
+        Ok(Self {
+            queue_name: Arc::from(config.queue.as_str()),
+            config: Arc::new(config),
+            connection: Some(connection),
+        })
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(7))).min(Duration::from_secs(10))
+}
+
+impl Source for AmqpSource {
+    fn kind(&self) -> &'static str {
+        "amqp"
+    }
+
+    fn buffer(&self) -> usize {
+        usize::from(self.config.prefetch.max(1))
+    }
+
+    async fn run(
+        mut self,
+        out: mpsc::Sender<Delivery>,
+        ctx: SourceContext,
+    ) -> Result<(), SourceError> {
+        let mut failures = 0u32;
+        let mut settlers = tokio::task::JoinSet::new();
+        let mut last: Option<(Connection, Channel)> = None;
+        'connect: loop {
+            let (connection, channel) = match self.connection.take() {
+                Some(c) => c,
+                None => {
+                    let attempt = tokio::select! {
+                        _ = ctx.shutdown.cancelled() => break 'connect,
+                        r = open(&self.config) => r,
+                    };
+                    match attempt {
+                        Ok(c) => {
+                            info!(route = %ctx.route, queue = %self.queue_name, "reconnected to the broker");
+                            c
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            if failures == 1 {
+                                warn!(route = %ctx.route, error = %e, "cannot reach the broker; retrying with backoff");
+                            }
+                            tokio::select! {
+                                _ = ctx.shutdown.cancelled() => break 'connect,
+                                _ = tokio::time::sleep(backoff(failures)) => {}
+                            }
+                            continue 'connect;
+                        }
+                    }
+                }
+            };
+            failures = 0;
+            let consumer = channel
+                .basic_consume(
+                    self.config.queue.as_str().into(),
+                    format!("ferry-{}", ctx.route).as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await;
+            let mut consumer = match consumer {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(route = %ctx.route, error = %one_line(&e), "cannot consume; reconnecting");
+                    ctx.set_connected(false);
+                    continue 'connect;
+                }
+            };
+            ctx.set_connected(true);
+            info!(route = %ctx.route, queue = %self.queue_name, prefetch = self.config.prefetch, "consuming");
+            let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+            settlers.spawn(settle::run(channel.clone(), settle_rx, ctx.route.clone()));
+            let backlog = tokio::spawn(poll_backlog(
+                channel.clone(),
+                self.config.queue.clone(),
+                ctx.clone(),
+            ));
+            let group_header = self.config.ordering_header.as_deref();
+            loop {
+                let permit = tokio::select! {
+                    biased;
+                    _ = ctx.shutdown.cancelled() => {
+                        backlog.abort();
+                        last = Some((connection, channel));
+                        break 'connect;
+                    }
+                    p = out.reserve() => match p {
+                        Ok(p) => p,
+                        Err(_) => {
+                            backlog.abort();
+                            last = Some((connection, channel));
+                            break 'connect;
+                        }
+                    },
+                };
+                let next = tokio::select! {
+                    biased;
+                    _ = ctx.shutdown.cancelled() => {
+                        backlog.abort();
+                        last = Some((connection, channel));
+                        break 'connect;
+                    }
+                    d = consumer.next() => d,
+                };
+                match next {
+                    Some(Ok(delivery)) => {
+                        let tag = delivery.delivery_tag;
+                        let message = convert::convert(&delivery, &self.queue_name, group_header);
+                        let _ = settle_tx.send(settle::Op::Received(tag));
+                        permit.send(Delivery {
+                            message,
+                            ack: AckHandle::new(settle::AmqpAck {
+                                tag,
+                                settle: settle_tx.clone(),
+                                channel: channel.clone(),
+                            }),
+                        });
+                    }
+                    Some(Err(e)) => {
+                        warn!(route = %ctx.route, error = %one_line(&e), "connection to the broker lost; reconnecting");
+                        break;
+                    }
+                    None => {
+                        warn!(route = %ctx.route, "the broker ended the consumer; reconnecting");
+                        break;
+                    }
+                }
+            }
+            backlog.abort();
+            ctx.set_connected(false);
+            let _ = connection.close(320, "ferry reconnecting".into()).await;
+        }
+        // Shutdown: every handle settles (in-flight ones within the grace), then the
+        // channel closes, which returns anything still unacked to the queue at once.
+        drop(out);
+        while settlers.join_next().await.is_some() {}
+        if let Some((connection, channel)) = last {
+            let _ = channel.close(200, "ferry shutting down".into()).await;
+            let _ = connection.close(200, "ferry shutting down".into()).await;
+        }
+        ctx.set_connected(false);
+        Ok(())
+    }
+}
+
+/// Keeps `ferry_source_backlog` at the queue's ready-message count.
+async fn poll_backlog(channel: Channel, queue: String, ctx: SourceContext) {
+    loop {
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if let Ok(q) = declared {
+            ctx.backlog.set(i64::from(q.message_count()));
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_password_is_redacted() {
+        assert_eq!(
+            redact("amqp://guest:s3cret@127.0.0.1:5672/%2f"),
+            "amqp://guest:<redacted>@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+        assert!(!format!(
+            "{:?}",
+            AmqpConfig {
+                uri: "amqp://u:p4ss@h/v".into(),
+                queue: "q".into(),
+                prefetch: 1,
+                declare: false,
+                ordering_header: None
+            }
+        )
+        .contains("p4ss"));
+    }
+}

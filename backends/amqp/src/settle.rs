@@ -1,0 +1,260 @@
+//! Settling deliveries on their channel, with acks coalesced into `multiple` acks.
+//!
+//! Deliveries finish out of order. An ack with `multiple` settles every delivery up to its
+//! tag, so it may only be sent once every lower tag is settled; acks above a delivery still
+//! in flight wait a moment for it and are then sent one by one, so a slow message never
+//! holds the prefetch window hostage.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use ferry_core::{Settle, Settlement};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::Channel;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+/// How long an ack may wait for the deliveries below it before it is sent on its own.
+const HOLD: Duration = Duration::from_millis(20);
+
+pub(crate) enum Op {
+    Received(u64),
+    Settled(u64, Settlement),
+}
+
+/// The settlement of one AMQP delivery.
+pub(crate) struct AmqpAck {
+    pub(crate) tag: u64,
+    pub(crate) settle: mpsc::UnboundedSender<Op>,
+    /// The channel it came on: once that is gone, the broker has put the message back.
+    pub(crate) channel: Channel,
+}
+
+impl Settle for AmqpAck {
+    fn settle(self: Box<Self>, settlement: Settlement) {
+        // If the channel's settler is gone the channel is gone too, and the broker has
+        // already put the message back.
+        let _ = self.settle.send(Op::Settled(self.tag, settlement));
+    }
+
+    fn is_current(&self) -> bool {
+        self.channel.status().connected()
+    }
+}
+
+/// What to send for a set of settled tags; pure so it can be tested without a broker.
+#[derive(Default)]
+pub(crate) struct AckWindow {
+    /// Delivered and not yet settled.
+    open: BTreeSet<u64>,
+    /// Acked by the engine, not yet sent, with when.
+    acked: BTreeMap<u64, Instant>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Frame {
+    /// `basic.ack` with `multiple` as given.
+    Ack(u64, bool),
+    /// `basic.reject`, requeue = false: the queue's dead-letter exchange takes it.
+    Reject(u64),
+    /// `basic.nack`, requeue = true: back to the queue at once.
+    Requeue(u64),
+}
+
+impl AckWindow {
+    pub(crate) fn received(&mut self, tag: u64) {
+        self.open.insert(tag);
+    }
+
+    /// Records a settlement; returns frames that must go out now.
+    pub(crate) fn settle(
+        &mut self,
+        tag: u64,
+        settlement: &Settlement,
+        now: Instant,
+    ) -> Option<Frame> {
+        if !self.open.remove(&tag) {
+            return None;
+        }
+        match settlement {
+            Settlement::Ack => {
+                self.acked.insert(tag, now);
+                None
+            }
+            Settlement::DeadLetter(_) => Some(Frame::Reject(tag)),
+            Settlement::Retry { .. } | Settlement::Release => Some(Frame::Requeue(tag)),
+        }
+    }
+
+    /// Acks that can go now: one `multiple` ack for every acked tag below the lowest open
+    /// one, and single acks for those that waited longer than `HOLD`.
+    pub(crate) fn flush(&mut self, now: Instant, force: bool) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        let low = self.open.first().copied().unwrap_or(u64::MAX);
+        let below: Vec<u64> = self.acked.range(..low).map(|(t, _)| *t).collect();
+        if let Some(&top) = below.last() {
+            for t in &below {
+                self.acked.remove(t);
+            }
+            frames.push(Frame::Ack(top, below.len() > 1));
+        }
+        let due: Vec<u64> = self
+            .acked
+            .iter()
+            .filter(|(_, at)| force || now.duration_since(**at) >= HOLD)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in due {
+            self.acked.remove(&t);
+            frames.push(Frame::Ack(t, false));
+        }
+        frames
+    }
+
+    pub(crate) fn has_waiting_acks(&self) -> bool {
+        !self.acked.is_empty()
+    }
+}
+
+/// Runs one channel's settlements until every handle and the consume loop are gone.
+pub(crate) async fn run(
+    channel: Channel,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    route: std::sync::Arc<str>,
+) {
+    let mut window = AckWindow::default();
+    let mut failed = false;
+    loop {
+        let op = if window.has_waiting_acks() {
+            match tokio::time::timeout(HOLD / 2, rx.recv()).await {
+                Ok(op) => op,
+                Err(_) => {
+                    send(
+                        &channel,
+                        window.flush(Instant::now(), false),
+                        &route,
+                        &mut failed,
+                    )
+                    .await;
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some(op) = op else { break };
+        let now = Instant::now();
+        let mut frames = Vec::new();
+        let mut apply = |op: Op, window: &mut AckWindow| match op {
+            Op::Received(tag) => window.received(tag),
+            Op::Settled(tag, s) => frames.extend(window.settle(tag, &s, now)),
+        };
+        apply(op, &mut window);
+        while let Ok(op) = rx.try_recv() {
+            apply(op, &mut window);
+        }
+        frames.extend(window.flush(now, false));
+        send(&channel, frames, &route, &mut failed).await;
+    }
+    send(
+        &channel,
+        window.flush(Instant::now(), true),
+        &route,
+        &mut failed,
+    )
+    .await;
+}
+
+async fn send(channel: &Channel, frames: Vec<Frame>, route: &str, failed: &mut bool) {
+    for frame in frames {
+        let result = match frame {
+            Frame::Ack(tag, multiple) => channel.basic_ack(tag, BasicAckOptions { multiple }).await,
+            Frame::Reject(tag) => {
+                channel
+                    .basic_reject(tag, BasicRejectOptions { requeue: false })
+                    .await
+            }
+            Frame::Requeue(tag) => {
+                channel
+                    .basic_nack(
+                        tag,
+                        BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        },
+                    )
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            // The channel is gone: the broker requeues everything unacked on it, so the
+            // messages come back (duplicates, never losses). Say so once per channel.
+            if !*failed {
+                warn!(route = %route, error = %e, "settling on a closed channel; its unacked messages return to the queue");
+                *failed = true;
+            } else {
+                debug!(route = %route, error = %e, "settle failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::DeadLetter;
+
+    #[tokio::test(start_paused = true)]
+    async fn in_order_acks_coalesce_into_one_multiple_ack() {
+        let mut w = AckWindow::default();
+        let now = Instant::now();
+        for t in 1..=5 {
+            w.received(t);
+        }
+        for t in [3, 1, 2, 5] {
+            assert_eq!(w.settle(t, &Settlement::Ack, now), None);
+        }
+        // 4 is still open: 1..=3 go as one multiple ack, 5 waits.
+        assert_eq!(w.flush(now, false), vec![Frame::Ack(3, true)]);
+        assert_eq!(w.settle(4, &Settlement::Ack, now), None);
+        assert_eq!(w.flush(now, false), vec![Frame::Ack(5, true)]);
+        assert!(!w.has_waiting_acks());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_delivery_does_not_hold_later_acks_for_long() {
+        let mut w = AckWindow::default();
+        let now = Instant::now();
+        w.received(1);
+        w.received(2);
+        w.settle(2, &Settlement::Ack, now);
+        assert_eq!(w.flush(now, false), vec![]);
+        assert_eq!(w.flush(now + HOLD, false), vec![Frame::Ack(2, false)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reject_and_requeue_go_out_at_once_and_unblock_acks() {
+        let mut w = AckWindow::default();
+        let now = Instant::now();
+        for t in 1..=3 {
+            w.received(t);
+        }
+        w.settle(2, &Settlement::Ack, now);
+        w.settle(3, &Settlement::Ack, now);
+        let dl = Settlement::DeadLetter(DeadLetter {
+            reason: "bad".into(),
+            status: Some(422),
+            attempts: 1,
+        });
+        assert_eq!(w.settle(1, &dl, now), Some(Frame::Reject(1)));
+        assert_eq!(w.flush(now, false), vec![Frame::Ack(3, true)]);
+        w.received(4);
+        assert_eq!(
+            w.settle(4, &Settlement::Release, now),
+            Some(Frame::Requeue(4))
+        );
+        // Settling twice (or an unknown tag) sends nothing.
+        assert_eq!(w.settle(4, &Settlement::Ack, now), None);
+    }
+}

@@ -1,0 +1,118 @@
+//! The consumer's callbacks: commit before partitions are taken away, start afresh on the
+//! ones assigned, and turn librdkafka's own errors and logs into one line per change of
+//! state.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ferry_core::SourceContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{debug, info, warn};
+
+use crate::offsets::{Offsets, Tp};
+
+/// Shared by the consumer's callbacks and the receive loop.
+pub(crate) struct FerryContext {
+    pub(crate) offsets: Arc<Offsets>,
+    pub(crate) source: SourceContext,
+    /// Whether the broker was last seen unreachable, so each change is logged once.
+    pub(crate) down: AtomicBool,
+}
+
+impl FerryContext {
+    /// The broker answered: log the recovery once.
+    pub(crate) fn reached(&self) {
+        self.source.set_connected(true);
+        if self.down.swap(false, Ordering::Relaxed) {
+            info!(route = %self.source.route, "reaches the Kafka brokers again");
+        }
+    }
+
+    fn unreachable(&self, error: &KafkaError, reason: &str) {
+        self.source.set_connected(false);
+        if !self.down.swap(true, Ordering::Relaxed) {
+            warn!(route = %self.source.route, error = %error, reason,
+                "lost the Kafka brokers; librdkafka reconnects with backoff");
+        }
+    }
+}
+
+pub(crate) fn list(positions: &[(Tp, i64)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in positions {
+        // Only fails for an offset kind we never pass.
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    tpl
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<Tp> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+impl ClientContext for FerryContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        // Connection errors arrive through `error` as well; here they would repeat on
+        // every reconnect attempt.
+        debug!(route = %self.source.route, ?level, fac, "librdkafka: {log_message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        match error.rdkafka_error_code() {
+            Some(Code::AllBrokersDown | Code::BrokerTransportFailure | Code::Resolve) => {
+                self.unreachable(&error, reason);
+            }
+            _ => warn!(route = %self.source.route, error = %error, reason, "Kafka client error"),
+        }
+    }
+}
+
+impl ConsumerContext for FerryContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let tps = partitions(tpl);
+                info!(route = %self.source.route, partitions = ?tps, "partitions assigned");
+                self.offsets.assign(tps);
+            }
+            Rebalance::Revoke(tpl) => {
+                let tps = partitions(tpl);
+                let positions = self.offsets.revoke(tps.iter().cloned());
+                // Commit what is finished before another consumer takes over; records
+                // still in flight are read again by it (a duplicate, never a loss).
+                if !positions.is_empty() {
+                    if let Err(e) = consumer.commit(&list(&positions), CommitMode::Sync) {
+                        warn!(route = %self.source.route, error = %e,
+                            "commit on revoke failed; the new owner re-reads from the last commit");
+                    }
+                }
+                info!(route = %self.source.route, partitions = ?tps, "partitions revoked");
+            }
+            Rebalance::Error(e) => {
+                warn!(route = %self.source.route, error = %e, "rebalance failed");
+            }
+        }
+    }
+}
+
+/// The context of the start-up check: its outcome is the check's result, so librdkafka's
+/// own reports of the same failure (one per retry) stay at debug level.
+pub(crate) struct Quiet;
+
+impl ClientContext for Quiet {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        debug!(?level, fac, "librdkafka: {log_message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        debug!(error = %error, reason, "librdkafka error during the start-up check");
+    }
+}
+
+impl ConsumerContext for Quiet {}

@@ -1,0 +1,158 @@
+//! RabbitMQ through lapin: queues with a dead-letter queue, publishing with confirms, depth.
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use crate::conformance::Outgoing;
+
+/// The local broker (`FERRY_TEST_AMQP_URI`, default guest on 127.0.0.1:5672).
+pub fn amqp_uri() -> String {
+    std::env::var("FERRY_TEST_AMQP_URI")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A publishing and inspecting connection to the local broker.
+pub struct Rabbit {
+    _connection: Connection,
+    channel: Channel,
+}
+
+/// A test queue and its dead-letter queue.
+pub struct RabbitQueue {
+    /// The queue ferry consumes.
+    pub name: String,
+    /// Where rejected messages go (through the default exchange).
+    pub dead_letter: String,
+}
+
+impl Rabbit {
+    /// Connects; panics with a clear message when the broker is not running.
+    pub async fn connect() -> Self {
+        let uri = amqp_uri();
+        let connection = Connection::connect(&uri, ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| {
+                panic!("RabbitMQ is not reachable at 127.0.0.1:5672 ({e}); start it with `rabbitmq-server -detached`")
+            });
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        Self {
+            _connection: connection,
+            channel,
+        }
+    }
+
+    /// Declares a fresh queue whose rejected messages go to a fresh dead-letter queue.
+    pub async fn queue(&self, prefix: &str) -> RabbitQueue {
+        let name = crate::unique(prefix);
+        let dead_letter = format!("{name}-dlq");
+        self.declare(&dead_letter, FieldTable::default()).await;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(dead_letter.as_str().into()),
+        );
+        self.declare(&name, args).await;
+        RabbitQueue { name, dead_letter }
+    }
+
+    async fn declare(&self, name: &str, args: FieldTable) {
+        self.channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .expect("declare queue");
+    }
+
+    /// Publishes each message persistent with a unique `message_id` and its ordering
+    /// key in the `key` header, and waits for the broker's confirms.
+    pub async fn publish(&self, queue: &str, messages: &[Outgoing]) {
+        let mut confirms = Vec::with_capacity(messages.len());
+        for message in messages {
+            let mut props = BasicProperties::default()
+                .with_message_id(ShortString::from(crate::unique(queue)))
+                .with_delivery_mode(2);
+            if let Some(key) = &message.key {
+                let mut headers = FieldTable::default();
+                headers.insert("key".into(), AMQPValue::LongString(key.as_str().into()));
+                props = props.with_headers(headers);
+            }
+            let body = &message.body;
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    props,
+                )
+                .await
+                .expect("publish");
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            let confirmation = confirm.await.expect("confirm");
+            assert!(confirmation.is_ack(), "broker refused a publish");
+        }
+    }
+
+    /// Ready messages in a queue.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare")
+            .message_count()
+    }
+
+    /// Takes every ready message off a queue: bodies and string headers.
+    pub async fn drain(&self, queue: &str) -> Vec<(String, FieldTable)> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+            out.push((
+                String::from_utf8_lossy(&m.delivery.data).into_owned(),
+                headers,
+            ));
+        }
+        out
+    }
+
+    /// Deletes a queue.
+    pub async fn delete(&self, queue: &str) {
+        let _ = self
+            .channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+    }
+}

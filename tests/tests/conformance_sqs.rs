@@ -1,0 +1,3 @@
+//! The conformance suite against SQS on the local emulator.
+
+ferry_e2e::conformance_suite!(ferry_e2e::conformance::sqs::Sqs::connect().await);

@@ -1,0 +1,226 @@
+//! Kafka beyond the conformance suite: consumer-group rebalances and the lag gauge, on
+//! librdkafka's mock cluster with real `ferry` processes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use ferry_e2e::ferry::{kafka_source, Route};
+use ferry_e2e::kafka::Cluster;
+use ferry_e2e::{unique, wait_until, Endpoint, Ferry, Reply};
+
+const PARTITIONS: i32 = 4;
+
+struct Topic {
+    cluster: Cluster,
+    name: String,
+    dead: String,
+    group: String,
+}
+
+impl Topic {
+    fn new() -> Self {
+        let cluster = Cluster::start();
+        let name = unique("flow");
+        let dead = format!("{name}-dlq");
+        cluster.create_topic(&name, PARTITIONS);
+        cluster.create_topic(&dead, 1);
+        Self {
+            group: format!("{name}-group"),
+            cluster,
+            name,
+            dead,
+        }
+    }
+
+    fn source(&self) -> String {
+        kafka_source(
+            self.cluster.bootstrap(),
+            &self.group,
+            &self.name,
+            &self.dead,
+        )
+    }
+
+    async fn publish(&self, range: std::ops::Range<usize>) {
+        let records: Vec<(Option<String>, String)> =
+            range.map(|i| (None, format!("m-{i}"))).collect();
+        self.cluster.produce(&self.name, &records).await;
+    }
+
+    async fn lag(&self) -> u64 {
+        self.cluster.lag(&self.group, &self.name, PARTITIONS).await
+    }
+}
+
+fn start(topic: &Topic, endpoint: &Endpoint, delivery: &str) -> Ferry {
+    Ferry::start(&Route {
+        source: topic.source(),
+        sink_url: &endpoint.url(),
+        sink: "",
+        delivery,
+    })
+}
+
+fn counts(endpoint: &Endpoint) -> BTreeMap<String, usize> {
+    let mut count = BTreeMap::new();
+    for s in endpoint.delivered() {
+        *count.entry(s.msg().unwrap_or_default()).or_default() += 1;
+    }
+    count
+}
+
+/// A second member joins mid-stream (partitions move to it), then the first is killed
+/// with requests in flight on the partitions it kept. If a revoke or the commit loop had
+/// committed anything not yet delivered, the survivor would never read it: every record
+/// must still arrive, and the group's lag must end at zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalances_and_a_killed_member_lose_nothing() {
+    const N: usize = 1200;
+    let topic = Topic::new();
+    let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(40))).await;
+    let delivery = "concurrency = 16\nordering = \"none\"";
+    let first = start(&topic, &endpoint, delivery);
+    first.wait_ready(Duration::from_secs(30)).await;
+    topic.publish(0..400).await;
+    let flowing = wait_until(Duration::from_secs(60), || {
+        endpoint.delivered().len() >= 100
+    })
+    .await;
+    assert!(
+        flowing,
+        "first member did not deliver; log:\n{}",
+        first.log()
+    );
+
+    let second = start(&topic, &endpoint, delivery);
+    second.wait_ready(Duration::from_secs(30)).await;
+    topic.publish(400..800).await;
+    // Both members take part once the second has partitions and delivered from them.
+    let shared = wait_until(Duration::from_secs(60), || {
+        second.log().contains("partitions assigned") && endpoint.delivered().len() >= 500
+    })
+    .await;
+    assert!(
+        shared,
+        "second member got no partitions; logs:\n{}\n---\n{}",
+        first.log(),
+        second.log()
+    );
+    assert!(
+        first.log().contains("partitions revoked"),
+        "the first member saw no rebalance; log:\n{}",
+        first.log()
+    );
+    first.signal("KILL");
+    let first_log = first.log();
+    drop(first);
+    topic.publish(800..N).await;
+
+    let expected: BTreeSet<String> = (0..N).map(|i| format!("m-{i}")).collect();
+    let all = wait_until(Duration::from_secs(120), || {
+        counts(&endpoint).keys().cloned().collect::<BTreeSet<_>>() == expected
+    })
+    .await;
+    let got = counts(&endpoint);
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|b| !got.contains_key(*b))
+        .take(20)
+        .collect();
+    assert!(all, "missing {missing:?}; survivor log:\n{}", second.log());
+    let lag_zero = {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let lag = topic.lag().await;
+            if lag == 0 || tokio::time::Instant::now() > deadline {
+                break lag;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    assert_eq!(lag_zero, 0, "records left uncommitted after all arrived");
+    // Records read again come only from the two changes of owner (the rebalance and the
+    // kill). Each repeats at most what the losing member had received past its last
+    // successful commit: in flight (16) + buffered (16) + what it delivered during one
+    // commit interval and the heartbeat that told it of the rebalance (~0.2 s at 16 per
+    // 40 ms = 80). Commits are refused while the group rebalances, so the last one can be
+    // that old.
+    const PER_CHANGE: usize = 16 + 16 + 80;
+    let twice: Vec<usize> = got
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .filter_map(|(b, _)| b.strip_prefix("m-")?.parse().ok())
+        .collect();
+    let rebalances: Vec<String> = second
+        .log()
+        .lines()
+        .filter(|l| l.contains("partitions"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        twice.len() <= 2 * PER_CHANGE,
+        "{} records delivered more than once: {twice:?}; survivor: {rebalances:?}; first: {first_log}",
+        twice.len()
+    );
+    let mut second = second;
+    second.signal("TERM");
+    let status = second.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.is_some_and(|s| s.success()), "{}", second.log());
+}
+
+/// The lag gauge shows what the group has not finished, and falls to zero once drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_gauge_is_the_consumer_lag() {
+    let topic = Topic::new();
+    let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(100))).await;
+    let ferry = start(
+        &topic,
+        &endpoint,
+        "concurrency = 2\nordering = \"partition\"",
+    );
+    ferry.wait_ready(Duration::from_secs(30)).await;
+    topic.publish(0..300).await;
+    let metric = r#"ferry_source_backlog{route="r",source="kafka",sink="http"}"#;
+    let mut seen_high = 0.0f64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline && seen_high < 150.0 {
+        seen_high = seen_high.max(ferry.metric(metric).await.unwrap_or(0.0));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        seen_high >= 150.0,
+        "backlog gauge peaked at {seen_high} with ~300 records waiting behind 2 slow slots"
+    );
+    let drained = wait_until(Duration::from_secs(60), || {
+        endpoint.delivered().len() >= 300
+    })
+    .await;
+    assert!(drained, "log:\n{}", ferry.log());
+    let mut low = f64::MAX;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline && low > 0.0 {
+        low = ferry.metric(metric).await.unwrap_or(f64::MAX);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        low, 0.0,
+        "backlog gauge did not fall to zero after draining"
+    );
+    // ordering = "partition": each partition's records arrived in offset order.
+    let seen = endpoint.delivered();
+    let mut by_partition: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for s in &seen {
+        let id = s.id.clone();
+        let (tp, offset) = id.rsplit_once('-').expect("topic-partition-offset id");
+        by_partition
+            .entry(tp.to_owned())
+            .or_default()
+            .push(offset.parse().expect("offset"));
+    }
+    for (tp, offsets) in &by_partition {
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "{tp} out of order: {offsets:?}"
+        );
+    }
+}
