@@ -227,14 +227,16 @@ async fn wait_delivered(
 }
 
 /// Stops the bridge with SIGTERM and checks that it exits cleanly.
-async fn stop(mut bridge: Ferry) {
+/// Stops the bridge with SIGTERM, asserts a clean exit and returns its log.
+async fn stop(mut bridge: Ferry) -> String {
     bridge.signal("TERM");
     let status = bridge.wait_exit(Duration::from_secs(30)).await;
+    let log = bridge.log();
     assert!(
         status.is_some_and(|s| s.success()),
-        "bridge did not exit cleanly on SIGTERM ({status:?}); log:\n{}",
-        bridge.log()
+        "bridge did not exit cleanly on SIGTERM ({status:?}); log:\n{log}"
     );
+    log
 }
 
 /// Waits for the broker to hold nothing more for the route.
@@ -538,10 +540,14 @@ pub async fn connection_loss_and_recovery<B: Backend>(backend: &B) {
     publish_in_chunks(&queue, &messages[200..], 100).await;
     let expected = messages.iter().map(|m| m.body.clone()).collect();
     wait_delivered(&endpoint, &expected, Duration::from_secs(120), &bridge).await;
-    stop(bridge).await;
+    let log = stop(bridge).await;
     let dups = duplicates(&endpoint);
     let bound = queue.max_unacked(&Settings::default());
-    assert!(dups.len() <= bound, "{} duplicates: {dups:?}", dups.len());
+    assert!(
+        dups.len() <= bound,
+        "{} duplicates (bound {bound}): {dups:?}; log:\n{log}",
+        dups.len()
+    );
     assert_duplicates_labelled::<B>(&endpoint);
     assert_drained(&queue).await;
 }

@@ -224,3 +224,55 @@ async fn backlog_gauge_is_the_consumer_lag() {
         );
     }
 }
+
+/// The broker is unreachable for longer than the group's session timeout while the bridge
+/// keeps delivering what it had already fetched; the group drops the member, so commits of
+/// that work fail until it rejoins. The delivered positions must be committed when the same
+/// partitions come back: nothing lost, and only what was in flight at the drop is repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_session_repeats_only_what_was_in_flight() {
+    const N: usize = 800;
+    let topic = Topic::new();
+    let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(20))).await;
+    let ferry = start(&topic, &endpoint, "concurrency = 16\nordering = \"none\"");
+    ferry.wait_ready(Duration::from_secs(30)).await;
+    topic.publish(0..600).await;
+    let flowing = wait_until(Duration::from_secs(60), || endpoint.delivered().len() >= 50).await;
+    assert!(flowing, "no deliveries; log:\n{}", ferry.log());
+    // Longer than `session.timeout.ms` (6 s): the group forgets the member.
+    topic.cluster.set_down(true);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = endpoint.delivered().len();
+    topic.cluster.set_down(false);
+    topic.publish(600..N).await;
+
+    let expected: BTreeSet<String> = (0..N).map(|i| format!("m-{i}")).collect();
+    let all = wait_until(Duration::from_secs(120), || {
+        counts(&endpoint).keys().cloned().collect::<BTreeSet<_>>() == expected
+    })
+    .await;
+    assert!(all, "not every record arrived; log:\n{}", ferry.log());
+    let mut ferry = ferry;
+    ferry.signal("TERM");
+    let status = ferry.wait_exit(Duration::from_secs(30)).await;
+    let log = ferry.log();
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    let twice: Vec<String> = counts(&endpoint)
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(b, _)| b)
+        .collect();
+    // In flight (16) and buffered (16) when the group dropped the member.
+    assert!(
+        twice.len() <= 32,
+        "{} records delivered again after the outage ({during} delivered by its end): \
+         {twice:?}; log:\n{log}",
+        twice.len()
+    );
+    assert!(
+        log.contains("committed what was delivered while the broker was unreachable"),
+        "the outage did not cost the member its partitions ({during} delivered by its end); \
+         log:\n{log}"
+    );
+    assert_eq!(topic.lag().await, 0, "records left uncommitted");
+}

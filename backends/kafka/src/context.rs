@@ -55,6 +55,49 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<Tp> {
         .collect()
 }
 
+impl FerryContext {
+    /// Partitions handed back after their revoke commit failed: commit what was delivered
+    /// before fetching starts, unless the group has already moved further (another member
+    /// held them meanwhile), so the outage does not turn delivered messages into
+    /// duplicates.
+    fn save_carried(&self, consumer: &BaseConsumer<Self>, carried: &[(Tp, i64)]) {
+        let route = &self.source.route;
+        let committed = match consumer.committed_offsets(list(carried), COMMITTED_TIMEOUT) {
+            Ok(tpl) => tpl,
+            Err(e) => {
+                warn!(route = %route, error = %e,
+                    "cannot read the group's offsets; re-reading from the last commit");
+                return;
+            }
+        };
+        let ahead: Vec<(Tp, i64)> = carried
+            .iter()
+            .filter(|((topic, partition), position)| {
+                match committed
+                    .find_partition(topic, *partition)
+                    .map(|e| e.offset())
+                {
+                    Some(Offset::Offset(at)) => at < *position,
+                    _ => true,
+                }
+            })
+            .cloned()
+            .collect();
+        if ahead.is_empty() {
+            return;
+        }
+        match consumer.commit(&list(&ahead), CommitMode::Sync) {
+            Ok(()) => info!(route = %route, positions = ?ahead,
+                "committed what was delivered while the broker was unreachable"),
+            Err(e) => warn!(route = %route, error = %e,
+                "commit of what was delivered during the outage failed; it is read again"),
+        }
+    }
+}
+
+/// How long an assignment waits for the group's committed offsets.
+const COMMITTED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl ClientContext for FerryContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         // Connection errors arrive through `error` as well; here they would repeat on
@@ -79,7 +122,10 @@ impl ConsumerContext for FerryContext {
             Rebalance::Assign(tpl) => {
                 let tps = partitions(tpl);
                 info!(route = %self.source.route, partitions = ?tps, "partitions assigned");
-                self.offsets.assign(tps);
+                let carried = self.offsets.assign(tps);
+                if !carried.is_empty() {
+                    self.save_carried(consumer, &carried);
+                }
             }
             Rebalance::Revoke(tpl) => {
                 let tps = partitions(tpl);
@@ -90,6 +136,7 @@ impl ConsumerContext for FerryContext {
                     if let Err(e) = consumer.commit(&list(&positions), CommitMode::Sync) {
                         warn!(route = %self.source.route, error = %e,
                             "commit on revoke failed; the new owner re-reads from the last commit");
+                        self.offsets.unsaved(&positions);
                     }
                 }
                 info!(route = %self.source.route, partitions = ?tps, "partitions revoked");

@@ -45,6 +45,10 @@ pub(crate) struct Offsets {
 struct State {
     generation: u64,
     partitions: HashMap<Tp, Partition>,
+    /// Positions of partitions taken away whose final commit failed (the broker was
+    /// unreachable): the messages below them were delivered, so if the next assignment
+    /// hands the same partition back, they are committed then instead of read again.
+    unsaved: HashMap<Tp, i64>,
 }
 
 impl Offsets {
@@ -52,12 +56,19 @@ impl Offsets {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The partitions were assigned to this consumer: they start afresh.
-    pub(crate) fn assign(&self, tps: impl IntoIterator<Item = Tp>) {
+    /// The partitions were assigned to this consumer: they start afresh. Returns the
+    /// unsaved positions (see [`Offsets::unsaved`]) of the partitions handed back; the
+    /// others are forgotten, as another consumer may have moved past them since.
+    pub(crate) fn assign(&self, tps: impl IntoIterator<Item = Tp>) -> Vec<(Tp, i64)> {
         let mut state = self.lock();
         state.generation += 1;
         let generation = state.generation;
+        let unsaved = std::mem::take(&mut state.unsaved);
+        let mut carried = Vec::new();
         for tp in tps {
+            if let Some(position) = unsaved.get(&tp) {
+                carried.push((tp.clone(), *position));
+            }
             state.partitions.insert(
                 tp,
                 Partition {
@@ -68,19 +79,25 @@ impl Offsets {
                 },
             );
         }
+        carried
     }
 
     /// The partitions were taken away: returns their commit positions (to commit before
-    /// letting go) and forgets them, so late settlements cannot move them.
+    /// letting go, even when a periodic commit of the same position may still be under
+    /// way) and forgets them, so late settlements cannot move them.
     pub(crate) fn revoke(&self, tps: impl IntoIterator<Item = Tp>) -> Vec<(Tp, i64)> {
         let mut state = self.lock();
         tps.into_iter()
             .filter_map(|tp| {
-                let p = state.partitions.remove(&tp)?;
-                let position = p.position()?;
-                (p.committed != Some(position)).then_some((tp, position))
+                let position = state.partitions.remove(&tp)?.position()?;
+                Some((tp, position))
             })
             .collect()
+    }
+
+    /// The commit of these revoked positions failed: keep them for the next assignment.
+    pub(crate) fn unsaved(&self, positions: &[(Tp, i64)]) {
+        self.lock().unsaved.extend(positions.iter().cloned());
     }
 
     /// Records a message just received; `None` when its partition is not assigned (a
@@ -195,7 +212,10 @@ mod tests {
             vec![(tp(0), 5)],
             "revoke commits only below the unfinished message"
         );
-        offsets.assign([tp(0)]);
+        assert!(
+            offsets.assign([tp(0)]).is_empty(),
+            "its revoke commit did not fail"
+        );
         let new = offsets.receive("t", 0, 5).expect("assigned again");
         assert!(!offsets.is_current(&old) && offsets.is_current(&new));
         offsets.finish(&old);
@@ -223,5 +243,23 @@ mod tests {
         assert_eq!(due, vec![(tp(0), 1)]);
         offsets.uncommit(&due);
         assert_eq!(offsets.due(), vec![(tp(0), 1)]);
+    }
+
+    #[test]
+    fn positions_whose_revoke_commit_failed_return_with_the_same_partition_only() {
+        let offsets = Offsets::default();
+        offsets.assign([tp(0), tp(1)]);
+        for p in 0..2 {
+            let m = offsets.receive("t", p, 9).expect("assigned");
+            offsets.finish(&m);
+        }
+        let revoked = offsets.revoke([tp(0), tp(1)]);
+        offsets.unsaved(&revoked);
+        assert_eq!(offsets.assign([tp(1)]), vec![(tp(1), 10)]);
+        offsets.revoke([tp(1)]);
+        assert!(
+            offsets.assign([tp(0), tp(1)]).is_empty(),
+            "forgotten once an assignment went by without it"
+        );
     }
 }
