@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -23,12 +23,18 @@ use crate::policy::{ResponsePolicy, Verdict};
 use crate::sink::{Sink, SinkResponse};
 use crate::source::{Delivery, Source, SourceContext};
 use lanes::Lanes;
+pub use limit::Concurrency;
+use limit::{Limiter, Slot};
+use rate::Pace;
+pub use rate::RateLimit;
 
 /// How a route delivers: the `[routes.x.delivery]` section, validated.
 #[derive(Debug, Clone)]
 pub struct DeliveryPolicy {
-    /// Requests in flight at most.
-    pub concurrency: usize,
+    /// Requests in flight at most: a fixed number or found from the endpoint's answers.
+    pub concurrency: Concurrency,
+    /// Requests per second at most (retries included), if limited.
+    pub rate_limit: Option<RateLimit>,
     /// Attempts before a retryable failure is dead-lettered.
     pub max_attempts: u32,
     /// Delay between attempts.
@@ -57,7 +63,8 @@ pub enum MessageOrder {
 impl Default for DeliveryPolicy {
     fn default() -> Self {
         Self {
-            concurrency: 10,
+            concurrency: Concurrency::Fixed(10),
+            rate_limit: None,
             max_attempts: 10,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(60)),
             shutdown_grace: Duration::from_secs(30),
@@ -87,7 +94,8 @@ struct Shared<K> {
     sink: K,
     policy: DeliveryPolicy,
     metrics: RouteMetrics,
-    permits: Arc<Semaphore>,
+    limiter: Arc<Limiter>,
+    pace: Option<Pace>,
     shutdown: tokio_util::sync::CancellationToken,
     lanes: Lanes,
 }
@@ -107,15 +115,16 @@ pub async fn run_route<S: Source, K: Sink>(
         policy,
         metrics,
     } = route;
-    let concurrency = policy.concurrency.max(1);
-    metrics.concurrency_limit.set(concurrency as i64);
+    let limiter = Limiter::new(policy.concurrency, metrics.concurrency_limit.clone());
+    let pace = policy.rate_limit.map(Pace::new);
     let shutdown = ctx.shutdown.clone();
     let shared = Arc::new(Shared {
         route: name.clone(),
         sink,
         policy,
         metrics,
-        permits: Arc::new(Semaphore::new(concurrency)),
+        limiter,
+        pace,
         shutdown: shutdown.clone(),
         lanes: Lanes::default(),
     });
@@ -128,7 +137,7 @@ pub async fn run_route<S: Source, K: Sink>(
         let permit = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            p = shared.permits.clone().acquire_owned() => match p {
+            p = shared.limiter.acquire() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
@@ -242,11 +251,7 @@ async fn lane<K: Sink>(shared: Arc<Shared<K>>, key: String, first: lanes::Waitin
     }
 }
 
-async fn deliver<K: Sink>(
-    shared: Arc<Shared<K>>,
-    delivery: Delivery,
-    mut permit: OwnedSemaphorePermit,
-) {
+async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, mut permit: Slot) {
     let Delivery { mut message, ack } = delivery;
     loop {
         if !ack.is_current() {
@@ -303,7 +308,7 @@ async fn deliver<K: Sink>(
                     None => tokio::select! {
                         biased;
                         _ = shared.shutdown.cancelled() => return,
-                        p = shared.permits.clone().acquire_owned() => match p {
+                        p = shared.limiter.acquire() => match p {
                             Ok(p) => p,
                             Err(_) => return,
                         },
@@ -316,13 +321,16 @@ async fn deliver<K: Sink>(
 }
 
 async fn attempt<K: Sink>(shared: &Shared<K>, message: &Message) -> SinkResponse {
+    if let Some(pace) = &shared.pace {
+        pace.wait().await;
+    }
     let _in_flight = InFlight::enter(&shared.metrics.in_flight);
+    let request = shared.limiter.begin();
     let started = Instant::now();
     let response = shared.sink.deliver(message).await;
-    shared
-        .metrics
-        .request_duration
-        .observe(started.elapsed().as_secs_f64());
+    let took = started.elapsed();
+    shared.metrics.request_duration.observe(took.as_secs_f64());
+    request.finish(&response, took);
     shared.metrics.count_response(response.class());
     response
 }
@@ -360,5 +368,7 @@ fn describe(response: &SinkResponse) -> String {
 }
 
 mod lanes;
+mod limit;
+mod rate;
 #[cfg(test)]
 mod tests;

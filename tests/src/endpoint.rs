@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -24,6 +24,11 @@ pub struct Seen {
     pub headers: HeaderMap,
     /// The status the endpoint answered.
     pub status: u16,
+    /// When the request arrived.
+    pub at: Instant,
+    /// Requests open when it arrived, itself included (what an endpoint with a fixed
+    /// capacity judges by).
+    pub open: usize,
 }
 
 impl Seen {
@@ -170,15 +175,17 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
             .unwrap_or_default()
             .to_owned()
     };
+    let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    inner.peak.fetch_max(now, Ordering::SeqCst);
     let mut seen = Seen {
         id: header("x-ferry-message-id"),
         attempt: header("x-ferry-attempt").parse().unwrap_or(0),
         body,
         headers: headers.clone(),
         status: 0,
+        at: Instant::now(),
+        open: now,
     };
-    let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    inner.peak.fetch_max(now, Ordering::SeqCst);
     let reply = (inner.behaviour)(&seen);
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;

@@ -286,9 +286,18 @@ fn default_pool_size() -> usize {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
-    /// Requests in flight at most.
+    /// Requests in flight at most, or `"adaptive"`.
     #[serde(default = "default_concurrency")]
-    pub concurrency: usize,
+    pub concurrency: ConcurrencySetting,
+    /// Lowest adaptive limit (only with `concurrency = "adaptive"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_concurrency: Option<usize>,
+    /// Highest adaptive limit (only with `concurrency = "adaptive"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<usize>,
+    /// Requests per second at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
     /// Attempts before dead-lettering.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
@@ -309,6 +318,28 @@ pub struct DeliveryConfig {
     pub ordering: Option<Ordering>,
 }
 
+/// `concurrency = 10` or `concurrency = "adaptive"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum ConcurrencySetting {
+    /// A fixed number of requests in flight.
+    Fixed(usize),
+    /// A mode by name; only `"adaptive"` exists.
+    Mode(String),
+}
+
+/// `rate_limit = { per_second = 200, burst = 20 }`
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second.
+    pub per_second: u32,
+    /// Requests that may go at once after a quiet spell; a tenth of a second's worth
+    /// by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
 /// `ordering = "none" | "key" | "partition"`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -325,6 +356,9 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         Self {
             concurrency: default_concurrency(),
+            min_concurrency: None,
+            max_concurrency: None,
+            rate_limit: None,
             max_attempts: default_max_attempts(),
             min_backoff: default_min_backoff(),
             max_backoff: default_max_backoff(),
@@ -335,8 +369,8 @@ impl Default for DeliveryConfig {
     }
 }
 
-fn default_concurrency() -> usize {
-    10
+fn default_concurrency() -> ConcurrencySetting {
+    ConcurrencySetting::Fixed(10)
 }
 fn default_max_attempts() -> u32 {
     10

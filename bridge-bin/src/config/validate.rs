@@ -5,12 +5,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_core::{Backoff, DeliveryPolicy, MessageOrder, ResponsePolicy};
+use std::num::NonZeroU32;
+
+use ferry_core::{Backoff, Concurrency, DeliveryPolicy, MessageOrder, RateLimit, ResponsePolicy};
 use url::Url;
 
 use super::{
-    Config, ConfigError, DeliveryConfig, HttpSinkConfig, Ordering, SinkConfig, SinkMode,
-    SourceConfig,
+    ConcurrencySetting, Config, ConfigError, DeliveryConfig, HttpSinkConfig, Ordering,
+    RateLimitConfig, SinkConfig, SinkMode, SourceConfig,
 };
 
 /// A route ready to be built.
@@ -355,14 +357,70 @@ fn reqwest_header_name_ok(name: &str) -> Result<(), ()> {
     }
 }
 
+fn concurrency(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> Concurrency {
+    let bounds = d.min_concurrency.is_some() || d.max_concurrency.is_some();
+    match &d.concurrency {
+        ConcurrencySetting::Fixed(n) => {
+            if bounds {
+                errors.push(
+                    format!("{at}.min_concurrency"),
+                    "min_concurrency and max_concurrency apply only to concurrency = \"adaptive\"",
+                );
+            }
+            Concurrency::Fixed(range(*n, 1, 100_000, &format!("{at}.concurrency"), errors))
+        }
+        ConcurrencySetting::Mode(mode) if mode == "adaptive" => {
+            let min = range(
+                d.min_concurrency.unwrap_or(1),
+                1,
+                100_000,
+                &format!("{at}.min_concurrency"),
+                errors,
+            );
+            let max = range(
+                d.max_concurrency.unwrap_or(256),
+                1,
+                100_000,
+                &format!("{at}.max_concurrency"),
+                errors,
+            );
+            if min > max {
+                errors.push(
+                    format!("{at}.min_concurrency"),
+                    format!("{min} is larger than max_concurrency ({max})"),
+                );
+            }
+            Concurrency::Adaptive { min, max }
+        }
+        ConcurrencySetting::Mode(other) => {
+            errors.push(
+                format!("{at}.concurrency"),
+                format!("\"{other}\" is neither a number nor \"adaptive\""),
+            );
+            Concurrency::Fixed(1)
+        }
+    }
+}
+
+fn rate_limit(r: &RateLimitConfig, at: &str, errors: &mut Errors) -> Option<RateLimit> {
+    let per_second = NonZeroU32::new(r.per_second);
+    if per_second.is_none() {
+        errors.push(format!("{at}.rate_limit.per_second"), "must be at least 1");
+    }
+    let per_second = per_second?;
+    let burst = r.burst.unwrap_or(r.per_second / 10);
+    Some(RateLimit {
+        per_second,
+        burst: NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN),
+    })
+}
+
 fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy {
-    range(
-        d.concurrency,
-        1,
-        100_000,
-        &format!("{at}.concurrency"),
-        errors,
-    );
+    let concurrency = concurrency(d, at, errors);
+    let rate_limit = d
+        .rate_limit
+        .as_ref()
+        .and_then(|r| rate_limit(r, at, errors));
     range(
         d.max_attempts,
         1,
@@ -382,7 +440,8 @@ fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy
         }
     }
     DeliveryPolicy {
-        concurrency: d.concurrency,
+        concurrency,
+        rate_limit,
         max_attempts: d.max_attempts,
         backoff: Backoff::new(d.min_backoff.0, d.max_backoff.0),
         shutdown_grace: d.shutdown_grace.0,
@@ -490,6 +549,54 @@ mod tests {
             assert!(
                 text.iter().any(|t| t.starts_with(e)),
                 "{e} not in {text:#?}"
+            );
+        }
+    }
+
+    fn delivery_of(section: &str) -> Result<DeliveryPolicy, Vec<String>> {
+        let config = parse(&format!("{GOOD}\n[routes.orders.delivery]\n{section}\n"));
+        match validate(&config) {
+            Ok(mut plan) => Ok(plan.routes.remove(0).policy),
+            Err(errors) => Err(errors.iter().map(ToString::to_string).collect()),
+        }
+    }
+
+    #[test]
+    fn adaptive_concurrency_and_rate_limit() {
+        let p = delivery_of(
+            "concurrency = \"adaptive\"\nmax_concurrency = 64\n\
+             rate_limit = { per_second = 200 }",
+        )
+        .expect("valid");
+        assert_eq!(p.concurrency, Concurrency::Adaptive { min: 1, max: 64 });
+        let r = p.rate_limit.expect("limited");
+        assert_eq!((r.per_second.get(), r.burst.get()), (200, 20));
+        let p = delivery_of("rate_limit = { per_second = 5, burst = 1 }").expect("valid");
+        assert_eq!(p.concurrency, Concurrency::Fixed(10));
+        assert_eq!(p.rate_limit.expect("limited").burst.get(), 1);
+
+        for (section, error) in [
+            (
+                "concurrency = \"lots\"",
+                "routes.orders.delivery.concurrency: \"lots\" is neither a number nor \"adaptive\"",
+            ),
+            (
+                "concurrency = 8\nmax_concurrency = 9",
+                "routes.orders.delivery.min_concurrency: min_concurrency and max_concurrency apply only",
+            ),
+            (
+                "concurrency = \"adaptive\"\nmin_concurrency = 9\nmax_concurrency = 4",
+                "routes.orders.delivery.min_concurrency: 9 is larger than max_concurrency (4)",
+            ),
+            (
+                "rate_limit = { per_second = 0 }",
+                "routes.orders.delivery.rate_limit.per_second: must be at least 1",
+            ),
+        ] {
+            let errors = delivery_of(section).expect_err(section);
+            assert!(
+                errors.iter().any(|e| e.starts_with(error)),
+                "{error} not in {errors:#?}"
             );
         }
     }

@@ -9,12 +9,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
 
-use tokio::sync::OwnedSemaphorePermit;
-
+use super::Slot;
 use crate::source::Delivery;
 
 /// A delivery and the permit it holds while it waits for its key.
-pub(super) type Waiting = (Delivery, OwnedSemaphorePermit);
+pub(super) type Waiting = (Delivery, Slot);
 
 /// The keys with a delivery under way, each with the deliveries queued behind it.
 #[derive(Default)]

@@ -204,7 +204,8 @@ impl Harness {
 
 fn policy(concurrency: usize, max_attempts: u32) -> DeliveryPolicy {
     DeliveryPolicy {
-        concurrency,
+        concurrency: Concurrency::Fixed(concurrency),
+        rate_limit: None,
         max_attempts,
         backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
         shutdown_grace: Duration::from_secs(5),

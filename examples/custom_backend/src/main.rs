@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use ferry_core::{
-    run_route, Backoff, CancellationToken, DeliveryPolicy, MessageOrder, Metrics, ResponsePolicy,
-    Route, RouteLabels, SourceContext,
+    run_route, Backoff, CancellationToken, Concurrency, DeliveryPolicy, MessageOrder, Metrics,
+    ResponsePolicy, Route, RouteLabels, SourceContext,
 };
 use ferry_http::{HttpSink, HttpSinkConfig, Mode};
 
@@ -103,7 +103,8 @@ async fn main() -> anyhow::Result<()> {
         sink: "http".into(),
     });
     let policy = DeliveryPolicy {
-        concurrency: args.concurrency,
+        concurrency: Concurrency::Fixed(args.concurrency),
+        rate_limit: None,
         max_attempts: args.max_attempts,
         backoff: Backoff::new(
             Duration::from_millis(args.min_backoff_ms),
