@@ -22,6 +22,8 @@ use crate::metrics::RouteMetrics;
 use crate::policy::{ResponsePolicy, Verdict};
 use crate::sink::{Sink, SinkResponse};
 use crate::source::{Delivery, Source, SourceContext};
+pub use breaker::CircuitBreaker;
+use breaker::{Breaker, Pass};
 use lanes::Lanes;
 pub use limit::Concurrency;
 use limit::{Limiter, Slot};
@@ -35,6 +37,8 @@ pub struct DeliveryPolicy {
     pub concurrency: Concurrency,
     /// Requests per second at most (retries included), if limited.
     pub rate_limit: Option<RateLimit>,
+    /// Stop receiving while the endpoint is down, if set.
+    pub circuit_breaker: Option<CircuitBreaker>,
     /// Attempts before a retryable failure is dead-lettered.
     pub max_attempts: u32,
     /// Delay between attempts.
@@ -65,6 +69,7 @@ impl Default for DeliveryPolicy {
         Self {
             concurrency: Concurrency::Fixed(10),
             rate_limit: None,
+            circuit_breaker: Some(CircuitBreaker::default()),
             max_attempts: 10,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(60)),
             shutdown_grace: Duration::from_secs(30),
@@ -96,6 +101,7 @@ struct Shared<K> {
     metrics: RouteMetrics,
     limiter: Arc<Limiter>,
     pace: Option<Pace>,
+    breaker: Option<Breaker>,
     shutdown: tokio_util::sync::CancellationToken,
     lanes: Lanes,
 }
@@ -117,6 +123,9 @@ pub async fn run_route<S: Source, K: Sink>(
     } = route;
     let limiter = Limiter::new(policy.concurrency, metrics.concurrency_limit.clone());
     let pace = policy.rate_limit.map(Pace::new);
+    let breaker = policy
+        .circuit_breaker
+        .map(|c| Breaker::new(c, metrics.circuit_open.clone(), name.clone()));
     let shutdown = ctx.shutdown.clone();
     let shared = Arc::new(Shared {
         route: name.clone(),
@@ -125,6 +134,7 @@ pub async fn run_route<S: Source, K: Sink>(
         metrics,
         limiter,
         pace,
+        breaker,
         shutdown: shutdown.clone(),
         lanes: Lanes::default(),
     });
@@ -142,12 +152,27 @@ pub async fn run_route<S: Source, K: Sink>(
                 Err(_) => break,
             },
         };
+        // While the endpoint is down, receive only a message to probe it with.
+        let mut pass = Pass::Normal;
+        if let Some(breaker) = &shared.breaker {
+            pass = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                p = breaker.receivable() => p,
+            };
+        }
         let delivery = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => {
+                give_back(&shared, pass);
+                break;
+            }
             d = rx.recv() => match d {
                 Some(d) => d,
-                None => break,
+                None => {
+                    give_back(&shared, pass);
+                    break;
+                }
             },
         };
         shared.metrics.received.inc();
@@ -158,12 +183,15 @@ pub async fn run_route<S: Source, K: Sink>(
         };
         match key {
             Some(key) => {
+                // A keyed message may wait behind its key: the probe turn goes back to
+                // whichever attempt comes first.
+                give_back(&shared, pass);
                 if let Some(first) = shared.lanes.enter(&key, (delivery, permit)) {
                     tasks.spawn(lane(shared.clone(), key, first));
                 }
             }
             None => {
-                tasks.spawn(deliver(shared.clone(), delivery, permit));
+                tasks.spawn(deliver(shared.clone(), delivery, permit, pass));
             }
         }
         while tasks.try_join_next().is_some() {}
@@ -239,7 +267,7 @@ async fn lane<K: Sink>(shared: Arc<Shared<K>>, key: String, first: lanes::Waitin
     let mut current = first;
     loop {
         let (delivery, permit) = current;
-        deliver(shared.clone(), delivery, permit).await;
+        deliver(shared.clone(), delivery, permit, Pass::Normal).await;
         // At shutdown the rest of the queue is released by `run_route`.
         if shared.shutdown.is_cancelled() {
             return;
@@ -251,16 +279,44 @@ async fn lane<K: Sink>(shared: Arc<Shared<K>>, key: String, first: lanes::Waitin
     }
 }
 
-async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, mut permit: Slot) {
+/// Hands back a probe turn that no attempt will use.
+fn give_back<K>(shared: &Shared<K>, pass: Pass) {
+    if let (Some(breaker), Pass::Probe) = (&shared.breaker, pass) {
+        breaker.return_probe();
+    }
+}
+
+/// Delivers one message; `pass` is [`Pass::Probe`] when it was received to probe a
+/// downed endpoint.
+async fn deliver<K: Sink>(
+    shared: Arc<Shared<K>>,
+    delivery: Delivery,
+    mut permit: Slot,
+    mut pass: Pass,
+) {
     let Delivery { mut message, ack } = delivery;
     loop {
         if !ack.is_current() {
             // Dropping the handle releases it, which the backend ignores as stale.
             debug!(route = %shared.route, id = %message.id, "the broker took the message back; not delivered here");
             shared.metrics.stale.inc();
+            give_back(&shared, pass);
             return;
         }
+        // While the endpoint is down no attempt is made (and none counted): wait for a
+        // probe turn or for the circuit to close.
+        if let (Some(breaker), Pass::Normal) = (&shared.breaker, pass) {
+            pass = tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return,
+                p = breaker.pass() => p,
+            };
+        }
         let response = attempt(&shared, &message).await;
+        if let Some(breaker) = &shared.breaker {
+            breaker.record(&response, pass);
+        }
+        pass = Pass::Normal;
         match shared.policy.responses.classify(&response) {
             Verdict::Ack => {
                 ack.settle(Settlement::Ack);
@@ -367,6 +423,7 @@ fn describe(response: &SinkResponse) -> String {
     }
 }
 
+mod breaker;
 mod lanes;
 mod limit;
 mod rate;

@@ -18,7 +18,9 @@ pub mod source;
 
 pub use ack::{AckHandle, DeadLetter, Settle, Settlement};
 pub use backoff::Backoff;
-pub use engine::{run_route, Concurrency, DeliveryPolicy, MessageOrder, RateLimit, Route};
+pub use engine::{
+    run_route, CircuitBreaker, Concurrency, DeliveryPolicy, MessageOrder, RateLimit, Route,
+};
 pub use error::{EngineError, SourceError};
 pub use message::Message;
 pub use metrics::{Metrics, RouteLabels, RouteMetrics};

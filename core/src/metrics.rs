@@ -52,6 +52,7 @@ pub struct Metrics {
     request_duration: Family<RouteLabels, Histogram>,
     in_flight: Family<RouteLabels, Gauge>,
     concurrency_limit: Family<RouteLabels, Gauge>,
+    circuit_open: Family<RouteLabels, Gauge>,
     backlog: Family<RouteLabels, Gauge>,
     end_to_end: Family<RouteLabels, Histogram>,
 }
@@ -65,6 +66,7 @@ impl Default for Metrics {
             request_duration: Family::new_with_constructor(latency_histogram),
             in_flight: Family::default(),
             concurrency_limit: Family::default(),
+            circuit_open: Family::default(),
             backlog: Family::default(),
             end_to_end: Family::new_with_constructor(latency_histogram),
         }
@@ -104,6 +106,11 @@ impl Metrics {
             "ferry_concurrency_limit",
             "Current cap on requests in flight",
             m.concurrency_limit.clone(),
+        );
+        registry.register(
+            "ferry_circuit_open",
+            "1 while the endpoint is considered down and the route does not receive",
+            m.circuit_open.clone(),
         );
         registry.register(
             "ferry_source_backlog",
@@ -150,6 +157,7 @@ impl Metrics {
             request_duration: self.request_duration.get_or_create(labels).clone(),
             in_flight: self.in_flight.get_or_create(labels).clone(),
             concurrency_limit: self.concurrency_limit.get_or_create(labels).clone(),
+            circuit_open: self.circuit_open.get_or_create(labels).clone(),
             backlog: self.backlog.get_or_create(labels).clone(),
             end_to_end: self.end_to_end.get_or_create(labels).clone(),
         }
@@ -179,6 +187,8 @@ pub struct RouteMetrics {
     pub in_flight: Gauge,
     /// `ferry_concurrency_limit`
     pub concurrency_limit: Gauge,
+    /// `ferry_circuit_open`
+    pub circuit_open: Gauge,
     /// `ferry_source_backlog`
     pub backlog: Gauge,
     /// `ferry_end_to_end_seconds`

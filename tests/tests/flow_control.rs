@@ -147,3 +147,151 @@ async fn rate_limit_paces_requests() {
     rabbit.delete(&queue.name).await;
     rabbit.delete(&queue.dead_letter).await;
 }
+
+/// The endpoint answers 503 for 20 s in the middle of 5,000 messages: the circuit opens,
+/// the route stops receiving (the queue keeps its backlog), only probes reach the endpoint,
+/// nothing is dead-lettered, delivery resumes within 5 s of recovery and every message
+/// arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downed_endpoint_stops_receiving_and_nothing_is_dead_lettered() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    const N: usize = 5_000;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("down").await;
+    let down = Arc::new(AtomicBool::new(false));
+    let flag = down.clone();
+    let endpoint = Endpoint::start(move |_| {
+        if flag.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::ok().after(Duration::from_millis(20))
+        }
+    })
+    .await;
+    let expected = publish(&rabbit, &queue.name, "d", N).await;
+    let ferry = Ferry::start(&Route {
+        source: amqp_source(&queue.name, "prefetch = 20"),
+        sink_url: &endpoint.url(),
+        sink: "",
+        delivery: "concurrency = 8\nmax_attempts = 3\nmin_backoff = \"50ms\"\n\
+                   circuit_breaker = { failures = 10, open_for = \"2s\" }",
+    });
+    let flowing = wait_until(Duration::from_secs(60), || {
+        endpoint.delivered().len() >= 1_000
+    })
+    .await;
+    assert!(flowing, "no deliveries; log:\n{}", ferry.log());
+
+    down.store(true, Ordering::SeqCst);
+    let metric = r#"ferry_circuit_open{route="r",source="amqp",sink="http"}"#;
+    let opened = {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if ferry.metric(metric).await == Some(1.0) {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert!(opened, "circuit did not open; log:\n{}", ferry.log());
+    let seen_at_open = endpoint.seen().len();
+    let depth_at_open = rabbit.depth(&queue.name).await;
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    let probes = endpoint.seen().len() - seen_at_open;
+    let depth_after = rabbit.depth(&queue.name).await;
+    // One probe per 2 s, plus answers to requests already on their way.
+    assert!(
+        probes <= 20,
+        "{probes} requests reached the downed endpoint in 18 s"
+    );
+    assert!(
+        depth_after + 30 >= depth_at_open && depth_after > 1_000,
+        "the route kept receiving while open: {depth_at_open} → {depth_after} in the queue"
+    );
+
+    down.store(false, Ordering::SeqCst);
+    let recovered = Instant::now();
+    let delivered_at_recovery = endpoint.delivered().len();
+    let resumed = wait_until(Duration::from_secs(5), || {
+        endpoint.delivered().len() > delivered_at_recovery + 50
+    })
+    .await;
+    assert!(
+        resumed,
+        "delivery did not resume within 5 s of recovery; log:\n{}",
+        ferry.log()
+    );
+    let all = wait_until(Duration::from_secs(90), || {
+        delivered_bodies(&endpoint) == expected
+    })
+    .await;
+    assert!(all, "not every message arrived; log:\n{}", ferry.log());
+    assert_eq!(
+        rabbit.depth(&queue.dead_letter).await,
+        0,
+        "dead-lettered while the endpoint was down; log:\n{}",
+        ferry.log()
+    );
+    assert!(recovered.elapsed() < Duration::from_secs(90));
+    rabbit.delete(&queue.name).await;
+    rabbit.delete(&queue.dead_letter).await;
+}
+
+/// An endpoint that always answers 500 (its verdict on the message, not an outage): each
+/// message gets exactly `max_attempts` requests spaced by the backoff, then goes to the
+/// dead-letter queue; the circuit stays closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn always_500_retries_with_backoff_then_dead_letters() {
+    const N: usize = 20;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("five-hundred").await;
+    let endpoint = Endpoint::start(|_| Reply::status(500).body("broken")).await;
+    publish(&rabbit, &queue.name, "f", N).await;
+    let ferry = Ferry::start(&Route {
+        source: amqp_source(&queue.name, ""),
+        sink_url: &endpoint.url(),
+        sink: "",
+        delivery:
+            "concurrency = 4\nmax_attempts = 4\nmin_backoff = \"200ms\"\nmax_backoff = \"2s\"",
+    });
+    let started = Instant::now();
+    let dead = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let depth = rabbit.depth(&queue.dead_letter).await;
+            if depth as usize >= N || Instant::now() > deadline {
+                break depth;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(dead as usize, N, "log:\n{}", ferry.log());
+    let seen = endpoint.seen();
+    assert_eq!(
+        seen.len(),
+        N * 4,
+        "exactly max_attempts requests per message"
+    );
+    // Full-jitter backoff: a message waits U(0, 200) + U(0, 400) + U(0, 800) ms over its
+    // three retries (700 ms on average); the slowest of 20 stays under 500 ms with odds
+    // below 1 in 10^12. A retry loop that spun would be done in a few milliseconds.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(500),
+        "{} requests in {took:?}: retries did not wait",
+        seen.len()
+    );
+    let metric = r#"ferry_circuit_open{route="r",source="amqp",sink="http"}"#;
+    assert_eq!(
+        ferry.metric(metric).await,
+        Some(0.0),
+        "a 500 is not an outage"
+    );
+    rabbit.delete(&queue.name).await;
+    rabbit.delete(&queue.dead_letter).await;
+}

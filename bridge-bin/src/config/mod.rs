@@ -298,6 +298,9 @@ pub struct DeliveryConfig {
     /// Requests per second at most.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitConfig>,
+    /// When to stop receiving because the endpoint is down.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
     /// Attempts before dead-lettering.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
@@ -340,6 +343,34 @@ pub struct RateLimitConfig {
     pub burst: Option<u32>,
 }
 
+/// `circuit_breaker = { failures = 10, open_for = "2s" }`; `failures = 0` turns it off.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Consecutive refused connections, timeouts or 502/503/504 that open the circuit.
+    #[serde(default = "default_breaker_failures")]
+    pub failures: u32,
+    /// Time between probes while open.
+    #[serde(default = "default_open_for")]
+    pub open_for: Dur,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: default_breaker_failures(),
+            open_for: default_open_for(),
+        }
+    }
+}
+
+fn default_breaker_failures() -> u32 {
+    10
+}
+fn default_open_for() -> Dur {
+    Dur(Duration::from_secs(2))
+}
+
 /// `ordering = "none" | "key" | "partition"`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -359,6 +390,7 @@ impl Default for DeliveryConfig {
             min_concurrency: None,
             max_concurrency: None,
             rate_limit: None,
+            circuit_breaker: CircuitBreakerConfig::default(),
             max_attempts: default_max_attempts(),
             min_backoff: default_min_backoff(),
             max_backoff: default_max_backoff(),

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use std::num::NonZeroU32;
 
-use ferry_core::{Backoff, Concurrency, DeliveryPolicy, MessageOrder, RateLimit, ResponsePolicy};
+use ferry_core::{
+    Backoff, CircuitBreaker, Concurrency, DeliveryPolicy, MessageOrder, RateLimit, ResponsePolicy,
+};
 use url::Url;
 
 use super::{
@@ -439,9 +441,20 @@ fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy
             );
         }
     }
+    let breaker = &d.circuit_breaker;
+    if breaker.open_for.0.is_zero() {
+        errors.push(
+            format!("{at}.circuit_breaker.open_for"),
+            "must be longer than zero",
+        );
+    }
     DeliveryPolicy {
         concurrency,
         rate_limit,
+        circuit_breaker: (breaker.failures > 0).then_some(CircuitBreaker {
+            failures: breaker.failures,
+            open_for: breaker.open_for.0,
+        }),
         max_attempts: d.max_attempts,
         backoff: Backoff::new(d.min_backoff.0, d.max_backoff.0),
         shutdown_grace: d.shutdown_grace.0,
@@ -571,6 +584,16 @@ mod tests {
         assert_eq!(p.concurrency, Concurrency::Adaptive { min: 1, max: 64 });
         let r = p.rate_limit.expect("limited");
         assert_eq!((r.per_second.get(), r.burst.get()), (200, 20));
+        assert_eq!(
+            p.circuit_breaker,
+            Some(CircuitBreaker {
+                failures: 10,
+                open_for: Duration::from_secs(2)
+            }),
+            "on by default"
+        );
+        let p = delivery_of("circuit_breaker = { failures = 0 }").expect("valid");
+        assert_eq!(p.circuit_breaker, None, "failures = 0 turns it off");
         let p = delivery_of("rate_limit = { per_second = 5, burst = 1 }").expect("valid");
         assert_eq!(p.concurrency, Concurrency::Fixed(10));
         assert_eq!(p.rate_limit.expect("limited").burst.get(), 1);

@@ -105,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
     let policy = DeliveryPolicy {
         concurrency: Concurrency::Fixed(args.concurrency),
         rate_limit: None,
+        circuit_breaker: None,
         max_attempts: args.max_attempts,
         backoff: Backoff::new(
             Duration::from_millis(args.min_backoff_ms),

@@ -1,0 +1,246 @@
+//! The circuit breaker: when the endpoint is down, stop receiving instead of burning
+//! attempts and filling the dead-letter queue.
+//!
+//! Consecutive answers that say "the endpoint is not there" (a refused connection, a
+//! timeout, 502/503/504) open the circuit. While it is open the route receives nothing
+//! (messages stay in the broker, visible in the backlog gauge) and no attempt is made, so
+//! none is counted; every `open_for` one request goes through as a probe, and its success
+//! closes the circuit for everyone. A 500 does not count: that is the endpoint's verdict
+//! on one message, which retries and dead-lettering handle.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::sink::SinkResponse;
+
+/// `circuit_breaker = { failures, open_for }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitBreaker {
+    /// Consecutive "endpoint not there" answers that open the circuit.
+    pub failures: u32,
+    /// Time between probes while open.
+    pub open_for: Duration,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            failures: 10,
+            open_for: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Closed {
+        failures: u32,
+    },
+    /// `probe_taken`: a probe is under way, or the receive loop took one message in so
+    /// that there is something to probe with.
+    Open {
+        until: Instant,
+        probe_taken: bool,
+    },
+}
+
+/// Whether an attempt may go, and as what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pass {
+    /// The circuit is closed.
+    Normal,
+    /// The one request that tests a downed endpoint.
+    Probe,
+}
+
+pub(super) struct Breaker {
+    config: CircuitBreaker,
+    state: Mutex<State>,
+    changed: Notify,
+    gauge: Gauge,
+    route: std::sync::Arc<str>,
+}
+
+impl Breaker {
+    pub(super) fn new(config: CircuitBreaker, gauge: Gauge, route: std::sync::Arc<str>) -> Self {
+        gauge.set(0);
+        Self {
+            config,
+            state: Mutex::new(State::Closed { failures: 0 }),
+            changed: Notify::new(),
+            gauge,
+            route,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until an attempt may be made: at once while closed; while open, until this
+    /// caller may probe or the circuit closes.
+    pub(super) async fn pass(&self) -> Pass {
+        self.wait(|state| match state {
+            State::Closed { .. } => Some(Pass::Normal),
+            State::Open { until, probe_taken } if !*probe_taken && Instant::now() >= *until => {
+                *probe_taken = true;
+                Some(Pass::Probe)
+            }
+            State::Open { .. } => None,
+        })
+        .await
+    }
+
+    /// Waits until the route may receive: at once while closed; while open, once per
+    /// `open_for`, for one message to probe with. Returns [`Pass::Probe`] when it took
+    /// the probe turn for that message, which must then use it or hand it back.
+    pub(super) async fn receivable(&self) -> Pass {
+        self.pass().await
+    }
+
+    async fn wait<T>(&self, mut ready: impl FnMut(&mut State) -> Option<T>) -> T {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let until = {
+                let mut state = self.lock();
+                if let Some(out) = ready(&mut state) {
+                    return out;
+                }
+                match *state {
+                    // A probe is under way: its answer will say.
+                    State::Open {
+                        probe_taken: true, ..
+                    } => None,
+                    State::Open { until, .. } => Some(until),
+                    State::Closed { .. } => None,
+                }
+            };
+            match until {
+                Some(until) => tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep_until(until) => {}
+                },
+                None => notified.await,
+            }
+        }
+    }
+
+    /// Records the answer to an attempt made with `pass`.
+    pub(super) fn record(&self, response: &SinkResponse, pass: Pass) {
+        let down = endpoint_down(response);
+        let mut state = self.lock();
+        match (*state, down) {
+            (State::Closed { .. }, false) => *state = State::Closed { failures: 0 },
+            (State::Closed { failures }, true) => {
+                let failures = failures + 1;
+                if failures >= self.config.failures {
+                    *state = self.open();
+                    drop(state);
+                    self.gauge.set(1);
+                    warn!(route = %self.route, failures, open_for = ?self.config.open_for,
+                        "endpoint down: circuit open, the route stops receiving and probes");
+                } else {
+                    *state = State::Closed { failures };
+                }
+            }
+            (State::Open { .. }, false) => {
+                *state = State::Closed { failures: 0 };
+                drop(state);
+                self.gauge.set(0);
+                self.changed.notify_waiters();
+                info!(route = %self.route, "endpoint answers again: circuit closed, receiving");
+            }
+            (State::Open { .. }, true) if pass == Pass::Probe => {
+                *state = self.open();
+                drop(state);
+                self.changed.notify_waiters();
+            }
+            // A late answer to a request sent before the circuit opened.
+            (State::Open { .. }, true) => {}
+        }
+    }
+
+    /// A probe turn that will not be used (its message was released): the next caller
+    /// may take it.
+    pub(super) fn return_probe(&self) {
+        let mut state = self.lock();
+        if let State::Open { probe_taken, .. } = &mut *state {
+            *probe_taken = false;
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    fn open(&self) -> State {
+        State::Open {
+            until: Instant::now() + self.config.open_for,
+            probe_taken: false,
+        }
+    }
+}
+
+/// Answers that mean nobody is there to take the request.
+fn endpoint_down(response: &SinkResponse) -> bool {
+    match response {
+        SinkResponse::Status { status, .. } => matches!(status, 502..=504),
+        SinkResponse::Timeout | SinkResponse::Error(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(status: u16) -> SinkResponse {
+        SinkResponse::Status {
+            status,
+            retry_after: None,
+            action: None,
+            detail: String::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_on_consecutive_failures_probes_and_closes() {
+        let config = CircuitBreaker {
+            failures: 3,
+            open_for: Duration::from_secs(2),
+        };
+        let b = Breaker::new(config, Gauge::default(), "r".into());
+        for _ in 0..2 {
+            b.record(&status(503), Pass::Normal);
+        }
+        b.record(&status(500), Pass::Normal);
+        b.record(&status(200), Pass::Normal);
+        for _ in 0..2 {
+            b.record(&SinkResponse::Timeout, Pass::Normal);
+        }
+        assert_eq!(b.pass().await, Pass::Normal, "500 and 200 reset the count");
+        b.record(&status(502), Pass::Normal);
+        assert_eq!(b.gauge.get(), 1);
+
+        let started = Instant::now();
+        assert_eq!(b.pass().await, Pass::Probe);
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        // Only one probe at a time; a failed probe waits another `open_for`.
+        let second = tokio::time::timeout(Duration::from_secs(1), b.pass()).await;
+        assert!(
+            second.is_err(),
+            "a second probe while the first is under way"
+        );
+        b.record(&SinkResponse::Error("refused".into()), Pass::Probe);
+        let started = Instant::now();
+        assert_eq!(b.pass().await, Pass::Probe);
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        b.record(&status(200), Pass::Probe);
+        assert_eq!(b.gauge.get(), 0);
+        assert_eq!(b.pass().await, Pass::Normal);
+    }
+}
