@@ -94,7 +94,13 @@ async fn list_routes(State(state): State<Arc<AdminState>>) -> impl IntoResponse 
             json!({
                 "name": &*r.name,
                 "source": r.source,
-                "state": if r.ctx.is_connected() { "running" } else { "connecting" },
+                "state": if !r.ctx.is_connected() {
+                    "connecting"
+                } else if m.circuit_open.get() == 1 {
+                    "endpoint_down"
+                } else {
+                    "running"
+                },
                 "in_flight": m.in_flight.get(),
                 "concurrency_limit": m.concurrency_limit.get(),
                 "backlog": m.backlog.get(),
