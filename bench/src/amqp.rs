@@ -74,7 +74,7 @@ fn queue_name(prefix: &str) -> String {
 }
 
 /// A fresh queue holding `messages` payloads of `size` bytes.
-async fn filled_queue(channel: &Channel, args: &Args, prefix: &str) -> Result<String> {
+pub(crate) async fn filled_queue(channel: &Channel, args: &Args, prefix: &str) -> Result<String> {
     let name = queue_name(prefix);
     channel
         .queue_declare(

@@ -7,6 +7,7 @@
 //! and Kafka phases drain a queue or topic filled beforehand (see `sweep.rs`).
 
 mod amqp;
+mod capacity;
 mod kafka;
 mod sweep;
 
@@ -72,6 +73,10 @@ struct Args {
     /// Alternating native / ferry rounds.
     #[arg(long, default_value_t = 2)]
     rounds: u64,
+    /// RabbitMQ only: instead of the drain comparison, an endpoint that takes this many
+    /// requests at once (503 beyond) against each fixed `concurrency` and "adaptive".
+    #[arg(long)]
+    capacity: Option<usize>,
     /// A tenth of the default messages: a smoke run.
     #[arg(long)]
     quick: bool,
@@ -100,7 +105,12 @@ async fn main() -> Result<()> {
     let mut args = Args::parse();
     args.messages = Some(args.messages());
     match args.broker {
-        Broker::Amqp => return amqp::run(&args).await,
+        Broker::Amqp => {
+            return match args.capacity {
+                Some(capacity) => capacity::run(&args, capacity).await,
+                None => amqp::run(&args).await,
+            }
+        }
         Broker::Kafka => return kafka::run(&args).await,
         Broker::Sqs => {}
     }
@@ -401,6 +411,18 @@ fn spawn_ferry(
     sink: std::net::SocketAddr,
     concurrency: usize,
 ) -> Result<(std::process::Child, u32)> {
+    let delivery = format!("concurrency = {concurrency}\n");
+    spawn_ferry_with(args, source, sink, concurrency, &delivery)
+}
+
+/// Starts ferry with one route from `source` to the sink, with this `[delivery]` body.
+fn spawn_ferry_with(
+    args: &Args,
+    source: &str,
+    sink: std::net::SocketAddr,
+    pool: usize,
+    delivery: &str,
+) -> Result<(std::process::Child, u32)> {
     if !args.ferry.is_file() {
         bail!(
             "{} not found: cargo build --release -p ferry-bin --all-features",
@@ -414,8 +436,8 @@ fn spawn_ferry(
         &config,
         format!(
             "[admin]\nlisten = \"127.0.0.1:0\"\n[routes.bench.source]\n{source}\n\
-             [routes.bench.sink]\ntype = \"http\"\nurl = \"http://{sink}/bench\"\npool_size = {concurrency}\n\
-             [routes.bench.delivery]\nconcurrency = {concurrency}\n"
+             [routes.bench.sink]\ntype = \"http\"\nurl = \"http://{sink}/bench\"\npool_size = {pool}\n\
+             [routes.bench.delivery]\n{delivery}"
         ),
     )?;
     let child = Command::new(&args.ferry)
