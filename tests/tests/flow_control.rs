@@ -295,3 +295,81 @@ async fn always_500_retries_with_backoff_then_dead_letters() {
     rabbit.delete(&queue.name).await;
     rabbit.delete(&queue.dead_letter).await;
 }
+
+/// 20 keys × 100 messages with 0–20 ms of random endpoint latency and 10% random 500s:
+/// every key's messages arrive in order, and the keys run in parallel (the wall time is
+/// a fraction of the endpoint's total time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_stay_in_order_and_run_in_parallel() {
+    use std::collections::HashMap;
+    use std::hash::{Hash, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    const KEYS: usize = 20;
+    const PER_KEY: usize = 100;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("keys").await;
+    let busy_ms = Arc::new(AtomicU64::new(0));
+    let busy = busy_ms.clone();
+    let endpoint = Endpoint::start(move |seen| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (seen.msg(), seen.attempt).hash(&mut h);
+        let roll = h.finish();
+        let delay = (roll >> 8) % 21;
+        busy.fetch_add(delay, Ordering::SeqCst);
+        let reply = if roll % 10 == 0 {
+            Reply::status(500)
+        } else {
+            Reply::ok()
+        };
+        reply.after(Duration::from_millis(delay))
+    })
+    .await;
+    let mut messages = Vec::new();
+    for i in 0..PER_KEY {
+        for k in 0..KEYS {
+            messages.push(Outgoing {
+                body: format!("k{k}-{i}"),
+                key: Some(format!("key-{k}")),
+            });
+        }
+    }
+    rabbit.publish(&queue.name, &messages).await;
+    let expected: BTreeSet<String> = messages.iter().map(|m| m.body.clone()).collect();
+    let ferry = Ferry::start(&Route {
+        source: amqp_source(&queue.name, "prefetch = 200\nordering_header = \"key\""),
+        sink_url: &endpoint.url(),
+        sink: "",
+        delivery: "concurrency = 32\nordering = \"key\"\nmax_attempts = 20\nmin_backoff = \"10ms\"",
+    });
+    let started = Instant::now();
+    let all = wait_until(Duration::from_secs(120), || {
+        delivered_bodies(&endpoint) == expected
+    })
+    .await;
+    let wall = started.elapsed();
+    assert!(all, "not every message arrived; log:\n{}", ferry.log());
+    let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
+    for s in endpoint.delivered() {
+        let body = s.msg().expect("envelope");
+        let (key, n) = body.split_once('-').expect("k-n body");
+        by_key
+            .entry(key.to_owned())
+            .or_default()
+            .push(n.parse().expect("number"));
+    }
+    for (key, order) in &by_key {
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "{key} out of order: {order:?}"
+        );
+    }
+    let serial = Duration::from_millis(busy_ms.load(Ordering::SeqCst));
+    assert!(
+        wall * 4 < serial,
+        "{wall:?} for {serial:?} of endpoint time: keys did not run in parallel"
+    );
+    rabbit.delete(&queue.name).await;
+    rabbit.delete(&queue.dead_letter).await;
+}
