@@ -10,6 +10,7 @@ pub mod ack;
 pub mod backoff;
 pub mod engine;
 pub mod error;
+pub mod lease;
 pub mod message;
 pub mod metrics;
 pub mod policy;

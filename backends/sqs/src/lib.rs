@@ -172,10 +172,12 @@ impl Source for SqsSource {
         let (settler, settle_tx) =
             settle::spawn(self.client.clone(), self.config.clone(), ctx.route.clone());
         let lease_stop = tokio_util::sync::CancellationToken::new();
-        let lease_task = tokio::spawn(lease::extend(
-            self.client.clone(),
-            self.config.queue_url.clone(),
+        let lease_task = tokio::spawn(ferry_core::lease::keep_renewed(
             leases.clone(),
+            lease::Visibility {
+                client: self.client.clone(),
+                queue_url: self.config.queue_url.clone(),
+            },
             lease_stop.clone(),
         ));
         let backlog_task = tokio::spawn(receive::poll_backlog(
