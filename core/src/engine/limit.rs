@@ -5,6 +5,7 @@
 //! knocks it over. The adaptive limit grows by one slot per round trip while the route
 //! uses every slot and answers stay fast, and shrinks by a tenth when the endpoint pushes
 //! back (5xx, 429, timeouts, refused connections) or its latency doubles (it is queueing).
+//! Near the level last refused it probes one step per four round trips.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -39,12 +40,9 @@ impl Concurrency {
     }
 }
 
-/// Multiplicative decrease on push-back (TCP CUBIC's factor): deep enough that the
-/// requests still on their way when the endpoint refused do not keep the limit above
-/// its capacity.
-const DECREASE: f64 = 0.75;
-/// Decrease when only the latency says the endpoint is queueing.
-const SLOWED: f64 = 0.9;
+/// Multiplicative decrease on push-back (Vector's factor): shallow, because the limit
+/// then probes slowly around the level that was refused instead of falling far below it.
+const DECREASE: f64 = 0.9;
 /// A round trip this many times the usual one means the endpoint is queueing.
 const SLOW: f64 = 2.0;
 /// Weight of a new window in the usual round trip.
@@ -250,10 +248,7 @@ impl Aimd {
             self.refused_at = Some(self.limit);
             self.clean = 0;
             self.decreased_at = Instant::now();
-            // Refusals are the endpoint's word; latency is a hint (it also rises when
-            // this machine is busy), so it costs less.
-            let factor = if self.pushed_back { DECREASE } else { SLOWED };
-            let decreased = ((self.limit as f64 * factor).ceil() as usize).min(self.limit - 1);
+            let decreased = ((self.limit as f64 * DECREASE).ceil() as usize).min(self.limit - 1);
             self.limit = decreased.clamp(self.min, self.max);
         } else {
             if let Some(r) = rtt {
@@ -263,7 +258,7 @@ impl Aimd {
             // limit that was last refused, one slot per few clean windows, since that
             // is where the endpoint's capacity was found.
             if self.peak >= self.limit && self.limit < self.max {
-                let cautious = self.refused_at.is_some_and(|r| self.limit >= r);
+                let cautious = self.refused_at.is_some_and(|r| self.limit + 1 >= r);
                 self.clean += 1;
                 if !cautious || self.clean >= PROBE_WINDOWS {
                     self.limit += 1;
@@ -339,24 +334,28 @@ mod tests {
             assert_eq!(saturated(&mut a, 0.01), expected);
         }
         a.pushed_back = true;
-        assert_eq!(a.close_window(), 15, "a quarter off");
+        assert_eq!(a.close_window(), 18, "a tenth off");
         a.peak = 5;
         assert_eq!(
             a.close_window(),
-            15,
+            18,
             "no growth when the limit was not reached"
         );
-        for expected in 16..=20 {
-            assert_eq!(saturated(&mut a, 0.01), expected, "below the refused 20");
+        assert_eq!(
+            saturated(&mut a, 0.01),
+            19,
+            "well below the refused 20: at once"
+        );
+        for step in [20, 21] {
+            for _ in 0..3 {
+                assert_eq!(
+                    saturated(&mut a, 0.01),
+                    step - 1,
+                    "probing the refused level"
+                );
+            }
+            assert_eq!(saturated(&mut a, 0.01), step, "after four clean windows");
         }
-        for _ in 0..3 {
-            assert_eq!(
-                saturated(&mut a, 0.01),
-                20,
-                "probing past the refused limit"
-            );
-        }
-        assert_eq!(saturated(&mut a, 0.01), 21, "after four clean windows");
         assert_eq!(
             saturated(&mut a, 0.05),
             19,
