@@ -139,6 +139,10 @@ pub async fn run_route<S: Source, K: Sink>(
         lanes: Lanes::default(),
     });
 
+    let health_task = shared
+        .breaker
+        .is_some()
+        .then(|| tokio::spawn(check_health(shared.clone())));
     let (tx, mut rx) = mpsc::channel::<Delivery>(source.buffer().max(1));
     let mut source_task = tokio::spawn(source.run(tx, ctx));
     let mut tasks = JoinSet::new();
@@ -228,6 +232,9 @@ pub async fn run_route<S: Source, K: Sink>(
     for (queued, _permit) in shared.lanes.take_all() {
         queued.ack.settle(Settlement::Release);
     }
+    if let Some(task) = health_task {
+        task.abort();
+    }
     drop(shared);
     // The source returns once every handle it gave out has settled and been flushed.
     shutdown.cancel();
@@ -279,6 +286,24 @@ async fn lane<K: Sink>(shared: Arc<Shared<K>>, key: String, first: lanes::Waitin
     }
 }
 
+/// Runs the sink's own health check every `open_for` and feeds it to the breaker; ends at
+/// once for a sink without one.
+async fn check_health<K: Sink>(shared: Arc<Shared<K>>) {
+    let Some(breaker) = &shared.breaker else {
+        return;
+    };
+    loop {
+        let Some(up) = shared.sink.healthy().await else {
+            return;
+        };
+        breaker.health(up);
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(breaker.check_every()) => {}
+        }
+    }
+}
+
 /// Hands back a probe turn that no attempt will use.
 fn give_back<K>(shared: &Shared<K>, pass: Pass) {
     if let (Some(breaker), Pass::Probe) = (&shared.breaker, pass) {
@@ -295,6 +320,9 @@ async fn deliver<K: Sink>(
     mut pass: Pass,
 ) {
     let Delivery { mut message, ack } = delivery;
+    // Attempts that failed because the endpoint was down (the circuit open) do not count
+    // toward `max_attempts`: an outage must not dead-letter anything.
+    let mut excused = 0u32;
     loop {
         if !ack.is_current() {
             // Dropping the handle releases it, which the backend ignores as stale.
@@ -315,6 +343,9 @@ async fn deliver<K: Sink>(
         let response = attempt(&shared, &message).await;
         if let Some(breaker) = &shared.breaker {
             breaker.record(&response, pass);
+            if breaker.is_open() && response.class() != "2xx" {
+                excused += 1;
+            }
         }
         pass = Pass::Normal;
         match shared.policy.responses.classify(&response) {
@@ -330,7 +361,7 @@ async fn deliver<K: Sink>(
                 return dead_letter(&shared, &message, ack, &response, reason);
             }
             Verdict::Retry { after } => {
-                if message.attempt >= shared.policy.max_attempts {
+                if message.attempt.saturating_sub(excused) >= shared.policy.max_attempts {
                     let reason = format!("attempts exhausted: {}", describe(&response));
                     return dead_letter(&shared, &message, ack, &response, reason);
                 }

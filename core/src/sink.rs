@@ -49,4 +49,10 @@ impl SinkResponse {
 pub trait Sink: Send + Sync + 'static {
     /// Makes one delivery attempt of `message`.
     fn deliver(&self, message: &Message) -> impl Future<Output = SinkResponse> + Send;
+
+    /// Whether the endpoint is up, by a check of its own (an HTTP health URL). `None`:
+    /// the sink has no such check, and a downed endpoint is probed with a real message.
+    fn healthy(&self) -> impl Future<Output = Option<bool>> + Send {
+        std::future::ready(None)
+    }
 }

@@ -373,3 +373,88 @@ async fn keys_stay_in_order_and_run_in_parallel() {
     rabbit.delete(&queue.name).await;
     rabbit.delete(&queue.dead_letter).await;
 }
+
+/// With `health_url`, the sink's health check decides: while it fails the route stops
+/// receiving even though deliveries would still succeed, and it resumes when the check
+/// passes again; nothing is lost or dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_health_check_stops_receiving_until_it_passes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    const N: usize = 3_000;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("health").await;
+    let up = Arc::new(AtomicBool::new(true));
+    let flag = up.clone();
+    let health = axum::Router::new().fallback(move || {
+        let up = flag.load(Ordering::SeqCst);
+        async move {
+            if up {
+                axum::http::StatusCode::OK
+            } else {
+                axum::http::StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let health_addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, health).await });
+    let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(20))).await;
+    let expected = publish(&rabbit, &queue.name, "h", N).await;
+    let sink = format!("health_url = \"http://{health_addr}/health\"");
+    let ferry = Ferry::start(&Route {
+        source: amqp_source(&queue.name, "prefetch = 20"),
+        sink_url: &endpoint.url(),
+        sink: &sink,
+        delivery: "concurrency = 8\ncircuit_breaker = { failures = 10, open_for = \"1s\" }",
+    });
+    let flowing = wait_until(Duration::from_secs(60), || {
+        endpoint.delivered().len() >= 300
+    })
+    .await;
+    assert!(flowing, "no deliveries; log:\n{}", ferry.log());
+
+    up.store(false, Ordering::SeqCst);
+    let metric = r#"ferry_circuit_open{route="r",source="amqp",sink="http"}"#;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ferry.metric(metric).await != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "a failing health check did not open the circuit; log:\n{}",
+            ferry.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What was in flight when it opened finishes; then nothing more is sent.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped_at = endpoint.seen().len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        endpoint.seen().len(),
+        stopped_at,
+        "requests went out while the health check failed"
+    );
+    assert!(rabbit.depth(&queue.name).await > 0, "the queue was drained");
+
+    up.store(true, Ordering::SeqCst);
+    let resumed = wait_until(Duration::from_secs(3), || {
+        endpoint.seen().len() > stopped_at + 20
+    })
+    .await;
+    assert!(
+        resumed,
+        "no resume after the check passed; log:\n{}",
+        ferry.log()
+    );
+    let all = wait_until(Duration::from_secs(60), || {
+        delivered_bodies(&endpoint) == expected
+    })
+    .await;
+    assert!(all, "not every message arrived; log:\n{}", ferry.log());
+    assert_eq!(rabbit.depth(&queue.dead_letter).await, 0);
+    rabbit.delete(&queue.name).await;
+    rabbit.delete(&queue.dead_letter).await;
+}

@@ -259,6 +259,10 @@ pub struct HttpSinkConfig {
     /// Static headers; values may use `${VAR}` for secrets.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// GET answering 2xx while the endpoint is up; checked every `open_for` of the
+    /// circuit breaker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_url: Option<String>,
 }
 
 /// Body format of the HTTP sink.

@@ -305,6 +305,10 @@ fn http_sink(
     errors: &mut Errors,
 ) -> Option<ferry_http::HttpSinkConfig> {
     let url = http_url(&http.url, &format!("{at}.url"), errors);
+    let health_url = http
+        .health_url
+        .as_ref()
+        .and_then(|h| http_url(h, &format!("{at}.health_url"), errors));
     if http.timeout.0.is_zero() {
         errors.push(format!("{at}.timeout"), "must be more than 0s");
     }
@@ -344,6 +348,7 @@ fn http_sink(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        health_url,
     })
 }
 
@@ -478,6 +483,7 @@ pub fn redacted(config: &Config) -> Config {
             *value = "<redacted>".to_owned();
         }
         http.url = redact_url(&http.url);
+        http.health_url = http.health_url.as_deref().map(redact_url);
         match &mut route.source {
             SourceConfig::Sqs(sqs) => {
                 sqs.queue_url = redact_url(&sqs.queue_url);

@@ -8,6 +8,7 @@
 //! closes the circuit for everyone. A 500 does not count: that is the endpoint's verdict
 //! on one message, which retries and dead-lettering handle.
 
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -64,6 +65,8 @@ pub(super) struct Breaker {
     changed: Notify,
     gauge: Gauge,
     route: std::sync::Arc<str>,
+    /// The sink checks its own health: it alone closes the circuit, no message probes.
+    health_checked: AtomicBool,
 }
 
 impl Breaker {
@@ -75,6 +78,35 @@ impl Breaker {
             changed: Notify::new(),
             gauge,
             route,
+            health_checked: AtomicBool::new(false),
+        }
+    }
+
+    /// How often the sink's own health check runs.
+    pub(super) fn check_every(&self) -> Duration {
+        self.config.open_for
+    }
+
+    /// The sink's health check answered: a failing check opens the circuit (the route
+    /// stops receiving though requests may still succeed), a passing one closes it.
+    pub(super) fn health(&self, up: bool) {
+        self.health_checked.store(true, AtomicOrdering::Relaxed);
+        let mut state = self.lock();
+        match (*state, up) {
+            (State::Closed { .. }, false) => {
+                *state = self.open();
+                drop(state);
+                self.gauge.set(1);
+                warn!(route = %self.route, "health check fails: circuit open, the route stops receiving");
+            }
+            (State::Open { .. }, true) => {
+                *state = State::Closed { failures: 0 };
+                drop(state);
+                self.gauge.set(0);
+                self.changed.notify_waiters();
+                info!(route = %self.route, "health check passes: circuit closed, receiving");
+            }
+            _ => {}
         }
     }
 
@@ -85,9 +117,12 @@ impl Breaker {
     /// Waits until an attempt may be made: at once while closed; while open, until this
     /// caller may probe or the circuit closes.
     pub(super) async fn pass(&self) -> Pass {
+        let health_checked = self.health_checked.load(AtomicOrdering::Relaxed);
         self.wait(|state| match state {
             State::Closed { .. } => Some(Pass::Normal),
-            State::Open { until, probe_taken } if !*probe_taken && Instant::now() >= *until => {
+            State::Open { until, probe_taken }
+                if !health_checked && !*probe_taken && Instant::now() >= *until =>
+            {
                 *probe_taken = true;
                 Some(Pass::Probe)
             }
@@ -114,10 +149,11 @@ impl Breaker {
                     return out;
                 }
                 match *state {
-                    // A probe is under way: its answer will say.
+                    // A probe is under way, or the health check decides: wait for word.
                     State::Open {
                         probe_taken: true, ..
                     } => None,
+                    State::Open { .. } if self.health_checked.load(AtomicOrdering::Relaxed) => None,
                     State::Open { until, .. } => Some(until),
                     State::Closed { .. } => None,
                 }
@@ -150,6 +186,8 @@ impl Breaker {
                     *state = State::Closed { failures };
                 }
             }
+            // With a health check, only the check closes the circuit.
+            (State::Open { .. }, false) if self.health_checked.load(AtomicOrdering::Relaxed) => {}
             (State::Open { .. }, false) => {
                 *state = State::Closed { failures: 0 };
                 drop(state);
@@ -165,6 +203,11 @@ impl Breaker {
             // A late answer to a request sent before the circuit opened.
             (State::Open { .. }, true) => {}
         }
+    }
+
+    /// Whether the circuit is open: a failure now is the outage's, not the message's.
+    pub(super) fn is_open(&self) -> bool {
+        matches!(*self.lock(), State::Open { .. })
     }
 
     /// A probe turn that will not be used (its message was released): the next caller

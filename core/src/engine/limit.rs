@@ -200,9 +200,11 @@ impl Limiter {
             .map_or(MIN_WINDOW, Duration::from_secs_f64)
             .max(MIN_WINDOW);
         // A window is one round trip and at least one answer per slot, so the limit
-        // moves only once the endpoint's answers to the current limit are in (the
-        // requests still on their way reflect the previous one).
-        if a.window_start.elapsed() < window || (a.answers < a.limit && !a.pushed_back) {
+        // grows only once the endpoint's answers to the current limit are in. A refusal
+        // ends it at once: refusals come back fast, and a slot freed by one would
+        // otherwise be refused again before the window is over.
+        let full = a.window_start.elapsed() >= window && a.answers >= a.limit;
+        if !full && !a.pushed_back {
             return;
         }
         let before = a.limit;

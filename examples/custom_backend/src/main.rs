@@ -95,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
         connect_timeout: Duration::from_secs(5),
         pool_size: args.concurrency,
         headers: Vec::new(),
+        health_url: None,
     })
     .context("building the HTTP sink")?;
     let metrics = Metrics::default().route(&RouteLabels {

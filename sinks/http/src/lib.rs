@@ -46,6 +46,9 @@ pub struct HttpSinkConfig {
     pub pool_size: usize,
     /// Static headers (may hold secrets; never logged).
     pub headers: Vec<(String, String)>,
+    /// GET here says whether the endpoint is up (2xx) while the circuit breaker decides
+    /// whether to receive.
+    pub health_url: Option<Url>,
 }
 
 impl std::fmt::Debug for HttpSinkConfig {
@@ -90,6 +93,7 @@ pub struct HttpSink {
     mode: Mode,
     route: HeaderValue,
     fixed: HeaderMap,
+    health_url: Option<Url>,
 }
 
 impl HttpSink {
@@ -133,6 +137,7 @@ impl HttpSink {
             mode: config.mode,
             route,
             fixed,
+            health_url: config.health_url,
         })
     }
 
@@ -158,5 +163,11 @@ impl Sink for HttpSink {
             Err(e) if e.is_timeout() => SinkResponse::Timeout,
             Err(e) => SinkResponse::Error(response::describe_error(&e)),
         }
+    }
+
+    async fn healthy(&self) -> Option<bool> {
+        let url = self.health_url.clone()?;
+        let answer = self.client.get(url).send().await;
+        Some(answer.is_ok_and(|r| r.status().is_success()))
     }
 }

@@ -74,6 +74,7 @@ fn sink(url: &str, timeout: Duration) -> HttpSink {
         connect_timeout: Duration::from_secs(1),
         pool_size: 4,
         headers: vec![("Authorization".into(), "Bearer t0ken".into())],
+        health_url: None,
     })
     .expect("sink")
 }
