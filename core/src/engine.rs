@@ -157,26 +157,19 @@ pub async fn run_route<S: Source, K: Sink>(
             },
         };
         // While the endpoint is down, receive only a message to probe it with.
-        let mut pass = Pass::Normal;
         if let Some(breaker) = &shared.breaker {
-            pass = tokio::select! {
+            tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                p = breaker.receivable() => p,
-            };
+                _ = breaker.receivable() => {}
+            }
         }
         let delivery = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => {
-                give_back(&shared, pass);
-                break;
-            }
+            _ = shutdown.cancelled() => break,
             d = rx.recv() => match d {
                 Some(d) => d,
-                None => {
-                    give_back(&shared, pass);
-                    break;
-                }
+                None => break,
             },
         };
         shared.metrics.received.inc();
@@ -187,15 +180,12 @@ pub async fn run_route<S: Source, K: Sink>(
         };
         match key {
             Some(key) => {
-                // A keyed message may wait behind its key: the probe turn goes back to
-                // whichever attempt comes first.
-                give_back(&shared, pass);
                 if let Some(first) = shared.lanes.enter(&key, (delivery, permit)) {
                     tasks.spawn(lane(shared.clone(), key, first));
                 }
             }
             None => {
-                tasks.spawn(deliver(shared.clone(), delivery, permit, pass));
+                tasks.spawn(deliver(shared.clone(), delivery, permit));
             }
         }
         while tasks.try_join_next().is_some() {}
@@ -274,7 +264,7 @@ async fn lane<K: Sink>(shared: Arc<Shared<K>>, key: String, first: lanes::Waitin
     let mut current = first;
     loop {
         let (delivery, permit) = current;
-        deliver(shared.clone(), delivery, permit, Pass::Normal).await;
+        deliver(shared.clone(), delivery, permit).await;
         // At shutdown the rest of the queue is released by `run_route`.
         if shared.shutdown.is_cancelled() {
             return;
@@ -304,22 +294,10 @@ async fn check_health<K: Sink>(shared: Arc<Shared<K>>) {
     }
 }
 
-/// Hands back a probe turn that no attempt will use.
-fn give_back<K>(shared: &Shared<K>, pass: Pass) {
-    if let (Some(breaker), Pass::Probe) = (&shared.breaker, pass) {
-        breaker.return_probe();
-    }
-}
-
-/// Delivers one message; `pass` is [`Pass::Probe`] when it was received to probe a
-/// downed endpoint.
-async fn deliver<K: Sink>(
-    shared: Arc<Shared<K>>,
-    delivery: Delivery,
-    mut permit: Slot,
-    mut pass: Pass,
-) {
+/// Delivers one message: attempts until acked, dead-lettered or taken back.
+async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, mut permit: Slot) {
     let Delivery { mut message, ack } = delivery;
+    let mut pass = Pass::Normal;
     // Attempts that failed because the endpoint was down (the circuit open) do not count
     // toward `max_attempts`: an outage must not dead-letter anything.
     let mut excused = 0u32;
@@ -328,7 +306,6 @@ async fn deliver<K: Sink>(
             // Dropping the handle releases it, which the backend ignores as stale.
             debug!(route = %shared.route, id = %message.id, "the broker took the message back; not delivered here");
             shared.metrics.stale.inc();
-            give_back(&shared, pass);
             return;
         }
         // While the endpoint is down no attempt is made (and none counted): wait for a
@@ -340,10 +317,11 @@ async fn deliver<K: Sink>(
                 p = breaker.pass() => p,
             };
         }
+        let sent = tokio::time::Instant::now();
         let response = attempt(&shared, &message).await;
         if let Some(breaker) = &shared.breaker {
-            breaker.record(&response, pass);
-            if breaker.is_open() && response.class() != "2xx" {
+            breaker.record(&response, pass, sent);
+            if breaker.excuses(&response, sent) {
                 excused += 1;
             }
         }

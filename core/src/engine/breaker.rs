@@ -8,7 +8,7 @@
 //! closes the circuit for everyone. A 500 does not count: that is the endpoint's verdict
 //! on one message, which retries and dead-lettering handle.
 
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -42,11 +42,13 @@ enum State {
     Closed {
         failures: u32,
     },
-    /// `probe_taken`: a probe is under way, or the receive loop took one message in so
-    /// that there is something to probe with.
+    /// `probe_taken`: a probe is under way. `offered`: the receive loop has let one
+    /// message in this turn, so that there is something to probe with even when no
+    /// retry is waiting; it does not take the turn (the first attempt to ask does).
     Open {
         until: Instant,
         probe_taken: bool,
+        offered: bool,
     },
 }
 
@@ -67,6 +69,10 @@ pub(super) struct Breaker {
     route: std::sync::Arc<str>,
     /// The sink checks its own health: it alone closes the circuit, no message probes.
     health_checked: AtomicBool,
+    /// When the latest request that found the endpoint up was sent (nanoseconds since
+    /// `born`): a failure of a request sent after it may be the outage's.
+    up_sent: AtomicU64,
+    born: Instant,
 }
 
 impl Breaker {
@@ -79,7 +85,22 @@ impl Breaker {
             gauge,
             route,
             health_checked: AtomicBool::new(false),
+            up_sent: AtomicU64::new(0),
+            born: Instant::now(),
         }
+    }
+
+    fn since_born(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.born).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a failed attempt sent at `sent` is the outage's rather than the message's:
+    /// the endpoint looked down and no request sent after it has found the endpoint up.
+    /// Such attempts do not count toward `max_attempts`, so an outage dead-letters
+    /// nothing, including while the circuit is still counting towards opening.
+    pub(super) fn excuses(&self, response: &SinkResponse, sent: Instant) -> bool {
+        endpoint_down(response)
+            && self.up_sent.load(AtomicOrdering::Relaxed) <= self.since_born(sent)
     }
 
     /// How often the sink's own health check runs.
@@ -120,9 +141,9 @@ impl Breaker {
         let health_checked = self.health_checked.load(AtomicOrdering::Relaxed);
         self.wait(|state| match state {
             State::Closed { .. } => Some(Pass::Normal),
-            State::Open { until, probe_taken }
-                if !health_checked && !*probe_taken && Instant::now() >= *until =>
-            {
+            State::Open {
+                until, probe_taken, ..
+            } if !health_checked && !*probe_taken && Instant::now() >= *until => {
                 *probe_taken = true;
                 Some(Pass::Probe)
             }
@@ -132,10 +153,22 @@ impl Breaker {
     }
 
     /// Waits until the route may receive: at once while closed; while open, once per
-    /// `open_for`, for one message to probe with. Returns [`Pass::Probe`] when it took
-    /// the probe turn for that message, which must then use it or hand it back.
-    pub(super) async fn receivable(&self) -> Pass {
-        self.pass().await
+    /// probe turn, for one message to probe with.
+    pub(super) async fn receivable(&self) {
+        let health_checked = self.health_checked.load(AtomicOrdering::Relaxed);
+        self.wait(|state| match state {
+            State::Closed { .. } => Some(()),
+            State::Open {
+                until,
+                probe_taken,
+                offered,
+            } if !health_checked && !*probe_taken && !*offered && Instant::now() >= *until => {
+                *offered = true;
+                Some(())
+            }
+            State::Open { .. } => None,
+        })
+        .await;
     }
 
     async fn wait<T>(&self, mut ready: impl FnMut(&mut State) -> Option<T>) -> T {
@@ -168,9 +201,13 @@ impl Breaker {
         }
     }
 
-    /// Records the answer to an attempt made with `pass`.
-    pub(super) fn record(&self, response: &SinkResponse, pass: Pass) {
+    /// Records the answer to an attempt sent at `sent` with `pass`.
+    pub(super) fn record(&self, response: &SinkResponse, pass: Pass, sent: Instant) {
         let down = endpoint_down(response);
+        if !down {
+            self.up_sent
+                .fetch_max(self.since_born(sent), AtomicOrdering::Relaxed);
+        }
         let mut state = self.lock();
         match (*state, down) {
             (State::Closed { .. }, false) => *state = State::Closed { failures: 0 },
@@ -186,8 +223,10 @@ impl Breaker {
                     *state = State::Closed { failures };
                 }
             }
-            // With a health check, only the check closes the circuit.
-            (State::Open { .. }, false) if self.health_checked.load(AtomicOrdering::Relaxed) => {}
+            // Only a probe's answer closes the circuit (with a health check, only the
+            // check): a late answer to a request sent before the outage says nothing.
+            (State::Open { .. }, false)
+                if pass != Pass::Probe || self.health_checked.load(AtomicOrdering::Relaxed) => {}
             (State::Open { .. }, false) => {
                 *state = State::Closed { failures: 0 };
                 drop(state);
@@ -205,26 +244,11 @@ impl Breaker {
         }
     }
 
-    /// Whether the circuit is open: a failure now is the outage's, not the message's.
-    pub(super) fn is_open(&self) -> bool {
-        matches!(*self.lock(), State::Open { .. })
-    }
-
-    /// A probe turn that will not be used (its message was released): the next caller
-    /// may take it.
-    pub(super) fn return_probe(&self) {
-        let mut state = self.lock();
-        if let State::Open { probe_taken, .. } = &mut *state {
-            *probe_taken = false;
-        }
-        drop(state);
-        self.changed.notify_waiters();
-    }
-
     fn open(&self) -> State {
         State::Open {
             until: Instant::now() + self.config.open_for,
             probe_taken: false,
+            offered: false,
         }
     }
 }
@@ -258,15 +282,15 @@ mod tests {
         };
         let b = Breaker::new(config, Gauge::default(), "r".into());
         for _ in 0..2 {
-            b.record(&status(503), Pass::Normal);
+            b.record(&status(503), Pass::Normal, Instant::now());
         }
-        b.record(&status(500), Pass::Normal);
-        b.record(&status(200), Pass::Normal);
+        b.record(&status(500), Pass::Normal, Instant::now());
+        b.record(&status(200), Pass::Normal, Instant::now());
         for _ in 0..2 {
-            b.record(&SinkResponse::Timeout, Pass::Normal);
+            b.record(&SinkResponse::Timeout, Pass::Normal, Instant::now());
         }
         assert_eq!(b.pass().await, Pass::Normal, "500 and 200 reset the count");
-        b.record(&status(502), Pass::Normal);
+        b.record(&status(502), Pass::Normal, Instant::now());
         assert_eq!(b.gauge.get(), 1);
 
         let started = Instant::now();
@@ -278,12 +302,40 @@ mod tests {
             second.is_err(),
             "a second probe while the first is under way"
         );
-        b.record(&SinkResponse::Error("refused".into()), Pass::Probe);
+        b.record(
+            &SinkResponse::Error("refused".into()),
+            Pass::Probe,
+            Instant::now(),
+        );
         let started = Instant::now();
         assert_eq!(b.pass().await, Pass::Probe);
         assert_eq!(started.elapsed(), Duration::from_secs(2));
-        b.record(&status(200), Pass::Probe);
+        let late = Instant::now() - Duration::from_secs(30);
+        b.record(&status(200), Pass::Normal, late);
+        assert_eq!(
+            b.gauge.get(),
+            1,
+            "a late answer to an old request does not close it"
+        );
+        b.record(&status(200), Pass::Probe, Instant::now());
         assert_eq!(b.gauge.get(), 0);
         assert_eq!(b.pass().await, Pass::Normal);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_are_excused_until_a_later_request_finds_the_endpoint_up() {
+        let b = Breaker::new(CircuitBreaker::default(), Gauge::default(), "r".into());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let first = Instant::now();
+        assert!(b.excuses(&status(503), first), "nothing found it up since");
+        assert!(!b.excuses(&status(500), first), "a 500 is the message's");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        b.record(&status(200), Pass::Normal, Instant::now());
+        assert!(
+            !b.excuses(&SinkResponse::Timeout, first),
+            "a later request got through"
+        );
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(b.excuses(&SinkResponse::Timeout, Instant::now()));
     }
 }
