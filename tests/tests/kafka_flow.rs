@@ -234,7 +234,19 @@ async fn an_outage_longer_than_the_session_repeats_only_what_was_in_flight() {
     const N: usize = 800;
     let topic = Topic::new();
     let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(20))).await;
-    let ferry = start(&topic, &endpoint, "concurrency = 16\nordering = \"none\"");
+    // The member rejoins under a new id; the group's rebalance waits for the members it
+    // knows for up to `max.poll.interval.ms` (5 minutes by default), so it is bounded here.
+    let source = topic.source().replace(
+        "\"heartbeat.interval.ms\" = 100",
+        "\"heartbeat.interval.ms\" = 100, \"max.poll.interval.ms\" = 20000",
+    );
+    assert!(source.contains("max.poll.interval.ms"), "{source}");
+    let ferry = Ferry::start(&Route {
+        source,
+        sink_url: &endpoint.url(),
+        sink: "",
+        delivery: "concurrency = 16\nordering = \"none\"",
+    });
     ferry.wait_ready(Duration::from_secs(30)).await;
     topic.publish(0..600).await;
     let flowing = wait_until(Duration::from_secs(60), || endpoint.delivered().len() >= 50).await;
@@ -247,7 +259,7 @@ async fn an_outage_longer_than_the_session_repeats_only_what_was_in_flight() {
     topic.publish(600..N).await;
 
     let expected: BTreeSet<String> = (0..N).map(|i| format!("m-{i}")).collect();
-    let all = wait_until(Duration::from_secs(120), || {
+    let all = wait_until(Duration::from_secs(180), || {
         counts(&endpoint).keys().cloned().collect::<BTreeSet<_>>() == expected
     })
     .await;
