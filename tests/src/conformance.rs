@@ -191,6 +191,24 @@ fn number(body: &str) -> Option<usize> {
     body.rsplit('-').next()?.parse().ok()
 }
 
+/// Asserts that the accepted bodies `KEY-N` arrived in increasing `N` for every key.
+pub fn assert_key_order(endpoint: &Endpoint) {
+    let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
+    for body in bodies(&endpoint.delivered()) {
+        let (key, n) = body.split_once('-').expect("k-n body");
+        by_key
+            .entry(key.to_owned())
+            .or_default()
+            .push(n.parse().expect("number"));
+    }
+    for (key, order) in &by_key {
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "{key} delivered out of order: {order:?}"
+        );
+    }
+}
+
 fn bodies(seen: &[Seen]) -> Vec<String> {
     seen.iter().filter_map(Seen::msg).collect()
 }
@@ -501,20 +519,7 @@ pub async fn key_order_under_random_latency<B: Backend>(backend: &B) {
     let expected = messages.iter().map(|m| m.body.clone()).collect();
     wait_delivered(&endpoint, &expected, Duration::from_secs(90), &bridge).await;
     stop(bridge).await;
-    let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
-    for body in bodies(&endpoint.delivered()) {
-        let (key, n) = body.split_once('-').expect("k-n body");
-        by_key
-            .entry(key.to_owned())
-            .or_default()
-            .push(n.parse().expect("number"));
-    }
-    for (key, order) in &by_key {
-        assert!(
-            order.windows(2).all(|w| w[0] < w[1]),
-            "{key} delivered out of order: {order:?}"
-        );
-    }
+    assert_key_order(&endpoint);
     let peak = endpoint.peak_in_flight();
     assert!(
         peak >= 2,

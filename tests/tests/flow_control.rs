@@ -304,7 +304,6 @@ async fn always_500_retries_with_backoff_then_dead_letters() {
 /// a fraction of the endpoint's total time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_stay_in_order_and_run_in_parallel() {
-    use std::collections::HashMap;
     use std::hash::{Hash, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
@@ -353,21 +352,7 @@ async fn keys_stay_in_order_and_run_in_parallel() {
     .await;
     let wall = started.elapsed();
     assert!(all, "not every message arrived; log:\n{}", ferry.log());
-    let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
-    for s in endpoint.delivered() {
-        let body = s.msg().expect("envelope");
-        let (key, n) = body.split_once('-').expect("k-n body");
-        by_key
-            .entry(key.to_owned())
-            .or_default()
-            .push(n.parse().expect("number"));
-    }
-    for (key, order) in &by_key {
-        assert!(
-            order.windows(2).all(|w| w[0] < w[1]),
-            "{key} out of order: {order:?}"
-        );
-    }
+    ferry_e2e::conformance::assert_key_order(&endpoint);
     let serial = Duration::from_millis(busy_ms.load(Ordering::SeqCst));
     assert!(
         wall * 4 < serial,

@@ -133,21 +133,7 @@ impl Limiter {
             Concurrency::Adaptive { min, max } => {
                 let min = min.max(1);
                 let max = max.max(min);
-                let aimd = Aimd {
-                    min,
-                    max,
-                    limit: min,
-                    window_start: Instant::now(),
-                    usual: None,
-                    rtt_sum: 0.0,
-                    rtt_count: 0,
-                    answers: 0,
-                    pushed_back: false,
-                    peak: 0,
-                    refused_at: None,
-                    clean: 0,
-                    decreased_at: Instant::now(),
-                };
+                let aimd = Aimd::new(min, max);
                 (min, Some(Mutex::new(aimd)))
             }
         };
@@ -242,6 +228,24 @@ impl Limiter {
 }
 
 impl Aimd {
+    fn new(min: usize, max: usize) -> Self {
+        Self {
+            min,
+            max,
+            limit: min,
+            window_start: Instant::now(),
+            usual: None,
+            rtt_sum: 0.0,
+            rtt_count: 0,
+            answers: 0,
+            pushed_back: false,
+            peak: 0,
+            refused_at: None,
+            clean: 0,
+            decreased_at: Instant::now(),
+        }
+    }
+
     /// Ends the window: returns the new limit.
     fn close_window(&mut self) -> usize {
         let rtt = (self.rtt_count > 0).then(|| self.rtt_sum / f64::from(self.rtt_count));
@@ -303,24 +307,6 @@ mod tests {
         }
     }
 
-    fn aimd(min: usize, max: usize) -> Aimd {
-        Aimd {
-            min,
-            max,
-            limit: min,
-            window_start: Instant::now(),
-            usual: None,
-            rtt_sum: 0.0,
-            rtt_count: 0,
-            answers: 0,
-            pushed_back: false,
-            peak: 0,
-            refused_at: None,
-            clean: 0,
-            decreased_at: Instant::now(),
-        }
-    }
-
     /// A window in which the route used every slot and answers took `rtt` seconds.
     fn saturated(a: &mut Aimd, rtt: f64) -> usize {
         a.peak = a.limit;
@@ -331,7 +317,7 @@ mod tests {
 
     #[test]
     fn grows_while_saturated_and_backs_off_on_push_back() {
-        let mut a = aimd(2, 30);
+        let mut a = Aimd::new(2, 30);
         for expected in 3..=20 {
             assert_eq!(saturated(&mut a, 0.01), expected);
         }
@@ -368,7 +354,7 @@ mod tests {
             a.close_window();
         }
         assert_eq!(a.limit, 2, "never below min");
-        let mut b = aimd(1, 3);
+        let mut b = Aimd::new(1, 3);
         for _ in 0..10 {
             saturated(&mut b, 0.01);
         }
