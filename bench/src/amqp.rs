@@ -4,10 +4,11 @@
 //!
 //! Each phase gets a fresh queue filled with all its messages first, so both sides
 //! drain the same full queue; the clock runs from the first message consumed to the last.
+//! The paced (latency) phases start on an empty queue and publish as they go.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -18,7 +19,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-use crate::sweep::{measure_ferry, sweep, FerryRun, Phases};
+use crate::latency::{paced, timing_sink, Pace, Percentiles, Recorder};
+use crate::sweep::{measure_ferry, sweep, Case, FerryRun, Phases};
 use crate::{counting_sink, spawn_ferry, Args};
 
 /// Runs every combination and prints the table.
@@ -48,21 +50,106 @@ struct Rabbit {
 impl Phases for Rabbit {
     fn title(&self, args: &Args) -> String {
         format!(
-            "RabbitMQ, {} messages of {} B per phase, prefetch {}, {} round(s)",
+            "RabbitMQ, {} messages per phase, prefetch {}, {} round(s)",
             args.messages(),
-            args.size,
             args.prefetch,
-            args.rounds
+            args.rounds()
         )
     }
 
-    async fn native(&self, args: &Args) -> Result<f64> {
-        native_drain(&self.connection, &self.channel, args).await
+    async fn native(&self, args: &Args, size: usize) -> Result<f64> {
+        native_drain(&self.connection, &self.channel, args, size).await
     }
 
-    async fn ferry(&self, args: &Args, concurrency: usize, latency_ms: u64) -> Result<FerryRun> {
-        ferry_run(&self.channel, args, concurrency, latency_ms).await
+    async fn ferry(&self, args: &Args, case: &Case) -> Result<FerryRun> {
+        ferry_run(&self.channel, args, case).await
     }
+
+    async fn native_paced(&self, args: &Args, pace: Pace) -> Result<Percentiles> {
+        let queue = empty_queue(&self.channel, "bench-native-paced").await?;
+        let channel = self.connection.create_channel().await?;
+        channel
+            .basic_qos(args.prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "bench-native-paced".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let recorder = Recorder::default();
+        let consuming = {
+            let recorder = recorder.clone();
+            tokio::spawn(async move {
+                while let Some(delivery) = consumer.next().await {
+                    let delivery = delivery?;
+                    recorder.record(&delivery.data);
+                    delivery.ack(BasicAckOptions::default()).await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        };
+        let result = self.publish_paced(&queue, pace, &recorder).await;
+        // Every paced message has been recorded (or waited for): the consumer may go.
+        consuming.abort();
+        channel.close(200, "done".into()).await?;
+        self.channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        result
+    }
+
+    async fn ferry_paced(&self, args: &Args, case: &Case, pace: Pace) -> Result<Percentiles> {
+        let queue = empty_queue(&self.channel, "bench-ferry-paced").await?;
+        let recorder = Recorder::default();
+        let sink = timing_sink(recorder.clone(), case.latency()).await?;
+        let (child, pid) = spawn_ferry(args, &source(args, &queue), sink, case.setting)?;
+        let result = self.publish_paced(&queue, pace, &recorder).await;
+        crate::stop_ferry(child, pid)?;
+        self.channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        result
+    }
+}
+
+impl Rabbit {
+    /// Publishes a paced phase into `queue` on a channel of its own without publisher
+    /// confirms, so that each publish leaves at once.
+    async fn publish_paced(
+        &self,
+        queue: &str,
+        pace: Pace,
+        recorder: &Recorder,
+    ) -> Result<Percentiles> {
+        let channel = self.connection.create_channel().await?;
+        let channel = &channel;
+        let result = paced(pace, recorder, |payload| async move {
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &payload,
+                    BasicProperties::default(),
+                )
+                .await?;
+            Ok::<_, anyhow::Error>(())
+        })
+        .await;
+        channel.close(200, "done".into()).await?;
+        result
+    }
+}
+
+/// ferry's source section for `queue`.
+fn source(args: &Args, queue: &str) -> String {
+    format!(
+        "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{queue}\"\nprefetch = {}\n",
+        args.amqp_uri, args.prefetch
+    )
 }
 
 fn queue_name(prefix: &str) -> String {
@@ -73,8 +160,8 @@ fn queue_name(prefix: &str) -> String {
     format!("{prefix}-{}-{now}", std::process::id())
 }
 
-/// A fresh queue holding `messages` payloads of `size` bytes.
-pub(crate) async fn filled_queue(channel: &Channel, args: &Args, prefix: &str) -> Result<String> {
+/// A fresh, empty queue.
+async fn empty_queue(channel: &Channel, prefix: &str) -> Result<String> {
     let name = queue_name(prefix);
     channel
         .queue_declare(
@@ -83,9 +170,20 @@ pub(crate) async fn filled_queue(channel: &Channel, args: &Args, prefix: &str) -
             FieldTable::default(),
         )
         .await?;
-    let payload = vec![b'x'; args.size];
+    Ok(name)
+}
+
+/// A fresh queue holding `messages` payloads of `size` bytes.
+pub(crate) async fn filled_queue(
+    channel: &Channel,
+    messages: u64,
+    size: usize,
+    prefix: &str,
+) -> Result<String> {
+    let name = empty_queue(channel, prefix).await?;
+    let payload = vec![b'x'; size];
     let mut confirms = Vec::new();
-    for _ in 0..args.messages() {
+    for _ in 0..messages {
         confirms.push(
             channel
                 .basic_publish(
@@ -110,8 +208,13 @@ pub(crate) async fn filled_queue(channel: &Channel, args: &Args, prefix: &str) -
 }
 
 /// Seconds a plain consumer takes to take and ack every message (one ack each).
-async fn native_drain(connection: &Connection, publisher: &Channel, args: &Args) -> Result<f64> {
-    let queue = filled_queue(publisher, args, "bench-native").await?;
+async fn native_drain(
+    connection: &Connection,
+    publisher: &Channel,
+    args: &Args,
+    size: usize,
+) -> Result<f64> {
+    let queue = filled_queue(publisher, args.messages(), size, "bench-native").await?;
     let channel = connection.create_channel().await?;
     channel
         .basic_qos(args.prefetch, BasicQosOptions::default())
@@ -140,20 +243,11 @@ async fn native_drain(connection: &Connection, publisher: &Channel, args: &Args)
     Ok(secs)
 }
 
-async fn ferry_run(
-    publisher: &Channel,
-    args: &Args,
-    concurrency: usize,
-    latency_ms: u64,
-) -> Result<FerryRun> {
-    let queue = filled_queue(publisher, args, "bench-ferry").await?;
+async fn ferry_run(publisher: &Channel, args: &Args, case: &Case) -> Result<FerryRun> {
+    let queue = filled_queue(publisher, args.messages(), case.size, "bench-ferry").await?;
     let delivered = Arc::new(AtomicU64::new(0));
-    let sink = counting_sink(delivered.clone(), Duration::from_millis(latency_ms)).await?;
-    let source = format!(
-        "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{queue}\"\nprefetch = {}\n",
-        args.amqp_uri, args.prefetch
-    );
-    let (child, pid) = spawn_ferry(args, &source, sink, concurrency)?;
+    let sink = counting_sink(delivered.clone(), case.latency()).await?;
+    let (child, pid) = spawn_ferry(args, &source(args, &queue), sink, case.setting)?;
     let run = measure_ferry(child, pid, delivered, args.messages()).await?;
     publisher
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -17,6 +17,7 @@ use lapin::options::{ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
 
 use crate::amqp::filled_queue;
+use crate::concurrency::Setting;
 use crate::{cpu_seconds, spawn_ferry_with, stop_ferry, Args};
 
 /// What the capacity-limited endpoint counted.
@@ -77,26 +78,34 @@ pub async fn run(args: &Args, capacity: usize) -> Result<()> {
         capacity as f64 / latency.as_secs_f64(),
         args.messages()
     );
-    let mut settings: Vec<Option<usize>> = args.concurrency.iter().map(|c| Some(*c)).collect();
-    settings.push(None);
+    // The fixed settings asked for, then adaptive with the harness's usual ceiling.
+    let mut settings: Vec<Setting> = args
+        .settings()
+        .into_iter()
+        .filter(|s| matches!(s, Setting::Fixed(_)))
+        .collect();
+    settings.push(Setting::Adaptive { max: 256 });
     let mut rows = Vec::new();
     for setting in settings {
-        let queue = filled_queue(&channel, args, "bench-capacity").await?;
+        let queue = filled_queue(
+            &channel,
+            args.messages(),
+            args.first_size(),
+            "bench-capacity",
+        )
+        .await?;
         let counts = Arc::new(Counts::default());
         let sink = capacity_sink(counts.clone(), capacity, latency).await?;
         let source = format!(
             "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{queue}\"\nprefetch = {}\n",
             args.amqp_uri, args.prefetch
         );
-        let (concurrency, pool) = match setting {
-            Some(c) => (c.to_string(), c),
-            None => ("\"adaptive\"\nmax_concurrency = 256".to_owned(), 256),
-        };
         let delivery = format!(
-            "concurrency = {concurrency}\nmax_attempts = 1000\nmin_backoff = \"10ms\"\n\
-             max_backoff = \"200ms\"\ncircuit_breaker = {{ failures = 0 }}\n"
+            "{}max_attempts = 1000\nmin_backoff = \"10ms\"\n\
+             max_backoff = \"200ms\"\ncircuit_breaker = {{ failures = 0 }}\n",
+            setting.delivery_toml()
         );
-        let (mut child, pid) = spawn_ferry_with(args, &source, sink, pool, &delivery)?;
+        let (mut child, pid) = spawn_ferry_with(args, &source, sink, setting.slots(), &delivery)?;
         while counts.accepted.load(Ordering::SeqCst) == 0 {
             if let Some(status) = child.try_wait()? {
                 bail!("ferry exited early: {status}");
@@ -121,7 +130,7 @@ pub async fn run(args: &Args, capacity: usize) -> Result<()> {
         let accepted = args.messages() as f64;
         let refused = (counts.refused.load(Ordering::SeqCst) - refused_before) as f64;
         let row = Row {
-            setting: setting.map_or("adaptive".to_owned(), |c| c.to_string()),
+            setting: setting.to_string(),
             rate: accepted / secs,
             refused_share: refused / (accepted + refused),
             cpu_per_100k: cpu / accepted * 100_000.0,

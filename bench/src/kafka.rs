@@ -1,7 +1,8 @@
 //! Kafka: the native drain rate (a consumer-group member that only stores and
 //! auto-commits offsets, no HTTP) against ferry end to end into the counting sink, on
 //! librdkafka's mock cluster in this process (the real Kafka protocol on a loopback
-//! port). Each phase gets a fresh topic filled with all its messages first.
+//! port). Each phase gets a fresh topic filled with all its messages first; the paced
+//! (latency) phases start on an empty topic and publish as they go.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -11,13 +12,20 @@ use anyhow::{Context, Result};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Message};
 
-use crate::sweep::{measure_ferry, sweep, FerryRun, Phases};
+use crate::latency::{paced, timing_sink, Pace, Percentiles, Recorder};
+use crate::sweep::{measure_ferry, sweep, Case, FerryRun, Phases};
 use crate::{counting_sink, spawn_ferry, Args};
 
 /// Partitions per topic: parallelism for both sides.
 const PARTITIONS: i32 = 4;
+
+/// librdkafka's `fetch.wait.max.ms` in the paced phases, for the native consumer and
+/// ferry alike. The mock cluster does not answer a waiting fetch when a message arrives,
+/// so with the default (500 ms) every message would wait out the fetch and the latency
+/// measured would be librdkafka's poll interval, not ferry's.
+const PACED_FETCH_WAIT_MS: &str = "5";
 
 /// Runs every combination and prints the table.
 pub async fn run(args: &Args) -> Result<()> {
@@ -28,12 +36,18 @@ pub async fn run(args: &Args) -> Result<()> {
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
+    // Paced messages go out one by one: no linger adding to their latency.
+    let paced_producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("linger.ms", "0")
+        .create()?;
     sweep(
         args,
         &Kafka {
             mock,
             bootstrap,
             producer,
+            paced_producer,
         },
     )
     .await
@@ -43,6 +57,7 @@ struct Kafka {
     mock: MockCluster<'static, DefaultProducerContext>,
     bootstrap: String,
     producer: FutureProducer,
+    paced_producer: FutureProducer,
 }
 
 fn unique(prefix: &str) -> String {
@@ -55,10 +70,9 @@ fn unique(prefix: &str) -> String {
 
 impl Kafka {
     /// A fresh topic holding `messages` payloads of `size` bytes.
-    async fn filled_topic(&self, args: &Args, prefix: &str) -> Result<String> {
-        let topic = unique(prefix);
-        self.mock.create_topic(&topic, PARTITIONS, 1)?;
-        let payload = vec![b'x'; args.size];
+    async fn filled_topic(&self, args: &Args, size: usize, prefix: &str) -> Result<String> {
+        let topic = self.empty_topic(prefix)?;
+        let payload = vec![b'x'; size];
         let mut pending = Vec::new();
         for _ in 0..args.messages() {
             loop {
@@ -84,26 +98,65 @@ impl Kafka {
         }
         Ok(topic)
     }
+
+    /// A fresh topic with nothing in it.
+    fn empty_topic(&self, prefix: &str) -> Result<String> {
+        let topic = unique(prefix);
+        self.mock.create_topic(&topic, PARTITIONS, 1)?;
+        Ok(topic)
+    }
+
+    /// A consumer-group member of its own group on `topic`, from the earliest offset.
+    fn consumer(&self, topic: &str, group: &str, fetch_wait_ms: &str) -> Result<StreamConsumer> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", unique(group))
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", fetch_wait_ms)
+            .create()?;
+        consumer.subscribe(&[topic])?;
+        Ok(consumer)
+    }
+
+    /// Publishes a paced phase into `topic`; each send is handed to librdkafka at once.
+    async fn publish_paced(
+        &self,
+        topic: &str,
+        pace: Pace,
+        recorder: &Recorder,
+    ) -> Result<Percentiles> {
+        let producer = &self.paced_producer;
+        paced(pace, recorder, |payload| async move {
+            producer
+                .send_result(FutureRecord::<(), _>::to(topic).payload(&payload))
+                .map_err(|(e, _)| e)?;
+            Ok::<_, anyhow::Error>(())
+        })
+        .await
+    }
+
+    /// ferry's source section for `topic`, in a group of its own.
+    fn source(&self, topic: &str) -> String {
+        format!(
+            "type = \"kafka\"\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{topic}\"]\n",
+            self.bootstrap,
+            unique("bench-ferry")
+        )
+    }
 }
 
 impl Phases for Kafka {
     fn title(&self, args: &Args) -> String {
         format!(
-            "Kafka (mock cluster, {PARTITIONS} partitions), {} messages of {} B per phase, {} round(s)",
+            "Kafka (mock cluster, {PARTITIONS} partitions), {} messages per phase, {} round(s)",
             args.messages(),
-            args.size,
-            args.rounds
+            args.rounds()
         )
     }
 
-    async fn native(&self, args: &Args) -> Result<f64> {
-        let topic = self.filled_topic(args, "bench-native").await?;
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("group.id", unique("bench-native"))
-            .set("auto.offset.reset", "earliest")
-            .create()?;
-        consumer.subscribe(&[&topic])?;
+    async fn native(&self, args: &Args, size: usize) -> Result<f64> {
+        let topic = self.filled_topic(args, size, "bench-native").await?;
+        let consumer = self.consumer(&topic, "bench-native", "500")?;
         let mut started = None;
         let mut count = 0u64;
         while count < args.messages() {
@@ -115,16 +168,43 @@ impl Phases for Kafka {
         Ok(started.map_or(0.0, |s| s.elapsed().as_secs_f64()))
     }
 
-    async fn ferry(&self, args: &Args, concurrency: usize, latency_ms: u64) -> Result<FerryRun> {
-        let topic = self.filled_topic(args, "bench-ferry").await?;
+    async fn ferry(&self, args: &Args, case: &Case) -> Result<FerryRun> {
+        let topic = self.filled_topic(args, case.size, "bench-ferry").await?;
         let delivered = Arc::new(AtomicU64::new(0));
-        let sink = counting_sink(delivered.clone(), Duration::from_millis(latency_ms)).await?;
-        let source = format!(
-            "type = \"kafka\"\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{topic}\"]\n",
-            self.bootstrap,
-            unique("bench-ferry")
-        );
-        let (child, pid) = spawn_ferry(args, &source, sink, concurrency)?;
+        let sink = counting_sink(delivered.clone(), case.latency()).await?;
+        let (child, pid) = spawn_ferry(args, &self.source(&topic), sink, case.setting)?;
         measure_ferry(child, pid, delivered, args.messages()).await
+    }
+
+    async fn native_paced(&self, _args: &Args, pace: Pace) -> Result<Percentiles> {
+        let topic = self.empty_topic("bench-native-paced")?;
+        let consumer = self.consumer(&topic, "bench-native-paced", PACED_FETCH_WAIT_MS)?;
+        let recorder = Recorder::default();
+        let consuming = {
+            let recorder = recorder.clone();
+            tokio::spawn(async move {
+                while let Ok(message) = consumer.recv().await {
+                    recorder.record(message.payload().unwrap_or_default());
+                }
+            })
+        };
+        let result = self.publish_paced(&topic, pace, &recorder).await;
+        // Every paced message has been recorded (or waited for): the consumer may go.
+        consuming.abort();
+        result
+    }
+
+    async fn ferry_paced(&self, args: &Args, case: &Case, pace: Pace) -> Result<Percentiles> {
+        let topic = self.empty_topic("bench-ferry-paced")?;
+        let recorder = Recorder::default();
+        let sink = timing_sink(recorder.clone(), case.latency()).await?;
+        let source = format!(
+            "{}librdkafka = {{ \"fetch.wait.max.ms\" = \"{PACED_FETCH_WAIT_MS}\" }}\n",
+            self.source(&topic)
+        );
+        let (child, pid) = spawn_ferry(args, &source, sink, case.setting)?;
+        let result = self.publish_paced(&topic, pace, &recorder).await;
+        crate::stop_ferry(child, pid)?;
+        result
     }
 }

@@ -2,13 +2,19 @@
 //! consumer that only acks, no HTTP) and ferry end to end into a counting HTTP sink, and
 //! prints ferry's rate as a ratio of the drain rate with its CPU time and peak RSS.
 //!
+//! With a filled queue (RabbitMQ, Kafka) it also measures, in the same run, the counting
+//! sink's own ceiling and, in a paced phase, the latency ferry adds (see `sweep.rs`).
+//!
 //! SQS phases publish while they drain, through the same publisher and the same window
 //! of outstanding messages, because the emulator slows down with queue depth. RabbitMQ
 //! and Kafka phases drain a queue or topic filled beforehand (see `sweep.rs`).
 
 mod amqp;
 mod capacity;
+mod ceiling;
+mod concurrency;
 mod kafka;
+mod latency;
 mod sweep;
 
 use std::path::PathBuf;
@@ -21,6 +27,8 @@ use anyhow::{bail, Context, Result};
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
 use aws_sdk_sqs::Client;
 use clap::Parser;
+
+use crate::concurrency::{ConcurrencyArg, Setting};
 
 /// Which broker to measure.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -39,19 +47,22 @@ struct Args {
     /// The broker.
     #[arg(long, value_enum, default_value = "sqs")]
     broker: Broker,
-    /// Messages per phase [default: 20,000 on SQS, 200,000 on RabbitMQ and Kafka].
+    /// Messages per phase [default: 20,000 on SQS, 200,000 on RabbitMQ and Kafka; with
+    /// --quick 2,000 and 5,000].
     #[arg(long)]
     messages: Option<u64>,
-    /// Payload size in bytes.
-    #[arg(long, default_value_t = 256)]
-    size: usize,
+    /// Payload size in bytes (RabbitMQ and Kafka: each of a comma-separated list, SQS the
+    /// first).
+    #[arg(long, value_delimiter = ',', default_value = "256")]
+    size: Vec<usize>,
     /// Receive loops, for the native drainer and for ferry alike.
     #[arg(long, default_value_t = 4)]
     receivers: usize,
     /// ferry's `concurrency`; RabbitMQ and Kafka run each of a comma-separated list, SQS
-    /// the first.
+    /// the first. `adaptive` runs `concurrency = "adaptive"` with `max_concurrency` the
+    /// largest number of the list (256 without one).
     #[arg(long, value_delimiter = ',', default_value = "64")]
-    concurrency: Vec<usize>,
+    concurrency: Vec<ConcurrencyArg>,
     /// Endpoint latency in ms (RabbitMQ and Kafka: each of a comma-separated list).
     #[arg(long, value_delimiter = ',', default_value = "0")]
     latency_ms: Vec<u64>,
@@ -70,14 +81,24 @@ struct Args {
     /// The SQS endpoint.
     #[arg(long, default_value = "http://127.0.0.1:4566")]
     endpoint: String,
-    /// Alternating native / ferry rounds.
-    #[arg(long, default_value_t = 2)]
-    rounds: u64,
+    /// Alternating native / ferry rounds [default: 2, with --quick 1].
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Seconds the sink-ceiling load generator is counted for [default: 5, with --quick 1].
+    #[arg(long)]
+    ceiling_secs: Option<f64>,
+    /// Messages per second of the paced (latency) phases; capped per row at a quarter of
+    /// `concurrency ÷ endpoint latency`.
+    #[arg(long, default_value_t = 1000.0)]
+    paced_rate: f64,
+    /// Seconds of publishing in each paced phase [default: 5, with --quick 1].
+    #[arg(long)]
+    paced_secs: Option<f64>,
     /// RabbitMQ only: instead of the drain comparison, an endpoint that takes this many
     /// requests at once (503 beyond) against each fixed `concurrency` and "adaptive".
     #[arg(long)]
     capacity: Option<usize>,
-    /// A tenth of the default messages: a smoke run.
+    /// A smoke run: fewer messages, one round, short ceiling and paced phases.
     #[arg(long)]
     quick: bool,
 }
@@ -88,15 +109,48 @@ impl Args {
             Broker::Sqs => 20_000,
             Broker::Amqp | Broker::Kafka => 200_000,
         };
+        // A quick sweep of two sizes, three settings and two latencies runs twelve rows.
+        let quick_divisor = match self.broker {
+            Broker::Sqs => 10,
+            Broker::Amqp | Broker::Kafka => 40,
+        };
         match (self.messages, self.quick) {
             (Some(n), _) => n,
-            (None, true) => default / 10,
+            (None, true) => default / quick_divisor,
             (None, false) => default,
         }
     }
 
-    fn first_concurrency(&self) -> usize {
-        self.concurrency.first().copied().unwrap_or(64)
+    fn rounds(&self) -> u64 {
+        self.rounds.unwrap_or(if self.quick { 1 } else { 2 })
+    }
+
+    fn ceiling_window(&self) -> Duration {
+        let secs = self
+            .ceiling_secs
+            .unwrap_or(if self.quick { 1.0 } else { 5.0 });
+        Duration::from_secs_f64(secs)
+    }
+
+    fn paced_secs(&self) -> f64 {
+        self.paced_secs
+            .unwrap_or(if self.quick { 1.0 } else { 5.0 })
+    }
+
+    /// The `--concurrency` list as ferry settings.
+    fn settings(&self) -> Vec<Setting> {
+        concurrency::settings(&self.concurrency)
+    }
+
+    fn first_setting(&self) -> Setting {
+        self.settings()
+            .first()
+            .copied()
+            .unwrap_or(Setting::Fixed(64))
+    }
+
+    fn first_size(&self) -> usize {
+        self.size.first().copied().unwrap_or(256)
     }
 }
 
@@ -119,7 +173,7 @@ async fn main() -> Result<()> {
         "SQS (emulator at {}), {} messages of {} B, {} receivers",
         args.endpoint,
         args.messages(),
-        args.size,
+        args.first_size(),
         args.receivers
     );
 
@@ -130,7 +184,7 @@ async fn main() -> Result<()> {
     let mut cpu = 0.0;
     let mut rss = 0u64;
     let mut rows = Vec::new();
-    for round in 1..=args.rounds {
+    for round in 1..=args.rounds() {
         let native = native_drain(&client, &args).await?;
         let ferry = ferry_run(&client, &args).await?;
         println!(
@@ -143,7 +197,7 @@ async fn main() -> Result<()> {
         rss = rss.max(ferry.peak_rss_kib);
         rows.push((native.rate, ferry.rate));
     }
-    let total = (args.messages() * args.rounds) as f64;
+    let total = (args.messages() * args.rounds()) as f64;
     let native_rate = total / native_secs;
     let ferry_rate = total / ferry_secs;
     println!();
@@ -152,7 +206,7 @@ async fn main() -> Result<()> {
     println!("| native drain (receive + batch delete) | {native_rate:.0} | 1.00 | - | - |");
     println!(
         "| ferry end to end (concurrency {}) | {:.0} | {:.2} | {:.2} | {:.1} |",
-        args.first_concurrency(),
+        args.first_setting(),
         ferry_rate,
         ferry_rate / native_rate,
         cpu / total * 10_000.0,
@@ -206,7 +260,7 @@ fn publish(
 ) -> tokio::task::JoinHandle<Result<()>> {
     let total = args.messages();
     let window = args.window;
-    let size = args.size;
+    let size = args.first_size();
     tokio::spawn(async move {
         let next = Arc::new(AtomicU64::new(0));
         let mut tasks = tokio::task::JoinSet::new();
@@ -360,7 +414,7 @@ async fn ferry_run(client: &Client, args: &Args) -> Result<FerryRun> {
          receivers = {}\nwait_time = \"1s\"\n",
         args.endpoint, args.receivers
     );
-    let (mut child, pid) = spawn_ferry(args, &source, sink, args.first_concurrency())?;
+    let (mut child, pid) = spawn_ferry(args, &source, sink, args.first_setting())?;
     // Let it connect before the clock starts, like the native drainer's client.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cpu_before = cpu_seconds(pid)?;
@@ -409,10 +463,15 @@ fn spawn_ferry(
     args: &Args,
     source: &str,
     sink: std::net::SocketAddr,
-    concurrency: usize,
+    setting: Setting,
 ) -> Result<(std::process::Child, u32)> {
-    let delivery = format!("concurrency = {concurrency}\n");
-    spawn_ferry_with(args, source, sink, concurrency, &delivery)
+    spawn_ferry_with(
+        args,
+        source,
+        sink,
+        setting.slots(),
+        &setting.delivery_toml(),
+    )
 }
 
 /// Starts ferry with one route from `source` to the sink, with this `[delivery]` body.

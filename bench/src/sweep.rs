@@ -1,7 +1,9 @@
-//! The sweep every broker with a filled-queue benchmark shares: for each endpoint latency
-//! and `concurrency`, alternate rounds of the broker's native drain and of ferry end to
-//! end, then print one table of rates, ratios, CPU and memory.
+//! The sweep every broker with a filled-queue benchmark shares: for each message size,
+//! endpoint latency and `concurrency`, alternate rounds of the broker's native drain and
+//! of ferry end to end, measure the sink's own ceiling, then a paced phase for the latency
+//! ferry adds; print one table of rates and one of latencies.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+use crate::ceiling::sink_ceiling;
+use crate::concurrency::Setting;
+use crate::latency::{rate_for, Pace, Percentiles};
 use crate::{cpu_seconds, peak_rss_kib, stop_ferry, Args};
 
 /// One ferry phase, measured from its first delivery.
@@ -19,84 +24,173 @@ pub struct FerryRun {
     pub peak_rss_kib: u64,
 }
 
+/// One row of the sweep.
+#[derive(Clone, Copy, Debug)]
+pub struct Case {
+    /// Payload bytes.
+    pub size: usize,
+    /// ferry's `concurrency`.
+    pub setting: Setting,
+    /// How long the endpoint takes to answer.
+    pub latency_ms: u64,
+}
+
+impl Case {
+    /// The endpoint latency.
+    pub fn latency(&self) -> Duration {
+        Duration::from_millis(self.latency_ms)
+    }
+}
+
 /// What a broker brings to the sweep.
 pub trait Phases {
     /// The table's heading line.
     fn title(&self, args: &Args) -> String;
-    /// Seconds a plain consumer takes to drain `args.messages()` from a filled queue.
-    fn native(&self, args: &Args) -> impl Future<Output = Result<f64>>;
-    /// ferry draining the same amount into a sink that answers after `latency_ms`.
-    fn ferry(
+    /// Seconds a plain consumer takes to drain `args.messages()` of `size` bytes from a
+    /// filled queue.
+    fn native(&self, args: &Args, size: usize) -> impl Future<Output = Result<f64>>;
+    /// ferry draining the same amount into the counting sink, as `case` says.
+    fn ferry(&self, args: &Args, case: &Case) -> impl Future<Output = Result<FerryRun>>;
+    /// Publish → consume latency of a plain consumer under `pace` (see `latency.rs`).
+    fn native_paced(&self, args: &Args, pace: Pace) -> impl Future<Output = Result<Percentiles>>;
+    /// Publish → endpoint latency through ferry under `pace`, set up as `case` says.
+    fn ferry_paced(
         &self,
         args: &Args,
-        concurrency: usize,
-        latency_ms: u64,
-    ) -> impl Future<Output = Result<FerryRun>>;
+        case: &Case,
+        pace: Pace,
+    ) -> impl Future<Output = Result<Percentiles>>;
 }
 
 struct Row {
-    concurrency: usize,
-    latency_ms: u64,
+    case: Case,
     native: f64,
+    ceiling: f64,
     ferry: f64,
     cpu_per_100k: f64,
     rss_mib: f64,
+    rate: f64,
+    native_latency: Percentiles,
+    ferry_latency: Percentiles,
 }
 
-/// Runs every combination and prints the table.
+/// Runs every combination and prints the tables.
 pub async fn sweep(args: &Args, phases: &impl Phases) -> Result<()> {
     println!("{}", phases.title(args));
     let mut rows = Vec::new();
-    for &latency_ms in &args.latency_ms {
-        for &concurrency in &args.concurrency {
-            let (mut native_secs, mut ferry_secs, mut cpu, mut rss) = (0.0, 0.0, 0.0, 0u64);
-            for round in 1..=args.rounds {
-                let native = phases.native(args).await?;
-                let ferry = phases.ferry(args, concurrency, latency_ms).await?;
+    // The native consumer's latency depends on size and pace only: measured once each.
+    let mut native_latencies: HashMap<(usize, u64), Percentiles> = HashMap::new();
+    for &size in &args.size {
+        for &latency_ms in &args.latency_ms {
+            for setting in args.settings() {
+                let case = Case {
+                    size,
+                    setting,
+                    latency_ms,
+                };
+                let (mut native_secs, mut ferry_secs, mut cpu, mut rss) = (0.0, 0.0, 0.0, 0u64);
+                for round in 1..=args.rounds() {
+                    let native = phases.native(args, size).await?;
+                    let ferry = phases.ferry(args, &case).await?;
+                    println!(
+                        "{size} B, c={setting}, latency={latency_ms}ms, round {round}: native {:.0} msg/s, ferry {:.0} msg/s",
+                        args.messages() as f64 / native,
+                        args.messages() as f64 / ferry.secs
+                    );
+                    native_secs += native;
+                    ferry_secs += ferry.secs;
+                    cpu += ferry.cpu_seconds;
+                    rss = rss.max(ferry.peak_rss_kib);
+                }
+                let ceiling =
+                    sink_ceiling(size, setting.slots(), case.latency(), args.ceiling_window())
+                        .await?;
+                let pace = Pace {
+                    rate: rate_for(args.paced_rate, setting.slots(), latency_ms),
+                    secs: args.paced_secs(),
+                    size,
+                };
+                let key = (size, pace.rate.to_bits());
+                let native_latency = match native_latencies.get(&key) {
+                    Some(p) => *p,
+                    None => {
+                        let p = phases.native_paced(args, pace).await?;
+                        native_latencies.insert(key, p);
+                        p
+                    }
+                };
+                let ferry_latency = phases.ferry_paced(args, &case, pace).await?;
                 println!(
-                    "c={concurrency} latency={latency_ms}ms round {round}: native {:.0} msg/s, ferry {:.0} msg/s",
-                    args.messages() as f64 / native,
-                    args.messages() as f64 / ferry.secs
+                    "  sink ceiling {ceiling:.0} msg/s; at {:.0} msg/s: native p50 {:.2} p99 {:.2} ms, ferry p50 {:.2} p99 {:.2} ms",
+                    pace.rate, native_latency.p50, native_latency.p99, ferry_latency.p50, ferry_latency.p99
                 );
-                native_secs += native;
-                ferry_secs += ferry.secs;
-                cpu += ferry.cpu_seconds;
-                rss = rss.max(ferry.peak_rss_kib);
+                let total = (args.messages() * args.rounds()) as f64;
+                rows.push(Row {
+                    case,
+                    native: total / native_secs,
+                    ceiling,
+                    ferry: total / ferry_secs,
+                    cpu_per_100k: cpu / total * 100_000.0,
+                    rss_mib: rss as f64 / 1024.0,
+                    rate: pace.rate,
+                    native_latency,
+                    ferry_latency,
+                });
             }
-            let total = (args.messages() * args.rounds) as f64;
-            rows.push(Row {
-                concurrency,
-                latency_ms,
-                native: total / native_secs,
-                ferry: total / ferry_secs,
-                cpu_per_100k: cpu / total * 100_000.0,
-                rss_mib: rss as f64 / 1024.0,
-            });
         }
     }
+    print_rates(&rows);
+    print_latencies(&rows);
+    Ok(())
+}
+
+fn print_rates(rows: &[Row]) {
     println!();
-    println!("| concurrency | endpoint latency | native drain msg/s | ferry msg/s | ferry / native | ferry / (concurrency ÷ latency) | ferry CPU s per 100k | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| size | concurrency | endpoint latency | native drain msg/s | sink ceiling msg/s | ferry msg/s | ferry ÷ min(drain, ceiling) | lower limit | ferry CPU s per 100k | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
-        let ceiling = if r.latency_ms == 0 {
-            "-".to_owned()
+        let (limit, by) = if r.ceiling < r.native {
+            (r.ceiling, "sink")
         } else {
-            let limit = r.concurrency as f64 * 1000.0 / r.latency_ms as f64;
-            format!("{:.2} (of {limit:.0})", r.ferry / limit)
+            (r.native, "drain")
         };
         println!(
-            "| {} | {} ms | {:.0} | {:.0} | {:.2} | {} | {:.2} | {:.1} |",
-            r.concurrency,
-            r.latency_ms,
+            "| {} B | {} | {} ms | {:.0} | {:.0} | {:.0} | {:.2} | {by} | {:.2} | {:.1} |",
+            r.case.size,
+            r.case.setting,
+            r.case.latency_ms,
             r.native,
+            r.ceiling,
             r.ferry,
-            r.ferry / r.native,
-            ceiling,
+            r.ferry / limit,
             r.cpu_per_100k,
             r.rss_mib
         );
     }
-    Ok(())
+}
+
+fn print_latencies(rows: &[Row]) {
+    println!();
+    println!("| size | concurrency | endpoint latency | paced msg/s | native p50 / p99 ms | ferry p50 / p99 ms | added p50 / p99 ms | samples (native / ferry) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let (n, f) = (r.native_latency, r.ferry_latency);
+        println!(
+            "| {} B | {} | {} ms | {:.0} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} | {} / {} |",
+            r.case.size,
+            r.case.setting,
+            r.case.latency_ms,
+            r.rate,
+            n.p50,
+            n.p99,
+            f.p50,
+            f.p99,
+            f.p50 - n.p50,
+            f.p99 - n.p99,
+            n.samples,
+            f.samples
+        );
+    }
 }
 
 /// Waits for a started ferry to deliver `messages` into the counting sink; the clock and

@@ -1,17 +1,22 @@
-//! The admin server: `/ping`, `/healthz`, `/readyz`, `/metrics`, `/routes`.
+//! The admin server: `/ping`, `/healthz`, `/readyz`, `/metrics`, `/routes`, pause and
+//! resume, and the original consumer service's `/consumer/*` calls.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
 use axum::{Json, Router};
 use ferry_core::{RouteMetrics, SourceContext};
 use prometheus_client::registry::Registry;
-use serde_json::json;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::pause::{SwitchError, Switches};
 
 /// What the admin server can see of one route.
 pub struct RouteView {
@@ -21,26 +26,34 @@ pub struct RouteView {
     pub metrics: RouteMetrics,
 }
 
-struct AdminState {
-    registry: Registry,
-    routes: Vec<RouteView>,
+/// Everything the admin server serves.
+pub struct AdminState {
+    pub registry: Registry,
+    pub routes: Vec<RouteView>,
+    pub switches: Arc<Switches>,
+    /// Required as `Authorization: Bearer <token>` on state-changing calls, when set.
+    pub token: Option<String>,
 }
 
 /// Binds the admin address (so a taken port is a start error) and returns the server task.
 pub async fn serve(
     listen: SocketAddr,
-    registry: Registry,
-    routes: Vec<RouteView>,
+    state: AdminState,
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
-    let state = Arc::new(AdminState { registry, routes });
     let app = Router::new()
         .route("/ping", get(|| async { "pong" }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/routes", get(list_routes))
-        .with_state(state);
+        .route("/routes/{name}", get(one_route))
+        .route("/routes/{name}/pause", put(pause))
+        .route("/routes/{name}/resume", put(resume))
+        .route("/consumer/status", get(consumer_status))
+        .route("/consumer/start", put(consumer_start))
+        .route("/consumer/stop", put(consumer_stop))
+        .with_state(Arc::new(state));
     let listener = tokio::net::TcpListener::bind(listen).await?;
     Ok(tokio::spawn(async move {
         axum::serve(listener, app)
@@ -49,7 +62,9 @@ pub async fn serve(
     }))
 }
 
-async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+type Shared = State<Arc<AdminState>>;
+
+async fn readyz(State(state): Shared) -> impl IntoResponse {
     let waiting: Vec<&str> = state
         .routes
         .iter()
@@ -66,7 +81,7 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+async fn metrics(State(state): Shared) -> impl IntoResponse {
     let mut text = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &state.registry) {
         return (
@@ -85,31 +100,144 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     )
 }
 
-async fn list_routes(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
-    let routes: Vec<_> = state
-        .routes
-        .iter()
-        .map(|r| {
-            let m = &r.metrics;
-            json!({
-                "name": &*r.name,
-                "source": r.source,
-                "state": if !r.ctx.is_connected() {
-                    "connecting"
-                } else if m.circuit_open.get() == 1 {
-                    "endpoint_down"
-                } else {
-                    "running"
-                },
-                "in_flight": m.in_flight.get(),
-                "concurrency_limit": m.concurrency_limit.get(),
-                "backlog": m.backlog.get(),
-                "received": m.received.get(),
-                "delivered": m.delivered.get(),
-                "retried": m.retried.get(),
-                "dead_lettered": m.dead_lettered.get(),
-            })
-        })
-        .collect();
+fn describe(r: &RouteView) -> Value {
+    let m = &r.metrics;
+    let paused = r.ctx.is_paused();
+    json!({
+        "name": &*r.name,
+        "source": r.source,
+        "state": if paused {
+            "paused"
+        } else if !r.ctx.is_connected() {
+            "connecting"
+        } else if m.circuit_open.get() == 1 {
+            "endpoint_down"
+        } else {
+            "running"
+        },
+        "paused": paused,
+        "in_flight": m.in_flight.get(),
+        "concurrency_limit": m.concurrency_limit.get(),
+        "backlog": m.backlog.get(),
+        "received": m.received.get(),
+        "delivered": m.delivered.get(),
+        "retried": m.retried.get(),
+        "dead_lettered": m.dead_lettered.get(),
+    })
+}
+
+async fn list_routes(State(state): Shared) -> impl IntoResponse {
+    let routes: Vec<_> = state.routes.iter().map(describe).collect();
     Json(json!({ "routes": routes }))
+}
+
+fn error(status: StatusCode, what: impl std::fmt::Display) -> Response {
+    (status, Json(json!({ "error": what.to_string() }))).into_response()
+}
+
+fn unknown(name: &str) -> Response {
+    error(StatusCode::NOT_FOUND, format!("no route named {name:?}"))
+}
+
+async fn one_route(State(state): Shared, Path(name): Path<String>) -> Response {
+    match state.routes.iter().find(|r| *r.name == *name) {
+        Some(r) => Json(describe(r)).into_response(),
+        None => unknown(&name),
+    }
+}
+
+/// Whether the call carries the admin token (always, when none is configured).
+fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
+    let Some(token) = &state.token else {
+        return true;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.as_bytes().ct_eq(token.as_bytes()).into()
+}
+
+/// Pauses or resumes `name` and answers with what `view` makes of the route afterwards.
+async fn switch(
+    state: &AdminState,
+    headers: &HeaderMap,
+    name: &str,
+    paused: bool,
+    view: fn(&RouteView) -> Value,
+) -> Response {
+    if !authorized(state, headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            Json(json!({ "error": "missing or wrong bearer token" })),
+        )
+            .into_response();
+    }
+    match state.switches.set(name, paused).await {
+        Ok(()) => {
+            info!(route = name, paused, "admin call");
+            match state.routes.iter().find(|r| *r.name == *name) {
+                Some(r) => Json(view(r)).into_response(),
+                None => unknown(name),
+            }
+        }
+        Err(e @ SwitchError::UnknownRoute(_)) => error(StatusCode::NOT_FOUND, e),
+        Err(e @ SwitchError::Unreachable(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn pause(State(state): Shared, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    switch(&state, &headers, &name, true, describe).await
+}
+
+async fn resume(State(state): Shared, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    switch(&state, &headers, &name, false, describe).await
+}
+
+/// The original consumer service's view: one consumer, started or stopped.
+fn consumer(r: &RouteView) -> Value {
+    let status = if r.ctx.is_paused() {
+        "stopped"
+    } else {
+        "started"
+    };
+    json!({ "route": &*r.name, "status": status })
+}
+
+/// The single route the `/consumer/*` calls act on.
+fn single(state: &AdminState) -> Option<&RouteView> {
+    match state.routes.as_slice() {
+        [only] => Some(only),
+        _ => None,
+    }
+}
+
+fn not_single() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "/consumer/* is for a configuration with one route; use /routes/{name}",
+    )
+}
+
+async fn consumer_status(State(state): Shared) -> Response {
+    match single(&state) {
+        Some(r) => Json(consumer(r)).into_response(),
+        None => not_single(),
+    }
+}
+
+async fn consumer_start(State(state): Shared, headers: HeaderMap) -> Response {
+    match single(&state) {
+        Some(r) => switch(&state, &headers, &r.name, false, consumer).await,
+        None => not_single(),
+    }
+}
+
+async fn consumer_stop(State(state): Shared, headers: HeaderMap) -> Response {
+    match single(&state) {
+        Some(r) => switch(&state, &headers, &r.name, true, consumer).await,
+        None => not_single(),
+    }
 }

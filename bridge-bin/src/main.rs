@@ -9,7 +9,10 @@
 )]
 
 mod admin;
+mod audit;
 mod config;
+mod pause;
+mod redrive;
 mod wiring;
 
 use std::path::PathBuf;
@@ -47,6 +50,27 @@ enum Command {
     Run(ConfigArgs),
     /// Check the configuration and print it resolved, with secrets redacted.
     Validate(ConfigArgs),
+    /// Move a route's dead letters back to its queue (SQS and RabbitMQ routes).
+    Redrive(RedriveArgs),
+}
+
+#[derive(Args)]
+struct RedriveArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The route whose dead letters to move.
+    #[arg(long)]
+    route: String,
+    /// The dead-letter queue to move from: an SQS queue URL (default: the route's
+    /// `dead_letter_queue_url`) or a RabbitMQ queue name (required for RabbitMQ).
+    #[arg(long)]
+    from: Option<String>,
+    /// Move at most this many messages.
+    #[arg(long)]
+    max: Option<u64>,
+    /// Only count what would move.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args)]
@@ -83,6 +107,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate(args) => validate(&args),
         Command::Run(args) => run(&args),
+        Command::Redrive(args) => redrive(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -144,15 +169,53 @@ fn run(args: &ConfigArgs) -> Result<(), Failure> {
     runtime.block_on(run_routes(plan))
 }
 
+fn redrive(args: RedriveArgs) -> Result<(), Failure> {
+    let (_config, plan) = load(&args.config)?;
+    let names: Vec<String> = plan.routes.iter().map(|r| r.name.to_string()).collect();
+    let Some(route) = plan.routes.into_iter().find(|r| *r.name == *args.route) else {
+        return Err(Failure::Config(vec![ConfigError::new(
+            "--route",
+            format!(
+                "no route named {:?} (routes: {})",
+                args.route,
+                names.join(", ")
+            ),
+        )]));
+    };
+    let ask = redrive::Redrive {
+        from: args.from,
+        max: args.max,
+        dry_run: args.dry_run,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime
+        .block_on(redrive::run(route, ask))
+        .map_err(Failure::Other)
+}
+
 async fn run_routes(plan: Plan) -> Result<(), Failure> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
     let shutdown = CancellationToken::new();
+    let (audit, audit_thread) = match &plan.audit {
+        Some(audit) => {
+            let (trail, thread) = audit::start(audit, &mut registry)
+                .with_context(|| format!("audit.path: cannot open {}", audit.path.display()))?;
+            (
+                Some(trail as std::sync::Arc<dyn ferry_core::AuditTrail>),
+                Some(thread),
+            )
+        }
+        None => (None, None),
+    };
 
     let mut views = Vec::new();
     let mut tasks = Vec::new();
     for route in plan.routes {
-        match wiring::build(route, &metrics, &shutdown).await {
+        match wiring::build(route, &metrics, audit.clone(), &shutdown).await {
             Ok((view, task)) => {
                 views.push(view);
                 tasks.push(task);
@@ -167,7 +230,22 @@ async fn run_routes(plan: Plan) -> Result<(), Failure> {
         }
     }
     let names: Vec<String> = views.iter().map(|v| v.name.to_string()).collect();
-    let admin = admin::serve(plan.admin, registry, views, shutdown.clone())
+    let switches = pause::Switches::new(
+        views.iter().map(|v| v.ctx.clone()).collect(),
+        plan.state.as_ref(),
+    )
+    .map_err(|e| Failure::Config(vec![ConfigError::new("start", e)]))?;
+    let switches = std::sync::Arc::new(switches);
+    // Before any route receives: a replica started while its routes are paused stays so.
+    switches.load().await;
+    tokio::spawn(switches.clone().follow(shutdown.clone()));
+    let state = admin::AdminState {
+        registry,
+        routes: views,
+        switches,
+        token: plan.admin_token.clone(),
+    };
+    let admin = admin::serve(plan.admin, state, shutdown.clone())
         .await
         .with_context(|| format!("admin.listen: cannot listen on {}", plan.admin))?;
     info!(admin = %plan.admin, routes = ?names, "ferry started");
@@ -187,6 +265,11 @@ async fn run_routes(plan: Plan) -> Result<(), Failure> {
     .await;
     shutdown.cancel();
     let _ = admin.await;
+    // Every route has dropped its handle: the writer drains the queue and ends.
+    drop(audit);
+    if let Some(thread) = audit_thread {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     let failed: Vec<String> = results
         .into_iter()
         .filter_map(|r| r.err().map(|e| e.to_string()))

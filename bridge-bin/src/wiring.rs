@@ -4,7 +4,9 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use ferry_core::{run_route, EngineError, Metrics, Route, RouteLabels, SourceContext};
+use std::sync::Arc;
+
+use ferry_core::{run_route, AuditTrail, EngineError, Metrics, Route, RouteLabels, SourceContext};
 use ferry_http::HttpSink;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +38,7 @@ impl StartError {
 pub async fn build(
     plan: RoutePlan,
     metrics: &Metrics,
+    audit: Option<Arc<dyn AuditTrail>>,
     shutdown: &CancellationToken,
 ) -> Result<(RouteView, RouteTask), StartError> {
     let route = plan.name.to_string();
@@ -56,6 +59,7 @@ pub async fn build(
                 sink,
                 plan.policy,
                 metrics,
+                audit,
                 shutdown,
             ))
         }};
@@ -80,11 +84,12 @@ fn source_error(route: &str, e: &dyn std::fmt::Display, config: bool) -> StartEr
 }
 
 fn assemble<S: ferry_core::Source>(
-    name: std::sync::Arc<str>,
+    name: Arc<str>,
     source: S,
     sink: HttpSink,
     policy: ferry_core::DeliveryPolicy,
     metrics: &Metrics,
+    audit: Option<Arc<dyn AuditTrail>>,
     shutdown: &CancellationToken,
 ) -> (RouteView, RouteTask) {
     let kind = source.kind();
@@ -110,6 +115,7 @@ fn assemble<S: ferry_core::Source>(
         sink,
         policy,
         metrics,
+        audit,
     };
     (view, Box::pin(run_route(route, ctx)))
 }

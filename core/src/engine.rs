@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::ack::{AckHandle, DeadLetter, Settlement};
+use crate::audit::{AuditOutcome, AuditRecord, AuditTrail};
 use crate::backoff::Backoff;
 use crate::error::EngineError;
 use crate::message::Message;
@@ -22,6 +23,7 @@ use crate::metrics::RouteMetrics;
 use crate::policy::{ResponsePolicy, Verdict};
 use crate::sink::{Sink, SinkResponse};
 use crate::source::{Delivery, Source, SourceContext};
+pub use batch::Batching;
 pub use breaker::CircuitBreaker;
 use breaker::{Breaker, Pass};
 use lanes::Lanes;
@@ -49,6 +51,8 @@ pub struct DeliveryPolicy {
     pub responses: ResponsePolicy,
     /// Whether messages that share an ordering key must arrive one after another.
     pub order: MessageOrder,
+    /// Several messages per request, if set (then `order` does not apply).
+    pub batch: Option<Batching>,
 }
 
 /// The order in which a route's messages reach the endpoint.
@@ -75,6 +79,7 @@ impl Default for DeliveryPolicy {
             shutdown_grace: Duration::from_secs(30),
             responses: ResponsePolicy::default(),
             order: MessageOrder::Unordered,
+            batch: None,
         }
     }
 }
@@ -92,6 +97,8 @@ pub struct Route<S, K> {
     pub policy: DeliveryPolicy,
     /// The route's metric children.
     pub metrics: RouteMetrics,
+    /// Where a record of each finished message goes, if anywhere.
+    pub audit: Option<Arc<dyn AuditTrail>>,
 }
 
 struct Shared<K> {
@@ -104,6 +111,24 @@ struct Shared<K> {
     breaker: Option<Breaker>,
     shutdown: tokio_util::sync::CancellationToken,
     lanes: Lanes,
+    audit: Option<Arc<dyn AuditTrail>>,
+}
+
+impl<K> Shared<K> {
+    fn audit(&self, message: &Message, outcome: AuditOutcome, status: Option<u16>, began: Instant) {
+        if let Some(audit) = &self.audit {
+            audit.record(AuditRecord {
+                id: message.id.clone(),
+                route: self.route.clone(),
+                source: message.source.clone(),
+                attempts: message.attempt,
+                outcome,
+                status,
+                latency: began.elapsed(),
+                at: SystemTime::now(),
+            });
+        }
+    }
 }
 
 /// Runs a route until `ctx.shutdown` is cancelled (or the source ends), then shuts down
@@ -120,6 +145,7 @@ pub async fn run_route<S: Source, K: Sink>(
         sink,
         policy,
         metrics,
+        audit,
     } = route;
     let limiter = Limiter::new(policy.concurrency, metrics.concurrency_limit.clone());
     let pace = policy.rate_limit.map(Pace::new);
@@ -137,12 +163,15 @@ pub async fn run_route<S: Source, K: Sink>(
         breaker,
         shutdown: shutdown.clone(),
         lanes: Lanes::default(),
+        audit,
     });
 
     let health_task = shared
         .breaker
         .is_some()
         .then(|| tokio::spawn(check_health(shared.clone())));
+    let pause_task = tokio::spawn(report_pause(ctx.clone(), shared.metrics.paused.clone()));
+    let switch = ctx.clone();
     let (tx, mut rx) = mpsc::channel::<Delivery>(source.buffer().max(1));
     let mut source_task = tokio::spawn(source.run(tx, ctx));
     let mut tasks = JoinSet::new();
@@ -164,6 +193,11 @@ pub async fn run_route<S: Source, K: Sink>(
                 _ = breaker.receivable() => {}
             }
         }
+        // A paused route takes nothing more from the source, which then stops receiving
+        // because it finds no room; what it already holds stays leased to this replica.
+        if !wait_resumed(&switch, &shutdown).await {
+            break;
+        }
         let delivery = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -172,7 +206,25 @@ pub async fn run_route<S: Source, K: Sink>(
                 None => break,
             },
         };
+        // Paused while waiting for this one: it waits too.
+        if !wait_resumed(&switch, &shutdown).await {
+            delivery.ack.settle(Settlement::Release);
+            break;
+        }
         shared.metrics.received.inc();
+        if let Some(batching) = shared.policy.batch {
+            let received = &shared.metrics.received;
+            let batch = batch::collect(delivery, &mut rx, batching, &shutdown, received).await;
+            if shutdown.is_cancelled() {
+                for unstarted in batch {
+                    unstarted.ack.settle(Settlement::Release);
+                }
+                break;
+            }
+            tasks.spawn(batch::deliver(shared.clone(), batch, permit));
+            while tasks.try_join_next().is_some() {}
+            continue;
+        }
         // The key is copied only when it orders anything (not per message otherwise).
         let key = match shared.policy.order {
             MessageOrder::ByKey => delivery.message.group.clone(),
@@ -225,6 +277,7 @@ pub async fn run_route<S: Source, K: Sink>(
     if let Some(task) = health_task {
         task.abort();
     }
+    pause_task.abort();
     drop(shared);
     // The source returns once every handle it gave out has settled and been flushed.
     shutdown.cancel();
@@ -240,6 +293,42 @@ pub async fn run_route<S: Source, K: Sink>(
             route: name.to_string(),
             detail: join.to_string(),
         }),
+    }
+}
+
+/// Waits while the route is paused; false if shutdown came first.
+async fn wait_resumed(
+    switch: &SourceContext,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> bool {
+    if !switch.is_paused() {
+        return true;
+    }
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => false,
+        _ = switch.resumed() => true,
+    }
+}
+
+/// Mirrors the paused state into `ferry_route_paused` and logs each change once.
+async fn report_pause(ctx: SourceContext, gauge: Gauge) {
+    let mut changes = ctx.pause_changes();
+    let mut was = false;
+    loop {
+        let paused = *changes.borrow_and_update();
+        gauge.set(i64::from(paused));
+        if paused != was {
+            if paused {
+                info!(route = %ctx.route, "route paused: in-flight deliveries finish, nothing new is sent");
+            } else {
+                info!(route = %ctx.route, "route resumed");
+            }
+            was = paused;
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -297,6 +386,7 @@ async fn check_health<K: Sink>(shared: Arc<Shared<K>>) {
 /// Delivers one message: attempts until acked, dead-lettered or taken back.
 async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, mut permit: Slot) {
     let Delivery { mut message, ack } = delivery;
+    let began = Instant::now();
     let mut pass = Pass::Normal;
     // Attempts that failed because the endpoint was down (the circuit open) do not count
     // toward `max_attempts`: an outage must not dead-letter anything.
@@ -328,25 +418,18 @@ async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, mut permit
         pass = Pass::Normal;
         match shared.policy.responses.classify(&response) {
             Verdict::Ack => {
-                ack.settle(Settlement::Ack);
-                shared.metrics.delivered.inc();
-                if let Ok(age) = SystemTime::now().duration_since(message.timestamp) {
-                    shared.metrics.end_to_end.observe(age.as_secs_f64());
-                }
-                return;
+                return self::ack(&shared, &message, ack, &response, began);
             }
             Verdict::DeadLetter { reason } => {
-                return dead_letter(&shared, &message, ack, &response, reason);
+                return dead_letter(&shared, &message, ack, &response, reason, began);
             }
             Verdict::Retry { after } => {
                 if message.attempt.saturating_sub(excused) >= shared.policy.max_attempts {
                     let reason = format!("attempts exhausted: {}", describe(&response));
-                    return dead_letter(&shared, &message, ack, &response, reason);
+                    return dead_letter(&shared, &message, ack, &response, reason, began);
                 }
                 shared.metrics.retried.inc();
-                let backoff = shared.policy.backoff;
-                let delay =
-                    after.map_or_else(|| backoff.delay(message.attempt), |a| backoff.capped(a));
+                let delay = retry_delay(&shared, &message, after);
                 debug!(route = %shared.route, id = %message.id, attempt = message.attempt, ?delay, outcome = %describe(&response), "retrying");
                 // Under key order the broker must not take the message back: the next
                 // one of its key would overtake it.
@@ -386,18 +469,68 @@ async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, mut permit
 }
 
 async fn attempt<K: Sink>(shared: &Shared<K>, message: &Message) -> SinkResponse {
+    timed(shared, shared.sink.deliver(message)).await
+}
+
+/// What a request has answered, so that the rate limit, the adaptive limit and the metrics
+/// treat single messages and batches alike.
+trait Answer {
+    fn response(&self) -> &SinkResponse;
+}
+
+impl Answer for SinkResponse {
+    fn response(&self) -> &SinkResponse {
+        self
+    }
+}
+
+impl Answer for crate::sink::BatchResponse {
+    fn response(&self) -> &SinkResponse {
+        &self.response
+    }
+}
+
+/// Makes one request: waits for the rate limit, counts it in flight, times it and feeds its
+/// answer to the adaptive limit and the metrics.
+async fn timed<K, A: Answer>(
+    shared: &Shared<K>,
+    request: impl std::future::Future<Output = A>,
+) -> A {
     if let Some(pace) = &shared.pace {
         pace.wait().await;
     }
     let _in_flight = InFlight::enter(&shared.metrics.in_flight);
-    let request = shared.limiter.begin();
+    let slot = shared.limiter.begin();
     let started = Instant::now();
-    let response = shared.sink.deliver(message).await;
+    let answer = request.await;
     let took = started.elapsed();
+    let response = answer.response();
     shared.metrics.request_duration.observe(took.as_secs_f64());
-    request.finish(&response, took);
+    slot.finish(response, took);
     shared.metrics.count_response(response.class());
-    response
+    answer
+}
+
+/// Acks a delivered message and counts it.
+fn ack<K>(
+    shared: &Shared<K>,
+    message: &Message,
+    handle: AckHandle,
+    response: &SinkResponse,
+    began: Instant,
+) {
+    handle.settle(Settlement::Ack);
+    shared.metrics.delivered.inc();
+    if let Ok(age) = SystemTime::now().duration_since(message.timestamp) {
+        shared.metrics.end_to_end.observe(age.as_secs_f64());
+    }
+    shared.audit(message, AuditOutcome::Delivered, response.status(), began);
+}
+
+/// The wait before the next attempt: the endpoint's `Retry-After` (capped), else backoff.
+fn retry_delay<K>(shared: &Shared<K>, message: &Message, after: Option<Duration>) -> Duration {
+    let backoff = shared.policy.backoff;
+    after.map_or_else(|| backoff.delay(message.attempt), |a| backoff.capped(a))
 }
 
 fn dead_letter<K>(
@@ -406,11 +539,9 @@ fn dead_letter<K>(
     ack: AckHandle,
     response: &SinkResponse,
     reason: String,
+    began: Instant,
 ) {
-    let status = match response {
-        SinkResponse::Status { status, .. } => Some(*status),
-        _ => None,
-    };
+    let status = response.status();
     let dl = DeadLetter {
         reason,
         status,
@@ -419,6 +550,7 @@ fn dead_letter<K>(
     warn!(route = %shared.route, id = %message.id, reason = %dl, "dead-lettering message");
     ack.settle(Settlement::DeadLetter(dl));
     shared.metrics.dead_lettered.inc();
+    shared.audit(message, AuditOutcome::DeadLettered, status, began);
 }
 
 fn describe(response: &SinkResponse) -> String {
@@ -432,6 +564,7 @@ fn describe(response: &SinkResponse) -> String {
     }
 }
 
+mod batch;
 mod breaker;
 mod lanes;
 mod limit;

@@ -7,6 +7,7 @@
 //! clients, so a new broker is a new crate that implements [`Source`].
 
 pub mod ack;
+pub mod audit;
 pub mod backoff;
 pub mod engine;
 pub mod error;
@@ -18,15 +19,17 @@ pub mod sink;
 pub mod source;
 
 pub use ack::{AckHandle, DeadLetter, Settle, Settlement};
+pub use audit::{AuditOutcome, AuditRecord, AuditTrail};
 pub use backoff::Backoff;
 pub use engine::{
-    run_route, CircuitBreaker, Concurrency, DeliveryPolicy, MessageOrder, RateLimit, Route,
+    run_route, Batching, CircuitBreaker, Concurrency, DeliveryPolicy, MessageOrder, RateLimit,
+    Route,
 };
 pub use error::{EngineError, SourceError};
 pub use message::Message;
 pub use metrics::{Metrics, RouteLabels, RouteMetrics};
 pub use policy::{Action, ResponsePolicy, Verdict};
-pub use sink::{Sink, SinkResponse};
+pub use sink::{BatchResponse, Sink, SinkResponse};
 pub use source::{Delivery, Source, SourceContext};
 
 // Re-exported so that backends written outside the workspace use the same types as the engine.

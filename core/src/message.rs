@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
@@ -47,5 +47,30 @@ impl Message {
             group: None,
             traceparent: None,
         }
+    }
+}
+
+/// A time a broker or publisher gave, unless it is more than a day ahead: a clock that far
+/// off would make end-to-end lag meaningless, and a time past the year 9999 (a garbage or
+/// forged timestamp) cannot even be written as RFC 3339, which sinks do with it. Every
+/// source filters its message times through this.
+pub fn plausible_time(at: SystemTime) -> Option<SystemTime> {
+    (at <= SystemTime::now() + Duration::from_secs(86_400)).then_some(at)
+}
+
+/// [`plausible_time`] of a time given as a distance from the Unix epoch (overflow-safe).
+pub fn plausible_since_epoch(since: Duration) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(since).and_then(plausible_time)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_far_ahead_or_overflowing_are_refused() {
+        assert!(plausible_since_epoch(Duration::from_secs(1_700_000_000)).is_some());
+        assert!(plausible_since_epoch(Duration::from_secs(u64::MAX)).is_none());
+        assert!(plausible_time(SystemTime::now() + Duration::from_secs(2 * 86_400)).is_none());
     }
 }

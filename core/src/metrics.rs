@@ -53,6 +53,7 @@ pub struct Metrics {
     in_flight: Family<RouteLabels, Gauge>,
     concurrency_limit: Family<RouteLabels, Gauge>,
     circuit_open: Family<RouteLabels, Gauge>,
+    paused: Family<RouteLabels, Gauge>,
     backlog: Family<RouteLabels, Gauge>,
     end_to_end: Family<RouteLabels, Histogram>,
 }
@@ -67,6 +68,7 @@ impl Default for Metrics {
             in_flight: Family::default(),
             concurrency_limit: Family::default(),
             circuit_open: Family::default(),
+            paused: Family::default(),
             backlog: Family::default(),
             end_to_end: Family::new_with_constructor(latency_histogram),
         }
@@ -111,6 +113,11 @@ impl Metrics {
             "ferry_circuit_open",
             "1 while the endpoint is considered down and the route does not receive",
             m.circuit_open.clone(),
+        );
+        registry.register(
+            "ferry_route_paused",
+            "1 while the route is paused by an operator (admin API or shared state)",
+            m.paused.clone(),
         );
         registry.register(
             "ferry_source_backlog",
@@ -158,6 +165,7 @@ impl Metrics {
             in_flight: self.in_flight.get_or_create(labels).clone(),
             concurrency_limit: self.concurrency_limit.get_or_create(labels).clone(),
             circuit_open: self.circuit_open.get_or_create(labels).clone(),
+            paused: self.paused.get_or_create(labels).clone(),
             backlog: self.backlog.get_or_create(labels).clone(),
             end_to_end: self.end_to_end.get_or_create(labels).clone(),
         }
@@ -189,6 +197,8 @@ pub struct RouteMetrics {
     pub concurrency_limit: Gauge,
     /// `ferry_circuit_open`
     pub circuit_open: Gauge,
+    /// `ferry_route_paused`
+    pub paused: Gauge,
     /// `ferry_source_backlog`
     pub backlog: Gauge,
     /// `ferry_end_to_end_seconds`

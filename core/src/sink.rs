@@ -27,6 +27,14 @@ pub enum SinkResponse {
 }
 
 impl SinkResponse {
+    /// The HTTP status, when the endpoint answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            SinkResponse::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
     /// The `class` label of `ferry_http_responses_total`.
     pub fn class(&self) -> &'static str {
         match self {
@@ -42,6 +50,16 @@ impl SinkResponse {
     }
 }
 
+/// What the endpoint answered to a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchResponse {
+    /// The answer to the request as a whole, classified like a single message's.
+    pub response: SinkResponse,
+    /// Ids the endpoint reported as failed in a 2xx answer (a partial success): only these
+    /// are retried, the rest are acked.
+    pub failed: Vec<String>,
+}
+
 /// Pushes one message to the endpoint.
 ///
 /// A sink never retries by itself: it reports each attempt so the engine alone decides
@@ -54,5 +72,16 @@ pub trait Sink: Send + Sync + 'static {
     /// the sink has no such check, and a downed endpoint is probed with a real message.
     fn healthy(&self) -> impl Future<Output = Option<bool>> + Send {
         std::future::ready(None)
+    }
+
+    /// Makes one attempt of several messages in one request, for routes with
+    /// [`crate::Batching`]. A sink that cannot batch keeps this default, which refuses every
+    /// batch as an error; configuration should not let such a route start.
+    fn deliver_batch(&self, messages: &[Message]) -> impl Future<Output = BatchResponse> + Send {
+        let _ = messages;
+        std::future::ready(BatchResponse {
+            response: SinkResponse::Error("this sink does not deliver batches".to_owned()),
+            failed: Vec::new(),
+        })
     }
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::AckHandle;
@@ -31,6 +31,7 @@ pub struct SourceContext {
     /// The broker's backlog (`ferry_source_backlog`), kept current by the source.
     pub backlog: Gauge,
     connected: Arc<AtomicBool>,
+    paused: Arc<watch::Sender<bool>>,
 }
 
 impl SourceContext {
@@ -41,7 +42,33 @@ impl SourceContext {
             shutdown,
             backlog,
             connected: Arc::new(AtomicBool::new(false)),
+            paused: Arc::new(watch::Sender::new(false)),
         }
+    }
+
+    /// Pauses or resumes the route: while paused the engine hands nothing new to the
+    /// endpoint (in-flight deliveries finish) and the source, finding no room for more,
+    /// stops asking the broker. Returns whether the state changed.
+    pub fn set_paused(&self, paused: bool) -> bool {
+        self.paused
+            .send_if_modified(|now| std::mem::replace(now, paused) != paused)
+    }
+
+    /// Whether the route is paused.
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Waits until the route is not paused.
+    pub async fn resumed(&self) {
+        let mut rx = self.paused.subscribe();
+        // The sender lives as long as `self`, so this cannot fail.
+        let _ = rx.wait_for(|paused| !paused).await;
+    }
+
+    /// Changes of the paused state, for whoever reports it.
+    pub fn pause_changes(&self) -> watch::Receiver<bool> {
+        self.paused.subscribe()
     }
 
     /// Reports whether the source currently reaches its broker (`/readyz`).

@@ -114,6 +114,43 @@ impl Rabbit {
         }
     }
 
+    /// Publishes `n` plain messages `PREFIX-i` (in confirmed chunks) and returns their bodies.
+    pub async fn publish_numbered(
+        &self,
+        queue: &str,
+        prefix: &str,
+        n: usize,
+    ) -> std::collections::BTreeSet<String> {
+        let messages: Vec<Outgoing> = (0..n)
+            .map(|i| Outgoing::plain(format!("{prefix}-{i}")))
+            .collect();
+        for chunk in messages.chunks(1000) {
+            self.publish(queue, chunk).await;
+        }
+        messages.into_iter().map(|m| m.body).collect()
+    }
+
+    /// Publishes one message with an arbitrary (not necessarily UTF-8) payload.
+    pub async fn publish_bytes(&self, queue: &str, payload: &[u8]) {
+        let props = BasicProperties::default()
+            .with_message_id(ShortString::from(crate::unique(queue)))
+            .with_delivery_mode(2);
+        let confirmation = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                payload,
+                props,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirmation.is_ack(), "broker refused a publish");
+    }
+
     /// Ready messages in a queue.
     pub async fn depth(&self, queue: &str) -> u32 {
         self.channel

@@ -134,6 +134,11 @@ pub trait TestQueue {
 
 /// Starts a bridge on `queue` towards `endpoint` and waits until it receives.
 pub async fn start_bridge(queue: &impl TestQueue, endpoint: &Endpoint, s: Settings) -> Ferry {
+    start_bridge_to(queue, &endpoint.url(), s).await
+}
+
+/// Starts a bridge on `queue` towards `sink_url` (an endpoint behind a proxy, say).
+pub async fn start_bridge_to(queue: &impl TestQueue, sink_url: &str, s: Settings) -> Ferry {
     let bridge = match queue.bridge() {
         Bridge::Ferry { source } => {
             let delivery = format!(
@@ -146,7 +151,7 @@ pub async fn start_bridge(queue: &impl TestQueue, endpoint: &Endpoint, s: Settin
             );
             Ferry::start(&crate::ferry::Route {
                 source,
-                sink_url: &endpoint.url(),
+                sink_url,
                 sink: "",
                 delivery: &delivery,
             })
@@ -158,7 +163,7 @@ pub async fn start_bridge(queue: &impl TestQueue, endpoint: &Endpoint, s: Settin
         } => {
             args.extend([
                 "--sink-url".to_owned(),
-                endpoint.url(),
+                sink_url.to_owned(),
                 "--concurrency".to_owned(),
                 s.concurrency.to_string(),
                 "--max-attempts".to_owned(),
@@ -180,7 +185,7 @@ pub async fn start_bridge(queue: &impl TestQueue, endpoint: &Endpoint, s: Settin
     bridge
 }
 
-fn numbered(prefix: &str, range: std::ops::Range<usize>) -> Vec<Outgoing> {
+pub(crate) fn numbered(prefix: &str, range: std::ops::Range<usize>) -> Vec<Outgoing> {
     range
         .map(|i| Outgoing::plain(format!("{prefix}-{i}")))
         .collect()
@@ -209,19 +214,19 @@ pub fn assert_key_order(endpoint: &Endpoint) {
     }
 }
 
-fn bodies(seen: &[Seen]) -> Vec<String> {
+pub(crate) fn bodies(seen: &[Seen]) -> Vec<String> {
     seen.iter().filter_map(Seen::msg).collect()
 }
 
 /// Publishes `messages` in chunks while the bridge drains (keeps queues shallow).
-async fn publish_in_chunks(queue: &impl TestQueue, messages: &[Outgoing], chunk: usize) {
+pub(crate) async fn publish_in_chunks(queue: &impl TestQueue, messages: &[Outgoing], chunk: usize) {
     for part in messages.chunks(chunk) {
         queue.publish(part).await;
     }
 }
 
 /// Waits until every body in `expected` was accepted (2xx) at least once.
-async fn wait_delivered(
+pub(crate) async fn wait_delivered(
     endpoint: &Endpoint,
     expected: &BTreeSet<String>,
     limit: Duration,
@@ -246,7 +251,7 @@ async fn wait_delivered(
 
 /// Stops the bridge with SIGTERM and checks that it exits cleanly.
 /// Stops the bridge with SIGTERM, asserts a clean exit and returns its log.
-async fn stop(mut bridge: Ferry) -> String {
+pub(crate) async fn stop(mut bridge: Ferry) -> String {
     bridge.signal("TERM");
     let status = bridge.wait_exit(Duration::from_secs(30)).await;
     let log = bridge.log();
@@ -258,7 +263,7 @@ async fn stop(mut bridge: Ferry) -> String {
 }
 
 /// Waits for the broker to hold nothing more for the route.
-async fn assert_drained(queue: &impl TestQueue) {
+pub(crate) async fn assert_drained(queue: &impl TestQueue) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let left = queue.remaining().await;
@@ -274,7 +279,7 @@ async fn assert_drained(queue: &impl TestQueue) {
 }
 
 /// Bodies accepted more than once.
-fn duplicates(endpoint: &Endpoint) -> Vec<String> {
+pub(crate) fn duplicates(endpoint: &Endpoint) -> Vec<String> {
     let mut count: BTreeMap<String, usize> = BTreeMap::new();
     for b in bodies(&endpoint.delivered()) {
         *count.entry(b).or_default() += 1;

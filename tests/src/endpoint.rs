@@ -115,9 +115,29 @@ impl Endpoint {
         Self { addr, inner }
     }
 
+    /// The endpoint's socket address (to put a proxy in front of it).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// The URL to configure as the sink.
     pub fn url(&self) -> String {
         format!("http://{}/deliver", self.addr)
+    }
+
+    /// The envelope `msg` of every accepted request, duplicates included.
+    pub fn delivered_msgs(&self) -> Vec<String> {
+        self.delivered().iter().filter_map(Seen::msg).collect()
+    }
+
+    /// The distinct envelope `msg`s accepted.
+    pub fn delivered_set(&self) -> std::collections::BTreeSet<String> {
+        self.delivered_msgs().into_iter().collect()
+    }
+
+    /// Requests open right now.
+    pub fn open(&self) -> usize {
+        self.inner.in_flight.load(Ordering::SeqCst)
     }
 
     /// The most requests that were open at once.

@@ -76,8 +76,14 @@ pub fn kafka_source(brokers: &str, group: &str, topic: &str, dead_letter_topic: 
 impl Route<'_> {
     /// The configuration file text, with the admin server on `admin_port`.
     pub fn config(&self, admin_port: u16) -> String {
+        self.config_with(admin_port, "")
+    }
+
+    /// The configuration file text, with `admin` appended to the `[admin]` section (it may
+    /// open `[admin.state]`).
+    pub fn config_with(&self, admin_port: u16, admin: &str) -> String {
         format!(
-            "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[routes.r.source]\n{}\n\
+            "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{admin}\n\n[routes.r.source]\n{}\n\
              [routes.r.sink]\ntype = \"http\"\nurl = \"{}\"\n{}\n\n[routes.r.delivery]\n{}\n",
             self.source, self.sink_url, self.sink, self.delivery
         )
@@ -107,10 +113,15 @@ fn command() -> Command {
 impl Ferry {
     /// Starts `ferry run` with `route` and a fresh admin port.
     pub fn start(route: &Route<'_>) -> Self {
+        Self::start_with(route, "")
+    }
+
+    /// Starts `ferry run` with `route`, a fresh admin port and `admin` added to `[admin]`.
+    pub fn start_with(route: &Route<'_>, admin: &str) -> Self {
         let admin_port = crate::free_port();
         let dir = scratch("ferry");
         let config = dir.join("ferry.toml");
-        std::fs::write(&config, route.config(admin_port)).expect("write config");
+        std::fs::write(&config, route.config_with(admin_port, admin)).expect("write config");
         let log = dir.join("ferry.log");
         let child = command()
             .arg("run")

@@ -6,6 +6,7 @@
 pub mod amqp;
 pub mod conformance;
 pub mod endpoint;
+pub mod faults;
 pub mod ferry;
 pub mod kafka;
 pub mod proxy;

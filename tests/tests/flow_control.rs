@@ -9,24 +9,6 @@ use ferry_e2e::conformance::Outgoing;
 use ferry_e2e::ferry::{amqp_source, Route};
 use ferry_e2e::{wait_until, Endpoint, Ferry, Reply};
 
-async fn publish(rabbit: &Rabbit, queue: &str, prefix: &str, n: usize) -> BTreeSet<String> {
-    let messages: Vec<Outgoing> = (0..n)
-        .map(|i| Outgoing::plain(format!("{prefix}-{i}")))
-        .collect();
-    for chunk in messages.chunks(1000) {
-        rabbit.publish(queue, chunk).await;
-    }
-    messages.into_iter().map(|m| m.body).collect()
-}
-
-fn delivered_bodies(endpoint: &Endpoint) -> BTreeSet<String> {
-    endpoint
-        .delivered()
-        .iter()
-        .filter_map(|s| s.msg())
-        .collect()
-}
-
 /// An endpoint that refuses (503) whatever exceeds 12 requests at once and otherwise takes
 /// 5 ms: the adaptive limit must settle near 12 (between 8 and 16) within 10 s while more
 /// than 95% of requests succeed, and every message arrives.
@@ -43,7 +25,7 @@ async fn adaptive_concurrency_finds_the_endpoints_capacity() {
         }
     })
     .await;
-    let expected = publish(&rabbit, &queue.name, "a", N).await;
+    let expected = rabbit.publish_numbered(&queue.name, "a", N).await;
     let ferry = Ferry::start(&Route {
         source: amqp_source(&queue.name, "prefetch = 300"),
         sink_url: &endpoint.url(),
@@ -54,7 +36,7 @@ async fn adaptive_concurrency_finds_the_endpoints_capacity() {
     let metric = r#"ferry_concurrency_limit{route="r",source="amqp",sink="http"}"#;
     let started = Instant::now();
     let mut samples = Vec::new();
-    while started.elapsed() < Duration::from_secs(14) && delivered_bodies(&endpoint).len() < N {
+    while started.elapsed() < Duration::from_secs(14) && endpoint.delivered_set().len() < N {
         if let Some(limit) = ferry.metric(metric).await {
             samples.push((started.elapsed(), limit));
         }
@@ -81,7 +63,7 @@ async fn adaptive_concurrency_finds_the_endpoints_capacity() {
         settled.len()
     );
     let all = wait_until(Duration::from_secs(60), || {
-        delivered_bodies(&endpoint) == expected
+        endpoint.delivered_set() == expected
     })
     .await;
     assert!(all, "not every message arrived; log:\n{}", ferry.log());
@@ -106,7 +88,7 @@ async fn rate_limit_paces_requests() {
     let rabbit = Rabbit::connect().await;
     let queue = rabbit.queue("paced").await;
     let endpoint = Endpoint::start(|_| Reply::ok()).await;
-    let expected = publish(&rabbit, &queue.name, "p", N).await;
+    let expected = rabbit.publish_numbered(&queue.name, "p", N).await;
     let ferry = Ferry::start(&Route {
         source: amqp_source(&queue.name, ""),
         sink_url: &endpoint.url(),
@@ -114,7 +96,7 @@ async fn rate_limit_paces_requests() {
         delivery: "concurrency = 16\nrate_limit = { per_second = 200, burst = 20 }",
     });
     let all = wait_until(Duration::from_secs(60), || {
-        delivered_bodies(&endpoint) == expected
+        endpoint.delivered_set() == expected
     })
     .await;
     assert!(all, "not every message arrived; log:\n{}", ferry.log());
@@ -173,7 +155,7 @@ async fn a_downed_endpoint_stops_receiving_and_nothing_is_dead_lettered() {
         }
     })
     .await;
-    let expected = publish(&rabbit, &queue.name, "d", N).await;
+    let expected = rabbit.publish_numbered(&queue.name, "d", N).await;
     let ferry = Ferry::start(&Route {
         source: amqp_source(&queue.name, "prefetch = 20"),
         sink_url: &endpoint.url(),
@@ -230,7 +212,7 @@ async fn a_downed_endpoint_stops_receiving_and_nothing_is_dead_lettered() {
         ferry.log()
     );
     let all = wait_until(Duration::from_secs(90), || {
-        delivered_bodies(&endpoint) == expected
+        endpoint.delivered_set() == expected
     })
     .await;
     assert!(all, "not every message arrived; log:\n{}", ferry.log());
@@ -254,7 +236,7 @@ async fn always_500_retries_with_backoff_then_dead_letters() {
     let rabbit = Rabbit::connect().await;
     let queue = rabbit.queue("five-hundred").await;
     let endpoint = Endpoint::start(|_| Reply::status(500).body("broken")).await;
-    publish(&rabbit, &queue.name, "f", N).await;
+    rabbit.publish_numbered(&queue.name, "f", N).await;
     let ferry = Ferry::start(&Route {
         source: amqp_source(&queue.name, ""),
         sink_url: &endpoint.url(),
@@ -347,7 +329,7 @@ async fn keys_stay_in_order_and_run_in_parallel() {
     });
     let started = Instant::now();
     let all = wait_until(Duration::from_secs(120), || {
-        delivered_bodies(&endpoint) == expected
+        endpoint.delivered_set() == expected
     })
     .await;
     let wall = started.elapsed();
@@ -391,7 +373,7 @@ async fn a_failing_health_check_stops_receiving_until_it_passes() {
     let health_addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, health).await });
     let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(20))).await;
-    let expected = publish(&rabbit, &queue.name, "h", N).await;
+    let expected = rabbit.publish_numbered(&queue.name, "h", N).await;
     let sink = format!("health_url = \"http://{health_addr}/health\"");
     let ferry = Ferry::start(&Route {
         source: amqp_source(&queue.name, "prefetch = 20"),
@@ -438,7 +420,7 @@ async fn a_failing_health_check_stops_receiving_until_it_passes() {
         ferry.log()
     );
     let all = wait_until(Duration::from_secs(60), || {
-        delivered_bodies(&endpoint) == expected
+        endpoint.delivered_set() == expected
     })
     .await;
     assert!(all, "not every message arrived; log:\n{}", ferry.log());

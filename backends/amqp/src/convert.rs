@@ -2,8 +2,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use ferry_core::message::plausible_since_epoch;
 use ferry_core::Message;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
@@ -51,8 +52,11 @@ pub(crate) fn convert(
         ),
     };
     let mut message = Message::new(id, delivery.data.clone(), source.clone());
-    if let Some(ts) = props.timestamp() {
-        message.timestamp = UNIX_EPOCH + Duration::from_secs(*ts);
+    if let Some(at) = props
+        .timestamp()
+        .and_then(|ts| plausible_since_epoch(Duration::from_secs(ts)))
+    {
+        message.timestamp = at;
     }
     let mut delivery_count = None;
     if let Some(headers) = props.headers() {
@@ -76,9 +80,5 @@ pub(crate) fn convert(
         Some(h) => message.attributes.get(h).cloned(),
         None => Some(delivery.routing_key.as_str().to_owned()).filter(|k| !k.is_empty()),
     };
-    if message.timestamp > SystemTime::now() + Duration::from_secs(86_400) {
-        // A publisher's clock far in the future would make end-to-end lag meaningless.
-        message.timestamp = SystemTime::now();
-    }
     message
 }

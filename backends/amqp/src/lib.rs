@@ -7,6 +7,7 @@
 //! with backoff while the route, its state and its metrics carry on.
 
 mod convert;
+mod redrive;
 mod settle;
 
 use std::sync::Arc;

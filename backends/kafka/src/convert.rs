@@ -1,8 +1,9 @@
 //! From a Kafka record to a ferry [`Message`].
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use ferry_core::message::plausible_since_epoch;
 use ferry_core::Message;
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::Message as _;
@@ -37,9 +38,7 @@ pub(crate) fn convert(
         .to_millis()
         .and_then(|ms| u64::try_from(ms).ok())
     {
-        let at = UNIX_EPOCH + Duration::from_millis(ms);
-        // A producer's clock far in the future would make end-to-end lag meaningless.
-        if at <= SystemTime::now() + Duration::from_secs(86_400) {
+        if let Some(at) = plausible_since_epoch(Duration::from_millis(ms)) {
             message.timestamp = at;
         }
     }

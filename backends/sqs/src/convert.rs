@@ -2,10 +2,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName as Sys};
 use bytes::Bytes;
+use ferry_core::message::{plausible_since_epoch, plausible_time};
 use ferry_core::Message;
 
 use crate::sns;
@@ -28,7 +29,19 @@ pub(crate) struct Received {
 fn epoch_millis(v: &str) -> Option<SystemTime> {
     v.parse::<u64>()
         .ok()
-        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+        .and_then(|ms| plausible_since_epoch(Duration::from_millis(ms)))
+}
+
+/// The ferry [`Message`] one received SQS message becomes: an SNS `Notification` body is
+/// unwrapped (the SNS `MessageId` is the id, its `Message` the payload), any other body is
+/// the payload as it is under the SQS `MessageId`. `None` when SQS left out the id or the
+/// receipt handle.
+///
+/// Public because this is where untrusted bytes (anyone who may send to the queue or publish
+/// to the topic) enter ferry: fuzz targets and programs that embed the source decode exactly
+/// as the receive loop does.
+pub fn decode(m: aws_sdk_sqs::types::Message, source: &Arc<str>) -> Option<Message> {
+    convert(m, source, false).map(|r| r.message)
 }
 
 /// Converts one SQS message; `None` when SQS left out the id or receipt handle.
@@ -49,6 +62,7 @@ pub(crate) fn convert(
             if let Some(ts) = n
                 .timestamp
                 .and_then(|t| humantime::parse_rfc3339_weak(&t).ok())
+                .and_then(plausible_time)
             {
                 message.timestamp = ts;
             }
@@ -99,6 +113,7 @@ pub(crate) fn convert(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     fn sqs_message(body: &str) -> aws_sdk_sqs::types::Message {
         aws_sdk_sqs::types::Message::builder()
@@ -123,6 +138,31 @@ mod tests {
         );
         assert_eq!(r.receipt, "rh");
         assert_eq!(r.original.expect("kept").body, "plain");
+    }
+
+    /// Found by fuzzing: a time past the year 9999 made every sink panic when it wrote the
+    /// timestamp as RFC 3339.
+    #[test]
+    fn times_far_ahead_are_ignored() {
+        let source: Arc<str> = Arc::from("q");
+        let m = aws_sdk_sqs::types::Message::builder()
+            .message_id("sqs-id")
+            .receipt_handle("rh")
+            .body("plain")
+            .attributes(Sys::SentTimestamp, "1700000000000000")
+            .attributes(
+                Sys::ApproximateFirstReceiveTimestamp,
+                "18446744073709551615",
+            )
+            .build();
+        let r = convert(m, &source, false).expect("converted");
+        let tomorrow = SystemTime::now() + Duration::from_secs(86_400);
+        assert!(r.message.timestamp <= tomorrow);
+        assert_eq!(r.message.first_received_at, None);
+        let body = r#"{"Type":"Notification","MessageId":"sns-id","Message":"hi","Timestamp":"9999-12-31T23:59:60Z"}"#;
+        let r = convert(sqs_message(body), &source, false).expect("converted");
+        assert_eq!(r.message.id, "sns-id");
+        assert!(r.message.timestamp <= tomorrow);
     }
 
     #[test]

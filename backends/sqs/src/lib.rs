@@ -10,8 +10,12 @@
 mod convert;
 mod lease;
 mod receive;
+mod redrive;
 mod settle;
 pub mod sns;
+
+pub use convert::decode;
+pub use redrive::{Redriven, DEAD_LETTER_ATTRIBUTES};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +68,9 @@ pub enum SqsError {
         /// SQS answered that the queue does not exist or the URL is not one of its own.
         not_found: bool,
     },
+    /// A redrive was asked of a route without `dead_letter_queue_url`.
+    #[error("dead_letter_queue_url: not set, so there is nothing to redrive from")]
+    NoDeadLetterQueue,
 }
 
 impl SqsError {
@@ -72,6 +79,7 @@ impl SqsError {
         match self {
             SqsError::NoRegion => true,
             SqsError::Queue { not_found, .. } => *not_found,
+            SqsError::NoDeadLetterQueue => true,
         }
     }
 }

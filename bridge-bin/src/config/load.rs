@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::{Config, ConfigError};
+use super::{key, Config, ConfigError};
 
 /// Where to look for configuration.
 #[derive(Debug, Clone, Default)]
@@ -27,31 +27,101 @@ pub struct LoadOptions {
 const EXTENSIONS: [&str; 3] = ["toml", "yaml", "yml"];
 const ENV_PREFIX: &str = "FERRY__";
 
+/// The syntax of a configuration text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// TOML, the default.
+    Toml,
+    /// YAML (`.yaml` or `.yml` files).
+    Yaml,
+}
+
+impl Format {
+    /// By file extension: `.yaml` and `.yml` are YAML, anything else TOML.
+    pub fn of(path: &Path) -> Self {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("yaml" | "yml") => Format::Yaml,
+            _ => Format::Toml,
+        }
+    }
+}
+
 /// Loads, merges, interpolates and deserializes the configuration.
 pub fn load(
     options: &LoadOptions,
     vars: &[(String, String)],
 ) -> Result<(Config, Vec<PathBuf>), Vec<ConfigError>> {
-    let files = match &options.file {
-        Some(file) => vec![file.clone()],
-        None => layered_files(options)?,
-    };
+    if let Some(file) = &options.file {
+        let (at, text) = read_file(file).map_err(|e| vec![e])?;
+        let config = load_str(&at, &text, Format::of(file), vars)?;
+        return Ok((config, vec![file.clone()]));
+    }
+    let files = layered_files(options)?;
     let mut tree = Value::Object(Map::new());
     for file in &files {
-        merge(&mut tree, read_file(file).map_err(|e| vec![e])?);
+        let (at, text) = read_file(file).map_err(|e| vec![e])?;
+        merge(
+            &mut tree,
+            parse(&at, &text, Format::of(file)).map_err(|e| vec![e])?,
+        );
     }
+    let config = resolve(tree, vars)?;
+    Ok((config, files))
+}
+
+/// One configuration text, as [`load`] reads a single file: parsed, `FERRY__` overrides
+/// applied, `${VAR}` replaced, deserialized. `name` is where parse errors are reported.
+/// It exists so that a text that is not in a file (a fuzz target, a test) takes the same
+/// path as a file.
+pub fn load_str(
+    name: &str,
+    text: &str,
+    format: Format,
+    vars: &[(String, String)],
+) -> Result<Config, Vec<ConfigError>> {
+    let tree = parse(name, text, format).map_err(|e| vec![e])?;
+    resolve(tree, vars)
+}
+
+/// The merged tree to a [`Config`]: overrides, interpolation, then deserialization.
+fn resolve(mut tree: Value, vars: &[(String, String)]) -> Result<Config, Vec<ConfigError>> {
     apply_env_overrides(&mut tree, vars);
     let mut errors = Vec::new();
     interpolate(&mut tree, &mut String::new(), vars, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
-    let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
-        let at = e.path().to_string();
-        let at = if at == "." { "config".to_owned() } else { at };
-        vec![ConfigError::new(at, one_line(&e.inner().to_string()))]
-    })?;
-    Ok((config, files))
+    serde_path_to_error::deserialize(tree).map_err(|e| {
+        vec![ConfigError::new(
+            error_path(e.path()),
+            one_line(&e.inner().to_string()),
+        )]
+    })
+}
+
+/// Where a deserialization error is, written as `interpolate` writes key paths.
+fn error_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut at = String::new();
+    for segment in path.iter() {
+        let name = match segment {
+            Segment::Seq { index } => {
+                at.push_str(&format!("[{index}]"));
+                continue;
+            }
+            Segment::Map { key: name } | Segment::Enum { variant: name } => key(name),
+            Segment::Unknown => "?".into(),
+        };
+        if !at.is_empty() {
+            at.push('.');
+        }
+        at.push_str(&name);
+    }
+    if at.is_empty() {
+        "config".to_owned()
+    } else {
+        at
+    }
 }
 
 fn layered_files(options: &LoadOptions) -> Result<Vec<PathBuf>, Vec<ConfigError>> {
@@ -80,14 +150,19 @@ fn layered_files(options: &LoadOptions) -> Result<Vec<PathBuf>, Vec<ConfigError>
     Ok(files)
 }
 
-fn read_file(path: &Path) -> Result<Value, ConfigError> {
+/// The text of one file, and the name its errors are reported under.
+fn read_file(path: &Path) -> Result<(String, String), ConfigError> {
     let at = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&at, e.to_string()))?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    let value = match ext {
-        "yaml" | "yml" => serde_yaml::from_str::<Value>(&text)
-            .map_err(|e| ConfigError::new(&at, one_line(&e.to_string())))?,
-        _ => toml::from_str::<Value>(&text).map_err(|e| {
+    Ok((at, text))
+}
+
+/// Parses one text to a generic tree whose top level is a table.
+fn parse(at: &str, text: &str, format: Format) -> Result<Value, ConfigError> {
+    let value = match format {
+        Format::Yaml => serde_yaml::from_str::<Value>(text)
+            .map_err(|e| ConfigError::new(at, one_line(&e.to_string())))?,
+        Format::Toml => toml::from_str::<Value>(text).map_err(|e| {
             let place = e
                 .span()
                 .map(|s| {
@@ -97,7 +172,7 @@ fn read_file(path: &Path) -> Result<Value, ConfigError> {
                     format!("line {line}, column {col}: ")
                 })
                 .unwrap_or_default();
-            ConfigError::new(&at, format!("{place}{}", one_line(e.message())))
+            ConfigError::new(at, format!("{place}{}", one_line(e.message())))
         })?,
     };
     match value {
@@ -170,7 +245,7 @@ fn interpolate(
                 if !path.is_empty() {
                     path.push('.');
                 }
-                path.push_str(k);
+                path.push_str(&key(k));
                 interpolate(v, path, vars, errors);
                 path.truncate(len);
             }
@@ -256,6 +331,49 @@ mod tests {
         );
         assert_eq!(tree["routes"]["orders"]["sink"]["url"], "http://b:1/x");
         assert_eq!(tree["routes"]["orders"]["delivery"]["concurrency"], 64);
+    }
+
+    #[test]
+    fn a_text_loads_like_a_file() {
+        let text = "[routes.orders.source]\ntype = \"sqs\"\nqueue_url = \"${Q}\"\n\
+                    [routes.orders.sink]\ntype = \"http\"\nurl = \"http://a\"\n";
+        let config =
+            load_str("t.toml", text, Format::Toml, &vars(&[("Q", "http://q")])).expect("loads");
+        assert!(config.routes.contains_key("orders"));
+        let yaml = "routes:\n  orders:\n    source: {type: sqs, queue_url: http://q}\n\
+                    \x20   sink: {type: http, url: http://a}\n";
+        let config = load_str("t.yaml", yaml, Format::Yaml, &[]).expect("loads");
+        assert!(config.routes.contains_key("orders"));
+        let errors = load_str("t.toml", "routes = [", Format::Toml, &[]).expect_err("broken");
+        assert!(
+            errors[0].to_string().starts_with("t.toml: line 1"),
+            "{errors:?}"
+        );
+    }
+
+    /// An empty key (found by fuzzing) made an error with no place; a line break in a key
+    /// or in a value that an error quotes made it span lines.
+    #[test]
+    fn every_error_names_a_place_on_one_line() {
+        for (text, format, at) in [
+            ("\"\" = 1", Format::Toml, "\"\""),
+            ("\"\" = \"${MISSING}\"", Format::Toml, "\"\""),
+            ("admin:\n&a : 1", Format::Yaml, "\"\""),
+            (
+                "[routes.\"a\\nb\"]\nx = \"${MISSING}\"",
+                Format::Toml,
+                "routes.\"a\\nb\".x",
+            ),
+        ] {
+            let errors = load_str("t", text, format, &[]).expect_err(text);
+            assert_eq!(errors[0].at, at, "{text}");
+            assert!(!errors[0].to_string().contains('\n'), "{errors:?}");
+        }
+        let e = ConfigError::new("routes.x", "\"a\nb\" is neither a number nor \"adaptive\"");
+        assert_eq!(
+            e.to_string(),
+            "routes.x: \"a\\nb\" is neither a number nor \"adaptive\""
+        );
     }
 
     #[test]

@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 
 pub use duration::Dur;
 pub use load::{load, LoadOptions};
-pub use validate::{redacted, validate, Plan, RoutePlan, SourcePlan};
+// For the library target (fuzzing, embedding): the binary only loads files.
+#[allow(unused_imports)]
+pub use load::{load_str, Format};
+pub use validate::{redacted, validate, AuditPlan, Plan, RoutePlan, SourcePlan, StatePlan};
 
 /// One error in the configuration, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,12 +27,46 @@ pub struct ConfigError {
 }
 
 impl std::fmt::Display for ConfigError {
+    /// One line per error, whatever a key or a value holds: control characters (a line
+    /// break in a key or in an environment variable) are written escaped.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.at, self.what)
+        write!(f, "{}: {}", OneLine(&self.at), OneLine(&self.what))
+    }
+}
+
+struct OneLine<'a>(&'a str);
+
+impl std::fmt::Display for OneLine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A key as one segment of a key path: as it is when it is a bare TOML key, quoted as
+/// TOML would write it otherwise, so that an empty key or one with a dot or a space still
+/// names exactly one place.
+pub(crate) fn key(name: &str) -> std::borrow::Cow<'_, str> {
+    let bare = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare {
+        name.into()
+    } else {
+        format!("{name:?}").into()
     }
 }
 
 impl ConfigError {
+    /// An error at a key path (or file name).
     pub fn new(at: impl Into<String>, what: impl Into<String>) -> Self {
         Self {
             at: at.into(),
@@ -45,9 +82,34 @@ pub struct Config {
     /// The admin server.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The audit trail file, when wanted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditConfig>,
     /// Routes by name (`[a-z0-9_]+`).
     #[serde(default)]
     pub routes: BTreeMap<String, RouteConfig>,
+}
+
+/// `[audit]`: one JSON line per message that ended here.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The file; rotated copies get `.1`, `.2`, ... appended.
+    pub path: String,
+    /// Size in MB beyond which the file is rotated.
+    #[serde(default = "default_max_file_mb")]
+    pub max_file_mb: u64,
+    /// Rotated files kept.
+    #[serde(default = "default_max_files")]
+    pub max_files: usize,
+}
+
+fn default_max_file_mb() -> u64 {
+    100
+}
+
+fn default_max_files() -> usize {
+    5
 }
 
 /// `[admin]`
@@ -57,14 +119,44 @@ pub struct AdminConfig {
     /// Where `/ping`, `/metrics` and friends listen.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Bearer token that state-changing admin calls must carry, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Where pause/resume is shared with the other replicas, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateConfig>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            token: None,
+            state: None,
         }
     }
+}
+
+/// `[admin.state]`: the paused/running state of every route, kept in Redis.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// `redis://[user:password@]host:port[/db]`
+    pub redis_url: String,
+    /// Prefix of the Redis key, so that deployments sharing one Redis stay apart.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// How often each replica reads the shared state.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: Dur,
+}
+
+fn default_key_prefix() -> String {
+    "ferry".to_owned()
+}
+
+fn default_poll_interval() -> Dur {
+    Dur(Duration::from_secs(1))
 }
 
 fn default_listen() -> String {
@@ -244,7 +336,7 @@ pub enum SinkConfig {
 pub struct HttpSinkConfig {
     /// Absolute http(s) URL.
     pub url: String,
-    /// `envelope` or `raw`.
+    /// `envelope`, `raw` or `cloudevents`.
     #[serde(default)]
     pub mode: SinkMode,
     /// One attempt's whole-request timeout.
@@ -263,6 +355,50 @@ pub struct HttpSinkConfig {
     /// circuit breaker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_url: Option<String>,
+    /// Standard Webhooks signatures on every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing: Option<SigningConfig>,
+    /// PEM file of CA certificates to trust besides the public roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// PEM client certificate (chain) for endpoints that require mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<String>,
+    /// PEM private key of `client_cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<String>,
+}
+
+/// `[routes.NAME.delivery.batch]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Messages per request at most.
+    #[serde(default = "default_batch_messages")]
+    pub max_messages: usize,
+    /// How long the first message waits for others.
+    #[serde(default = "default_batch_wait")]
+    pub max_wait: Dur,
+}
+
+fn default_batch_messages() -> usize {
+    10
+}
+
+fn default_batch_wait() -> Dur {
+    Dur(Duration::from_millis(50))
+}
+
+/// `[routes.NAME.sink.signing]`: the secret inline (usually `${VAR}`) or in a file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// `whsec_` followed by the base64 key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// A file holding the secret (a mounted secret volume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<String>,
 }
 
 /// Body format of the HTTP sink.
@@ -274,6 +410,8 @@ pub enum SinkMode {
     Envelope,
     /// The payload unchanged.
     Raw,
+    /// CloudEvents 1.0, HTTP binary mode.
+    CloudEvents,
 }
 
 fn default_timeout() -> Dur {
@@ -323,6 +461,9 @@ pub struct DeliveryConfig {
     /// Message order; unset means the source's natural default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ordering: Option<Ordering>,
+    /// Several messages per request, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchConfig>,
 }
 
 /// `concurrency = 10` or `concurrency = "adaptive"`.
@@ -401,6 +542,7 @@ impl Default for DeliveryConfig {
             shutdown_grace: default_shutdown_grace(),
             dead_letter_statuses: default_dead_letter_statuses(),
             ordering: None,
+            batch: None,
         }
     }
 }

@@ -8,12 +8,13 @@ use std::time::Duration;
 use std::num::NonZeroU32;
 
 use ferry_core::{
-    Backoff, CircuitBreaker, Concurrency, DeliveryPolicy, MessageOrder, RateLimit, ResponsePolicy,
+    Backoff, Batching, CircuitBreaker, Concurrency, DeliveryPolicy, MessageOrder, RateLimit,
+    ResponsePolicy,
 };
 use url::Url;
 
 use super::{
-    ConcurrencySetting, Config, ConfigError, DeliveryConfig, HttpSinkConfig, Ordering,
+    key, ConcurrencySetting, Config, ConfigError, DeliveryConfig, HttpSinkConfig, Ordering,
     RateLimitConfig, SinkConfig, SinkMode, SourceConfig,
 };
 
@@ -50,8 +51,36 @@ pub enum SourcePlan {
 pub struct Plan {
     /// Admin server address.
     pub admin: SocketAddr,
+    /// Token required on state-changing admin calls.
+    pub admin_token: Option<String>,
+    /// Shared pause/resume state.
+    pub state: Option<StatePlan>,
+    /// The audit trail file.
+    pub audit: Option<AuditPlan>,
     /// The routes.
     pub routes: Vec<RoutePlan>,
+}
+
+/// `[admin.state]`, validated.
+#[derive(Debug, Clone)]
+pub struct StatePlan {
+    /// The Redis URL.
+    pub redis_url: String,
+    /// The Redis hash that holds every route's state.
+    pub key: String,
+    /// How often each replica reads it.
+    pub poll_interval: Duration,
+}
+
+/// `[audit]`, validated.
+#[derive(Debug, Clone)]
+pub struct AuditPlan {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// Rotate beyond this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept.
+    pub keep: usize,
 }
 
 struct Errors(Vec<ConfigError>);
@@ -77,9 +106,44 @@ pub fn validate(config: &Config) -> Result<Plan, Vec<ConfigError>> {
     if config.routes.is_empty() {
         errors.push("routes", "no routes configured");
     }
+    if config
+        .admin
+        .token
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty())
+    {
+        errors.push(
+            "admin.token",
+            "is empty (leave it out to not require a token)",
+        );
+    }
+    let state = config
+        .admin
+        .state
+        .as_ref()
+        .and_then(|s| state_plan(s, &mut errors));
+    let audit = config.audit.as_ref().and_then(|a| {
+        let mut ok = !a.path.trim().is_empty();
+        if !ok {
+            errors.push("audit.path", "is empty");
+        }
+        if !(1..=100_000).contains(&a.max_file_mb) {
+            ok = false;
+            errors.push("audit.max_file_mb", "must be between 1 and 100000");
+        }
+        if a.max_files > 1000 {
+            ok = false;
+            errors.push("audit.max_files", "must be at most 1000");
+        }
+        ok.then(|| AuditPlan {
+            path: a.path.clone().into(),
+            max_bytes: a.max_file_mb * 1024 * 1024,
+            keep: a.max_files,
+        })
+    });
     let mut routes = Vec::new();
     for (name, route) in &config.routes {
-        let at = format!("routes.{name}");
+        let at = format!("routes.{}", key(name));
         if name.is_empty()
             || !name
                 .chars()
@@ -97,6 +161,22 @@ pub fn validate(config: &Config) -> Result<Plan, Vec<ConfigError>> {
         let SinkConfig::Http(http) = &route.sink;
         let sink = http_sink(name, http, &format!("{at}.sink"), &mut errors);
         let mut policy = delivery(&route.delivery, &format!("{at}.delivery"), &mut errors);
+        if route.delivery.batch.is_some() {
+            let SinkConfig::Http(http) = &route.sink;
+            if http.mode != SinkMode::Envelope {
+                errors.push(
+                    format!("{at}.delivery.batch"),
+                    "batches are JSON arrays of envelopes: use mode = \"envelope\"",
+                );
+            }
+            let kafka = matches!(route.source, SourceConfig::Kafka(_));
+            if !matches!(ordering, Some(Ordering::None)) && (kafka || ordering.is_some()) {
+                errors.push(
+                    format!("{at}.delivery.batch"),
+                    "a batch does not keep key order: set ordering = \"none\" to batch",
+                );
+            }
+        }
         match (&route.source, ordering) {
             // A Kafka partition is ordered; ferry keeps that per key unless told otherwise.
             (SourceConfig::Kafka(_), None | Some(Ordering::Partition)) => {
@@ -119,9 +199,48 @@ pub fn validate(config: &Config) -> Result<Plan, Vec<ConfigError>> {
         }
     }
     match admin {
-        Ok(admin) if errors.0.is_empty() => Ok(Plan { admin, routes }),
+        Ok(admin) if errors.0.is_empty() => Ok(Plan {
+            admin,
+            admin_token: config.admin.token.clone(),
+            state,
+            audit,
+            routes,
+        }),
         _ => Err(errors.0),
     }
+}
+
+fn state_plan(state: &super::StateConfig, errors: &mut Errors) -> Option<StatePlan> {
+    let mut ok = true;
+    match Url::parse(&state.redis_url) {
+        Ok(url) if url.scheme() == "redis" && url.has_host() => {}
+        _ => {
+            ok = false;
+            errors.push(
+                "admin.state.redis_url",
+                format!(
+                    "{:?} is not a URL like redis://127.0.0.1:6379",
+                    redact_url(&state.redis_url)
+                ),
+            );
+        }
+    }
+    if state.key_prefix.is_empty() || state.key_prefix.chars().any(char::is_whitespace) {
+        ok = false;
+        errors.push(
+            "admin.state.key_prefix",
+            "must be non-empty, without spaces",
+        );
+    }
+    if state.poll_interval.0 < Duration::from_millis(100) {
+        ok = false;
+        errors.push("admin.state.poll_interval", "must be at least 100ms");
+    }
+    ok.then(|| StatePlan {
+        redis_url: state.redis_url.clone(),
+        key: format!("{}:paused", state.key_prefix),
+        poll_interval: state.poll_interval.0,
+    })
 }
 
 fn http_url(value: &str, at: &str, errors: &mut Errors) -> Option<Url> {
@@ -323,22 +442,23 @@ fn http_sink(
         errors,
     );
     for (name, value) in &http.headers {
+        let at = format!("{at}.headers.{}", key(name));
         if reqwest_header_name_ok(name).is_err() {
-            errors.push(format!("{at}.headers.{name}"), "not a valid header name");
+            errors.push(&at, "not a valid header name");
         }
         if value.chars().any(|c| c.is_control()) {
-            errors.push(
-                format!("{at}.headers.{name}"),
-                "value has control characters",
-            );
+            errors.push(at, "value has control characters");
         }
     }
+    let signing = signing_key(http.signing.as_ref(), &format!("{at}.signing"), errors);
+    let tls = tls_files(http, at, errors);
     Some(ferry_http::HttpSinkConfig {
         route: Arc::from(route),
         url: url?,
         mode: match http.mode {
             SinkMode::Envelope => ferry_http::Mode::Envelope,
             SinkMode::Raw => ferry_http::Mode::Raw,
+            SinkMode::CloudEvents => ferry_http::Mode::CloudEvents,
         },
         timeout: http.timeout.0,
         connect_timeout: http.connect_timeout.0,
@@ -349,7 +469,96 @@ fn http_sink(
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         health_url,
+        signing: signing?,
+        tls: tls?,
     })
+}
+
+/// Reads the CA and client certificate files (their content is checked when the client
+/// is built, with the same key in the message).
+fn tls_files(
+    http: &HttpSinkConfig,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<ferry_http::TlsConfig> {
+    let mut ok = true;
+    let mut read = |key: &str, path: &Option<String>| -> Option<Vec<u8>> {
+        let path = path.as_ref()?;
+        match std::fs::read(path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                ok = false;
+                errors.push(format!("{at}.{key}"), format!("cannot read {path:?}: {e}"));
+                None
+            }
+        }
+    };
+    let ca_pem = read("ca_file", &http.ca_file);
+    let cert = read("client_cert_file", &http.client_cert_file);
+    let key = read("client_key_file", &http.client_key_file);
+    let identity_pem = match (cert, key) {
+        (Some(mut cert), Some(key)) => {
+            cert.push(b'\n');
+            cert.extend_from_slice(&key);
+            Some(cert)
+        }
+        (None, None) => None,
+        _ => {
+            if http.client_cert_file.is_some() != http.client_key_file.is_some() {
+                ok = false;
+                errors.push(
+                    format!("{at}.client_cert_file"),
+                    "client_cert_file and client_key_file go together",
+                );
+            }
+            None
+        }
+    };
+    ok.then_some(ferry_http::TlsConfig {
+        ca_pem,
+        identity_pem,
+    })
+}
+
+/// The signing key, read from the secret or its file; `Some(None)` when not signing.
+fn signing_key(
+    signing: Option<&super::SigningConfig>,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<Option<ferry_http::SigningKey>> {
+    let Some(signing) = signing else {
+        return Some(None);
+    };
+    let (secret, at) = match (&signing.secret, &signing.secret_file) {
+        (Some(secret), None) => (secret.clone(), format!("{at}.secret")),
+        (None, Some(path)) => {
+            let at = format!("{at}.secret_file");
+            // A secret is short; a path to something endless must not hang the start.
+            let read = std::fs::File::open(path).and_then(|f| {
+                let mut secret = String::new();
+                std::io::Read::read_to_string(&mut std::io::Read::take(f, 4096), &mut secret)
+                    .map(|_| secret)
+            });
+            match read {
+                Ok(secret) => (secret, at),
+                Err(e) => {
+                    errors.push(at, format!("cannot read {path:?}: {e}"));
+                    return None;
+                }
+            }
+        }
+        _ => {
+            errors.push(at, "set exactly one of secret and secret_file");
+            return None;
+        }
+    };
+    match ferry_http::SigningKey::from_secret(&secret) {
+        Ok(key) => Some(Some(key)),
+        Err(e) => {
+            errors.push(at, e.to_string());
+            None
+        }
+    }
 }
 
 fn reqwest_header_name_ok(name: &str) -> Result<(), ()> {
@@ -470,6 +679,24 @@ fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy
             Some(Ordering::Key | Ordering::Partition) => MessageOrder::ByKey,
             Some(Ordering::None) | None => MessageOrder::Unordered,
         },
+        batch: d.batch.as_ref().and_then(|b| {
+            let at = format!("{at}.batch");
+            let before = errors.0.len();
+            range(
+                b.max_messages,
+                1,
+                1_000,
+                &format!("{at}.max_messages"),
+                errors,
+            );
+            if b.max_wait.0 > Duration::from_secs(10) {
+                errors.push(format!("{at}.max_wait"), "must be at most 10s");
+            }
+            (errors.0.len() == before).then_some(Batching {
+                max_messages: b.max_messages,
+                max_wait: b.max_wait.0,
+            })
+        }),
     }
 }
 
@@ -477,6 +704,12 @@ fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy
 /// replaced, since any of them may hold a secret.
 pub fn redacted(config: &Config) -> Config {
     let mut config = config.clone();
+    if let Some(token) = &mut config.admin.token {
+        *token = "<redacted>".to_owned();
+    }
+    if let Some(state) = &mut config.admin.state {
+        state.redis_url = redact_url(&state.redis_url);
+    }
     for route in config.routes.values_mut() {
         let SinkConfig::Http(http) = &mut route.sink;
         for value in http.headers.values_mut() {
@@ -484,6 +717,9 @@ pub fn redacted(config: &Config) -> Config {
         }
         http.url = redact_url(&http.url);
         http.health_url = http.health_url.as_deref().map(redact_url);
+        if let Some(secret) = http.signing.as_mut().and_then(|s| s.secret.as_mut()) {
+            *secret = "<redacted>".to_owned();
+        }
         match &mut route.source {
             SourceConfig::Sqs(sqs) => {
                 sqs.queue_url = redact_url(&sqs.queue_url);
@@ -623,6 +859,79 @@ mod tests {
             ),
         ] {
             let errors = delivery_of(section).expect_err(section);
+            assert!(
+                errors.iter().any(|e| e.starts_with(error)),
+                "{error} not in {errors:#?}"
+            );
+        }
+    }
+
+    /// The operations keys: valid forms are taken, secrets never shown, and each mistake
+    /// is one error at its own path.
+    #[test]
+    fn operations_keys() {
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let text = format!(
+            "[admin]\ntoken = \"t0p\"\n[admin.state]\nredis_url = \"redis://:pw@127.0.0.1:6379\"\n\
+             [audit]\npath = \"audit/ferry.jsonl\"\n{}\nsigning = {{ secret = \"{secret}\" }}\n\
+             [routes.orders.delivery]\nbatch = {{ max_messages = 25 }}\n",
+            GOOD.replace("[admin]", "")
+        );
+        let config = parse(&text);
+        let plan = validate(&config).expect("valid");
+        assert_eq!(plan.admin_token.as_deref(), Some("t0p"));
+        let state = plan.state.expect("shared state");
+        assert_eq!(
+            (state.key.as_str(), state.poll_interval),
+            ("ferry:paused", Duration::from_secs(1))
+        );
+        let audit = plan.audit.expect("audit");
+        assert_eq!((audit.max_bytes, audit.keep), (100 * 1024 * 1024, 5));
+        let route = &plan.routes[0];
+        assert!(route.sink.signing.is_some());
+        let batch = route.policy.batch.expect("batch");
+        assert_eq!(
+            (batch.max_messages, batch.max_wait),
+            (25, Duration::from_millis(50))
+        );
+        let shown = toml::to_string(&redacted(&config)).expect("toml");
+        for hidden in ["t0p", ":pw@", "MfKQ9r8G"] {
+            assert!(!shown.contains(hidden), "{hidden} shown in {shown}");
+        }
+
+        for (section, error) in [
+            ("[admin]\ntoken = \"\"", "admin.token: is empty"),
+            (
+                "[admin.state]\nredis_url = \"http://x\"",
+                "admin.state.redis_url: \"http://x\" is not a URL like redis://",
+            ),
+            (
+                "[routes.orders.sink.signing]\nsecret = \"plain\"",
+                "routes.orders.sink.signing.secret: is not \"whsec_\" followed by a base64 key",
+            ),
+            (
+                "[routes.orders.sink.signing]\nsecret_file = \"/nonexistent/secret\"",
+                "routes.orders.sink.signing.secret_file: cannot read",
+            ),
+            (
+                "[routes.orders.delivery]\nordering = \"key\"\nbatch = {}",
+                "routes.orders.delivery.batch: a batch does not keep key order",
+            ),
+            (
+                "[routes.orders.delivery]\nbatch = { max_messages = 0 }",
+                "routes.orders.delivery.batch.max_messages: 0 is out of range",
+            ),
+            (
+                "[audit]\npath = \"a.jsonl\"\nmax_file_mb = 0",
+                "audit.max_file_mb: must be between",
+            ),
+        ] {
+            let config = parse(&format!("{GOOD}\n{section}\n"));
+            let errors: Vec<String> = validate(&config)
+                .expect_err(section)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             assert!(
                 errors.iter().any(|e| e.starts_with(error)),
                 "{error} not in {errors:#?}"

@@ -116,6 +116,7 @@ struct Harness {
     peak: Arc<AtomicUsize>,
     revoked: Revoked,
     shutdown: CancellationToken,
+    ctx: SourceContext,
     task: tokio::task::JoinHandle<Result<(), EngineError>>,
 }
 
@@ -172,14 +173,16 @@ where
         },
         policy,
         metrics,
+        audit: None,
     };
-    let task = tokio::spawn(run_route(route, ctx));
+    let task = tokio::spawn(run_route(route, ctx.clone()));
     Harness {
         log,
         calls,
         peak,
         revoked,
         shutdown,
+        ctx,
         task,
     }
 }
@@ -212,6 +215,7 @@ fn policy(concurrency: usize, max_attempts: u32) -> DeliveryPolicy {
         shutdown_grace: Duration::from_secs(5),
         responses: ResponsePolicy::default(),
         order: MessageOrder::Unordered,
+        batch: None,
     }
 }
 
@@ -224,6 +228,38 @@ async fn every_message_is_acked_once_and_concurrency_is_capped() {
     assert!(settled.values().all(|s| s == &[Settlement::Ack]));
     let peak = peak.load(Ordering::SeqCst);
     assert!((2..=8).contains(&peak), "peak concurrency {peak}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_route_finishes_in_flight_sends_nothing_more_and_resumes() {
+    let h = start(100, false, policy(4, 3), Duration::from_millis(50), |_| {
+        ok()
+    });
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert!(h.ctx.set_paused(true));
+    assert!(!h.ctx.set_paused(true), "pausing twice changes nothing");
+    // What was in flight finishes; then nothing for a long while.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let calls = h.calls.load(Ordering::SeqCst);
+    assert!(
+        (4..100).contains(&calls),
+        "{calls} requests before the pause took hold"
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        h.calls.load(Ordering::SeqCst),
+        calls,
+        "requests while paused"
+    );
+    assert_eq!(
+        h.log.lock().expect("lock").len(),
+        calls,
+        "in-flight settled"
+    );
+    assert!(h.ctx.set_paused(false));
+    let settled = h.settle_all(100).await;
+    assert_eq!(settled.len(), 100);
+    assert!(settled.values().all(|s| s == &[Settlement::Ack]));
 }
 
 #[tokio::test(start_paused = true)]

@@ -96,6 +96,8 @@ async fn main() -> anyhow::Result<()> {
         pool_size: args.concurrency,
         headers: Vec::new(),
         health_url: None,
+        signing: None,
+        tls: Default::default(),
     })
     .context("building the HTTP sink")?;
     let metrics = Metrics::default().route(&RouteLabels {
@@ -119,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             MessageOrder::Unordered
         },
+        batch: None,
     };
 
     let shutdown = CancellationToken::new();
@@ -132,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
             sink,
             policy,
             metrics,
+            audit: None,
         },
         ctx,
     )

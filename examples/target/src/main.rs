@@ -6,12 +6,13 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use clap::Parser;
+use ferry_http::SigningKey;
 use rand::Rng;
 
 /// Prints what it receives; answers 200 unless told otherwise.
@@ -33,6 +34,10 @@ struct Args {
     /// Status for requests that are not failed on purpose.
     #[arg(long, default_value_t = 200)]
     status: u16,
+    /// Standard Webhooks secret (`whsec_...`): requests without a valid signature are
+    /// answered 401, as a signature-checking endpoint should.
+    #[arg(long, env = "SIGNING_SECRET", hide_env_values = true)]
+    signing_secret: Option<String>,
 }
 
 /// Shared state of the handler: the options and a request counter (for `--fail-every`).
@@ -41,6 +46,8 @@ struct Target {
     args: Args,
     /// Requests seen so far.
     count: AtomicU64,
+    /// The key signatures are checked with, if any.
+    key: Option<SigningKey>,
 }
 
 #[tokio::main]
@@ -51,6 +58,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     StatusCode::from_u16(args.status)
         .map_err(|_| format!("--status {} is not an HTTP status", args.status))?;
+    let key = args
+        .signing_secret
+        .as_deref()
+        .map(SigningKey::from_secret)
+        .transpose()
+        .map_err(|e| format!("--signing-secret: {e}"))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -59,6 +72,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let state = Arc::new(Target {
         args,
         count: AtomicU64::new(0),
+        key,
     });
     let app = axum::Router::new().fallback(handle).with_state(state);
     axum::serve(listener, app)
@@ -93,8 +107,29 @@ async fn shutdown_signal() {
     }
 }
 
-/// Answers every request (any method, any path): waits `--latency-ms`, decides whether
-/// to fail it, prints one line and replies.
+/// Checks the Standard Webhooks headers of a request against `key`.
+fn check_signature(key: &SigningKey, headers: &HeaderMap, body: &[u8]) -> Result<(), String> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| format!("no {name} header"))
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    key.verify(
+        header("webhook-id")?,
+        header("webhook-timestamp")?,
+        body,
+        header("webhook-signature")?,
+        now,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Answers every request (any method, any path): checks the signature if asked to, waits
+/// `--latency-ms`, decides whether to fail it, prints one line and replies.
 async fn handle(
     State(target): State<Arc<Target>>,
     uri: Uri,
@@ -103,6 +138,12 @@ async fn handle(
 ) -> (StatusCode, &'static str) {
     let n = target.count.fetch_add(1, Ordering::Relaxed) + 1;
     let args = &target.args;
+    if let Some(key) = &target.key {
+        if let Err(why) = check_signature(key, &headers, &body) {
+            println!("{n} {} refused: {why}", uri.path());
+            return (StatusCode::UNAUTHORIZED, "bad signature");
+        }
+    }
     if args.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(args.latency_ms)).await;
     }

@@ -27,6 +27,10 @@ pub fn message_headers(message: &Message, route: &HeaderValue, headers: &mut Hea
     }
     if let Some(tp) = &message.traceparent {
         put(headers, "traceparent", tp);
+        // W3C trace context: vendor state travels with its parent, never alone.
+        if let Some(state) = message.attributes.get("tracestate") {
+            put(headers, "tracestate", state);
+        }
     }
     for (name, value) in &message.attributes {
         let Ok(name) = HeaderName::from_bytes(format!("x-ferry-attr-{name}").as_bytes()) else {
@@ -68,5 +72,24 @@ mod tests {
         assert_eq!(h["x-ferry-attr-tenant"], "acme");
         assert!(!h.contains_key("x-ferry-attr-newline"));
         assert!(!h.contains_key("x-ferry-first-received-at"));
+        assert!(!h.contains_key("traceparent"));
+    }
+
+    #[test]
+    fn trace_context_travels_as_w3c_headers() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut m = Message::new("abc", "x", Arc::from("q"));
+        m.attributes
+            .insert("tracestate".into(), "congo=t61rcWkgMzE".into());
+        let mut h = HeaderMap::new();
+        message_headers(&m, &HeaderValue::from_static("r"), &mut h);
+        assert!(
+            !h.contains_key("tracestate"),
+            "tracestate without a traceparent"
+        );
+        m.traceparent = Some(tp.into());
+        message_headers(&m, &HeaderValue::from_static("r"), &mut h);
+        assert_eq!(h["traceparent"], tp);
+        assert_eq!(h["tracestate"], "congo=t61rcWkgMzE");
     }
 }

@@ -4,20 +4,24 @@
 //! The sink makes exactly one request per [`Sink::deliver`] call and turns whatever
 //! happened into a [`SinkResponse`]; retries, backoff and dead-lettering are the engine's.
 
+mod cloudevents;
 mod envelope;
 mod headers;
 mod response;
+pub mod signing;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ferry_core::{Message, Sink, SinkResponse};
+use ferry_core::{BatchResponse, Message, Sink, SinkResponse};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use url::Url;
 
-pub use envelope::encode_envelope;
+pub use cloudevents::cloudevent_headers;
+pub use envelope::{encode_batch, encode_envelope};
 pub use headers::message_headers;
+pub use signing::SigningKey;
 
 /// How the message travels in the request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,6 +31,8 @@ pub enum Mode {
     Envelope,
     /// The payload bytes unchanged; metadata only in headers.
     Raw,
+    /// CloudEvents 1.0 HTTP binary mode: the payload as body, `ce-*` headers.
+    CloudEvents,
 }
 
 /// Everything the sink needs, already validated by the caller.
@@ -49,6 +55,29 @@ pub struct HttpSinkConfig {
     /// GET here says whether the endpoint is up (2xx) while the circuit breaker decides
     /// whether to receive.
     pub health_url: Option<Url>,
+    /// Signs every request (Standard Webhooks), when set.
+    pub signing: Option<SigningKey>,
+    /// HTTPS trust and identity beyond the defaults.
+    pub tls: TlsConfig,
+}
+
+/// HTTPS settings for endpoints behind a private CA or requiring client certificates.
+#[derive(Clone, Default)]
+pub struct TlsConfig {
+    /// PEM certificates trusted in addition to the public roots (a private CA).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate chain followed by its private key, presented to endpoints
+    /// that require mutual TLS.
+    pub identity_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("ca", &self.ca_pem.is_some())
+            .field("identity", &self.identity_pem.is_some())
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for HttpSinkConfig {
@@ -64,6 +93,8 @@ impl std::fmt::Debug for HttpSinkConfig {
                 "headers",
                 &self.headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
             )
+            .field("signing", &self.signing.is_some())
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -83,6 +114,14 @@ pub enum HttpSinkError {
     /// The HTTP client could not be created (TLS set-up).
     #[error("HTTP client: {0}")]
     Client(#[source] reqwest::Error),
+    /// A CA or client certificate could not be read.
+    #[error("{what}: {detail}")]
+    Tls {
+        /// Which setting (`ca_file`, `client_cert_file`).
+        what: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
 }
 
 /// Pushes messages to one endpoint.
@@ -94,17 +133,26 @@ pub struct HttpSink {
     route: HeaderValue,
     fixed: HeaderMap,
     health_url: Option<Url>,
+    signing: Option<SigningKey>,
 }
 
 impl HttpSink {
     /// Builds the client pool; fails on invalid static headers.
     pub fn new(config: HttpSinkConfig) -> Result<Self, HttpSinkError> {
         let mut fixed = HeaderMap::new();
-        let content_type = match config.mode {
-            Mode::Envelope => "application/json",
-            Mode::Raw => "application/octet-stream",
-        };
-        fixed.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        match config.mode {
+            Mode::Envelope => {
+                fixed.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
+            Mode::Raw => {
+                fixed.insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+            }
+            // Each event says its own content type.
+            Mode::CloudEvents => {}
+        }
         for (name, value) in &config.headers {
             let header =
                 HeaderName::from_bytes(name.as_bytes()).map_err(|_| HttpSinkError::Header {
@@ -122,7 +170,31 @@ impl HttpSink {
             name: "X-Ferry-Route".into(),
             reason: "route name is not a valid header value",
         })?;
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = &config.tls.ca_pem {
+            let certificates =
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|e| HttpSinkError::Tls {
+                    what: "ca_file",
+                    detail: e.to_string(),
+                })?;
+            if certificates.is_empty() {
+                return Err(HttpSinkError::Tls {
+                    what: "ca_file",
+                    detail: "no PEM certificate in it".into(),
+                });
+            }
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        if let Some(pem) = &config.tls.identity_pem {
+            let identity = reqwest::Identity::from_pem(pem).map_err(|e| HttpSinkError::Tls {
+                what: "client_cert_file",
+                detail: format!("certificate and key: {e}"),
+            })?;
+            builder = builder.identity(identity);
+        }
+        let client = builder
             .timeout(config.timeout)
             .connect_timeout(config.connect_timeout)
             .pool_max_idle_per_host(config.pool_size)
@@ -138,30 +210,85 @@ impl HttpSink {
             route,
             fixed,
             health_url: config.health_url,
+            signing: config.signing,
+        })
+    }
+
+    /// POSTs to the endpoint; a request that got no answer is already a [`SinkResponse`].
+    async fn post(
+        &self,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<reqwest::Response, SinkResponse> {
+        let request = self
+            .client
+            .post(self.url.clone())
+            .headers(headers)
+            .body(body);
+        request.send().await.map_err(|e| {
+            if e.is_timeout() {
+                SinkResponse::Timeout
+            } else {
+                SinkResponse::Error(response::describe_error(&e))
+            }
         })
     }
 
     fn body(&self, message: &Message) -> Bytes {
         match self.mode {
             Mode::Envelope => Bytes::from(encode_envelope(message)),
-            Mode::Raw => message.payload.clone(),
+            Mode::Raw | Mode::CloudEvents => message.payload.clone(),
         }
     }
+}
+
+/// Adds `webhook-id`, `webhook-timestamp` and `webhook-signature` for this attempt.
+fn sign(key: &SigningKey, id: &str, body: &[u8], headers: &mut HeaderMap) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (Ok(id_value), Ok(signature)) = (
+        HeaderValue::from_str(id),
+        HeaderValue::from_str(&key.sign(id, now, body)),
+    ) else {
+        return;
+    };
+    headers.insert("webhook-id", id_value);
+    headers.insert("webhook-timestamp", HeaderValue::from(now));
+    headers.insert("webhook-signature", signature);
 }
 
 impl Sink for HttpSink {
     async fn deliver(&self, message: &Message) -> SinkResponse {
         let mut headers = self.fixed.clone();
         message_headers(message, &self.route, &mut headers);
-        let request = self
-            .client
-            .post(self.url.clone())
-            .headers(headers)
-            .body(self.body(message));
-        match request.send().await {
+        if self.mode == Mode::CloudEvents {
+            cloudevent_headers(message, &mut headers);
+        }
+        let body = self.body(message);
+        if let Some(key) = &self.signing {
+            sign(key, &message.id, &body, &mut headers);
+        }
+        match self.post(headers, body).await {
             Ok(resp) => response::read(resp).await,
-            Err(e) if e.is_timeout() => SinkResponse::Timeout,
-            Err(e) => SinkResponse::Error(response::describe_error(&e)),
+            Err(failed) => failed,
+        }
+    }
+
+    async fn deliver_batch(&self, messages: &[Message]) -> BatchResponse {
+        let mut headers = self.fixed.clone();
+        headers.insert("x-ferry-route", self.route.clone());
+        headers.insert("x-ferry-batch-size", HeaderValue::from(messages.len()));
+        let body = Bytes::from(encode_batch(messages));
+        if let (Some(key), Some(first)) = (&self.signing, messages.first()) {
+            sign(key, &format!("batch_{}", first.id), &body, &mut headers);
+        }
+        match self.post(headers, body).await {
+            Ok(resp) => response::read_batch(resp).await,
+            Err(response) => BatchResponse {
+                response,
+                failed: Vec::new(),
+            },
         }
     }
 

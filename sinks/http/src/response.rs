@@ -3,14 +3,38 @@
 use std::error::Error as _;
 use std::time::{Duration, SystemTime};
 
-use ferry_core::{Action, SinkResponse};
+use ferry_core::{Action, BatchResponse, SinkResponse};
 
 /// The part of a response body kept as a dead-letter reason.
 const DETAIL_LIMIT: usize = 1024;
 /// Read at most this much of a body, so the connection can go back to the pool.
 const DRAIN_LIMIT: usize = 64 * 1024;
 
-pub(crate) async fn read(mut resp: reqwest::Response) -> SinkResponse {
+pub(crate) async fn read(resp: reqwest::Response) -> SinkResponse {
+    read_keeping(resp, DETAIL_LIMIT).await.0
+}
+
+/// A batch's answer: the response, and the ids a 2xx body reports as failed
+/// (`{"failed": ["<id>", ...]}`); any other 2xx body means every message succeeded.
+pub(crate) async fn read_batch(resp: reqwest::Response) -> BatchResponse {
+    let (response, body) = read_keeping(resp, DRAIN_LIMIT).await;
+    #[derive(serde::Deserialize)]
+    struct Partial {
+        failed: Vec<String>,
+    }
+    let failed = match &response {
+        SinkResponse::Status { status, .. } if (200..300).contains(status) => {
+            serde_json::from_slice::<Partial>(&body)
+                .map(|p| p.failed)
+                .unwrap_or_default()
+        }
+        _ => Vec::new(),
+    };
+    BatchResponse { response, failed }
+}
+
+/// Reads the status, the headers that steer ferry and up to `keep` bytes of the body.
+async fn read_keeping(mut resp: reqwest::Response, keep: usize) -> (SinkResponse, Vec<u8>) {
     let status = resp.status().as_u16();
     let headers = resp.headers();
     let retry_after = headers
@@ -27,7 +51,7 @@ pub(crate) async fn read(mut resp: reqwest::Response) -> SinkResponse {
         match resp.chunk().await {
             Ok(Some(chunk)) => {
                 seen += chunk.len();
-                let room = DETAIL_LIMIT.saturating_sub(body.len());
+                let room = keep.saturating_sub(body.len());
                 body.extend_from_slice(&chunk[..chunk.len().min(room)]);
             }
             // The status is what counts; a body cut short does not change it.
@@ -38,14 +62,16 @@ pub(crate) async fn read(mut resp: reqwest::Response) -> SinkResponse {
     let detail = if ok {
         String::new()
     } else {
-        String::from_utf8_lossy(&body).trim().to_owned()
+        let cut = &body[..body.len().min(DETAIL_LIMIT)];
+        String::from_utf8_lossy(cut).trim().to_owned()
     };
-    SinkResponse::Status {
+    let response = SinkResponse::Status {
         status,
         retry_after,
         action,
         detail,
-    }
+    };
+    (response, body)
 }
 
 /// `Retry-After` as seconds or an HTTP date.

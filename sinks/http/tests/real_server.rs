@@ -75,6 +75,8 @@ fn sink(url: &str, timeout: Duration) -> HttpSink {
         pool_size: 4,
         headers: vec![("Authorization".into(), "Bearer t0ken".into())],
         health_url: None,
+        signing: None,
+        tls: Default::default(),
     })
     .expect("sink")
 }

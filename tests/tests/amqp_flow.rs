@@ -1,0 +1,72 @@
+//! RabbitMQ specifics: deliveries received on a channel that has since been lost are not
+//! sent (the broker hands them out again on the new channel), so a lost connection costs
+//! at most the requests that were in flight, not everything prefetched.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use ferry_e2e::amqp::Rabbit;
+use ferry_e2e::conformance::Outgoing;
+use ferry_e2e::ferry::Route;
+use ferry_e2e::proxy::Proxy;
+use ferry_e2e::{wait_until, Endpoint, Ferry, Reply};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_from_a_lost_channel_are_taken_back_not_sent() {
+    const N: usize = 300;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("stale").await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    // Two requests at a time, 100 ms each: most of the 200 prefetched wait in ferry.
+    let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(100))).await;
+    let messages: Vec<Outgoing> = (0..N).map(|i| Outgoing::plain(format!("s-{i}"))).collect();
+    rabbit.publish(&queue.name, &messages).await;
+    let ferry = Ferry::start(&Route {
+        source: format!(
+            "type = \"amqp\"\nuri = \"amqp://guest:guest@{}/%2f\"\nqueue = \"{}\"\nprefetch = 200\n",
+            proxy.addr(),
+            queue.name
+        ),
+        sink_url: &endpoint.url(),
+        sink: "",
+        delivery: "concurrency = 2",
+    });
+    ferry.wait_ready(Duration::from_secs(30)).await;
+    assert!(wait_until(Duration::from_secs(30), || endpoint.seen().len() >= 10).await);
+    proxy.cut(Duration::from_secs(2)).await;
+
+    let expected: BTreeSet<String> = messages.into_iter().map(|m| m.body).collect();
+    let done = wait_until(Duration::from_secs(120), || {
+        let got: BTreeSet<String> = endpoint
+            .delivered()
+            .iter()
+            .filter_map(|s| s.msg())
+            .collect();
+        got == expected
+    })
+    .await;
+    assert!(done, "not everything arrived; log:\n{}", ferry.log());
+    let taken_back = ferry
+        .metric(
+            r#"ferry_deliveries_total{route="r",source="amqp",sink="http",outcome="taken_back"}"#,
+        )
+        .await
+        .unwrap_or(0.0);
+    let requests = endpoint.seen().len();
+    // Only what was in flight at the cut (two requests, maybe a third starting) comes
+    // again; the rest of the old channel's deliveries were skipped, not sent.
+    assert!(
+        requests <= N + 3,
+        "{requests} requests for {N} messages: stale deliveries were sent"
+    );
+    assert!(
+        taken_back >= 50.0,
+        "only {taken_back} deliveries taken back; log:\n{}",
+        ferry.log()
+    );
+    let unlabelled = endpoint.unlabelled_duplicates();
+    assert!(
+        unlabelled.is_empty(),
+        "duplicates without X-Ferry-Attempt > 1: {unlabelled:?}"
+    );
+}

@@ -1,0 +1,111 @@
+//! Batch delivery against the local RabbitMQ and a real endpoint: one POST carries a JSON
+//! array of envelopes, a 2xx answer may name the ids that failed, and only those come
+//! again; a refused batch comes again whole. Every message is counted in and out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_e2e::amqp::Rabbit;
+use ferry_e2e::conformance::Outgoing;
+use ferry_e2e::ferry::{amqp_source, Route};
+use ferry_e2e::{Endpoint, Ferry, Reply, Seen};
+use serde_json::Value;
+
+/// The envelopes of one batch request: (msg, id, attempt).
+fn envelopes(seen: &Seen) -> Vec<(String, String, u64)> {
+    let batch: Vec<Value> = serde_json::from_slice(&seen.body).unwrap_or_default();
+    batch
+        .iter()
+        .map(|e| {
+            (
+                e["msg"].as_str().unwrap_or_default().to_owned(),
+                e["id"].as_str().unwrap_or_default().to_owned(),
+                e["attempt"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_batch_failures_retry_only_the_failed_messages() {
+    const N: usize = 500;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("batch").await;
+    let requests = Arc::new(AtomicUsize::new(0));
+    let endpoint = {
+        let requests = requests.clone();
+        Endpoint::start(move |seen| {
+            // The very first batch is refused whole; later, every message whose body ends
+            // in 3 fails at its first attempt.
+            if requests.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Reply::status(503);
+            }
+            let failed: Vec<String> = envelopes(seen)
+                .into_iter()
+                .filter(|(msg, _, attempt)| msg.ends_with('3') && *attempt == 1)
+                .map(|(_, id, _)| id)
+                .collect();
+            Reply::ok().body(&serde_json::json!({ "failed": failed }).to_string())
+        })
+        .await
+    };
+    let messages: Vec<Outgoing> = (0..N).map(|i| Outgoing::plain(format!("b-{i}"))).collect();
+    rabbit.publish(&queue.name, &messages).await;
+    let ferry = Ferry::start(&Route {
+        source: amqp_source(&queue.name, "prefetch = 100"),
+        sink_url: &endpoint.url(),
+        sink: "",
+        delivery: "concurrency = 4\nmin_backoff = \"10ms\"\nmax_backoff = \"100ms\"\n\
+                   batch = { max_messages = 20, max_wait = \"20ms\" }",
+    });
+    ferry.wait_ready(Duration::from_secs(30)).await;
+    let delivered =
+        r#"ferry_deliveries_total{route="r",source="amqp",sink="http",outcome="delivered"}"#;
+    let mut done = false;
+    for _ in 0..300 {
+        if ferry.metric(delivered).await == Some(N as f64) {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(done, "delivered: {:?}", ferry.metric(delivered).await);
+    assert_eq!(rabbit.depth(&queue.name).await, 0, "left in the queue");
+
+    let seen = endpoint.seen();
+    let first: BTreeSet<String> = envelopes(&seen[0]).into_iter().map(|(m, _, _)| m).collect();
+    assert_eq!(seen[0].status, 503);
+    assert!(!first.is_empty());
+    // Each message's attempts, in the order the endpoint saw them.
+    let mut attempts: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for request in &seen {
+        assert!(request.headers.contains_key("x-ferry-batch-size"));
+        for (msg, _, attempt) in envelopes(request) {
+            attempts.entry(msg).or_default().push(attempt);
+        }
+    }
+    assert_eq!(attempts.len(), N, "every message reached the endpoint");
+    for (msg, tries) in &attempts {
+        let expected: Vec<u64> = if first.contains(msg) || msg.ends_with('3') {
+            vec![1, 2]
+        } else {
+            vec![1]
+        };
+        // A message of the refused first batch that ends in 3 used its failing first
+        // attempt on the 503, so it too comes exactly twice.
+        assert_eq!(tries, &expected, "{msg}");
+    }
+    let retried = 50 + first.iter().filter(|m| !m.ends_with('3')).count();
+    assert_eq!(
+        ferry
+            .metric(
+                r#"ferry_deliveries_total{route="r",source="amqp",sink="http",outcome="retried"}"#
+            )
+            .await,
+        Some(retried as f64)
+    );
+    let average = (N + retried) as f64 / seen.len() as f64;
+    assert!(average >= 5.0, "{} requests for {N} messages", seen.len());
+}
