@@ -42,8 +42,11 @@ async fn adaptive_concurrency_finds_the_endpoints_capacity() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Settled: from 10 s on (or the last second, if the queue drained sooner) every
-    // sample is near the capacity.
+    // Settled: from 10 s on (or the last second, if the queue drained sooner) the limit
+    // stays near the capacity. AIMD probes above the level last refused by design, and on a
+    // busy machine the endpoint may count fewer open requests than ferry has begun, so a
+    // short excursion (at most a tenth of the samples, never past 8..=20) is allowed;
+    // staying high is not.
     let cut = started
         .elapsed()
         .min(Duration::from_secs(10))
@@ -53,13 +56,17 @@ async fn adaptive_concurrency_finds_the_endpoints_capacity() {
         .filter(|(t, _)| *t >= cut)
         .map(|(_, l)| *l)
         .collect();
-    let outside: Vec<&(Duration, f64)> = samples
+    let outside = settled
         .iter()
-        .filter(|(t, l)| *t >= cut && !(8.0..=16.0).contains(l))
-        .collect();
+        .filter(|l| !(8.0..=16.0).contains(*l))
+        .count();
+    let wild = settled
+        .iter()
+        .filter(|l| !(8.0..=20.0).contains(*l))
+        .count();
     assert!(
-        settled.len() >= 5 && outside.is_empty(),
-        "limit did not settle between 8 and 16 from {cut:?} on: {outside:?} of {} samples",
+        settled.len() >= 5 && outside * 10 <= settled.len() && wild == 0,
+        "limit did not settle between 8 and 16 from {cut:?} on: {outside} outside, {wild} past 20, of {} samples: {samples:?}",
         settled.len()
     );
     let all = wait_until(Duration::from_secs(60), || {
