@@ -11,6 +11,8 @@
 mod admin;
 mod audit;
 mod config;
+#[cfg(feature = "otlp")]
+mod otlp;
 mod pause;
 mod redrive;
 mod wiring;
@@ -211,11 +213,27 @@ async fn run_routes(plan: Plan) -> Result<(), Failure> {
         }
         None => (None, None),
     };
+    #[cfg(feature = "otlp")]
+    let (tracer, provider) = match &plan.otlp {
+        Some(otlp) => {
+            let (tracer, provider) =
+                otlp::start(otlp).context("otlp: cannot build the exporter")?;
+            info!(endpoint = %otlp.traces_url, "exporting delivery spans");
+            (
+                Some(tracer as std::sync::Arc<dyn ferry_core::DeliveryTracer>),
+                Some(provider),
+            )
+        }
+        None => (None, None),
+    };
+    #[cfg(not(feature = "otlp"))]
+    let tracer = None;
+    let hooks = wiring::Hooks { audit, tracer };
 
     let mut views = Vec::new();
     let mut tasks = Vec::new();
     for route in plan.routes {
-        match wiring::build(route, &metrics, audit.clone(), &shutdown).await {
+        match wiring::build(route, &metrics, hooks.clone(), &shutdown).await {
             Ok((view, task)) => {
                 views.push(view);
                 tasks.push(task);
@@ -266,9 +284,14 @@ async fn run_routes(plan: Plan) -> Result<(), Failure> {
     shutdown.cancel();
     let _ = admin.await;
     // Every route has dropped its handle: the writer drains the queue and ends.
-    drop(audit);
+    drop(hooks);
     if let Some(thread) = audit_thread {
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+    // Spans still queued go out now (bounded by the export timeout).
+    #[cfg(feature = "otlp")]
+    if let Some(provider) = provider {
+        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
     }
     let failed: Vec<String> = results
         .into_iter()

@@ -6,7 +6,9 @@ use std::pin::Pin;
 
 use std::sync::Arc;
 
-use ferry_core::{run_route, AuditTrail, EngineError, Metrics, Route, RouteLabels, SourceContext};
+use ferry_core::{
+    run_route, AuditTrail, DeliveryTracer, EngineError, Metrics, Route, RouteLabels, SourceContext,
+};
 use ferry_http::HttpSink;
 use tokio_util::sync::CancellationToken;
 
@@ -34,11 +36,20 @@ impl StartError {
     }
 }
 
+/// What every route reports to besides its metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Hooks {
+    /// The audit trail, when configured.
+    pub audit: Option<Arc<dyn AuditTrail>>,
+    /// The span exporter, when configured.
+    pub tracer: Option<Arc<dyn DeliveryTracer>>,
+}
+
 /// Connects the route's source and builds its sink.
 pub async fn build(
     plan: RoutePlan,
     metrics: &Metrics,
-    audit: Option<Arc<dyn AuditTrail>>,
+    hooks: Hooks,
     shutdown: &CancellationToken,
 ) -> Result<(RouteView, RouteTask), StartError> {
     let route = plan.name.to_string();
@@ -59,7 +70,7 @@ pub async fn build(
                 sink,
                 plan.policy,
                 metrics,
-                audit,
+                hooks,
                 shutdown,
             ))
         }};
@@ -89,7 +100,7 @@ fn assemble<S: ferry_core::Source>(
     sink: HttpSink,
     policy: ferry_core::DeliveryPolicy,
     metrics: &Metrics,
-    audit: Option<Arc<dyn AuditTrail>>,
+    hooks: Hooks,
     shutdown: &CancellationToken,
 ) -> (RouteView, RouteTask) {
     let kind = source.kind();
@@ -115,7 +126,8 @@ fn assemble<S: ferry_core::Source>(
         sink,
         policy,
         metrics,
-        audit,
+        audit: hooks.audit,
+        tracer: hooks.tracer,
     };
     (view, Box::pin(run_route(route, ctx)))
 }

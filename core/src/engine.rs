@@ -23,6 +23,7 @@ use crate::metrics::RouteMetrics;
 use crate::policy::{ResponsePolicy, Verdict};
 use crate::sink::{Sink, SinkResponse};
 use crate::source::{Delivery, Source, SourceContext};
+use crate::trace::DeliveryTracer;
 pub use batch::Batching;
 pub use breaker::CircuitBreaker;
 use breaker::{Breaker, Pass};
@@ -99,6 +100,8 @@ pub struct Route<S, K> {
     pub metrics: RouteMetrics,
     /// Where a record of each finished message goes, if anywhere.
     pub audit: Option<Arc<dyn AuditTrail>>,
+    /// Where each attempt is reported as a trace span, if anywhere.
+    pub tracer: Option<Arc<dyn DeliveryTracer>>,
 }
 
 struct Shared<K> {
@@ -112,6 +115,7 @@ struct Shared<K> {
     shutdown: tokio_util::sync::CancellationToken,
     lanes: Lanes,
     audit: Option<Arc<dyn AuditTrail>>,
+    tracer: Option<Arc<dyn DeliveryTracer>>,
 }
 
 impl<K> Shared<K> {
@@ -146,6 +150,7 @@ pub async fn run_route<S: Source, K: Sink>(
         policy,
         metrics,
         audit,
+        tracer,
     } = route;
     let limiter = Limiter::new(policy.concurrency, metrics.concurrency_limit.clone());
     let pace = policy.rate_limit.map(Pace::new);
@@ -164,6 +169,7 @@ pub async fn run_route<S: Source, K: Sink>(
         shutdown: shutdown.clone(),
         lanes: Lanes::default(),
         audit,
+        tracer,
     });
 
     let health_task = shared
@@ -391,6 +397,9 @@ async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, mut permit
     // Attempts that failed because the endpoint was down (the circuit open) do not count
     // toward `max_attempts`: an outage must not dead-letter anything.
     let mut excused = 0u32;
+    // Every attempt's span is a child of the context the message arrived with; without
+    // one, later attempts hang below the first so that a message's attempts share a trace.
+    let mut parent = shared.tracer.as_ref().and(message.traceparent.clone());
     loop {
         if !ack.is_current() {
             // Dropping the handle releases it, which the backend ignores as stale.
@@ -408,7 +417,18 @@ async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, mut permit
             };
         }
         let sent = tokio::time::Instant::now();
+        let span = shared.tracer.as_ref().map(|tracer| {
+            let span = tracer.start(&shared.route, &message, parent.as_deref());
+            message.traceparent = span.traceparent().or_else(|| parent.clone());
+            if parent.is_none() {
+                parent.clone_from(&message.traceparent);
+            }
+            span
+        });
         let response = attempt(&shared, &message).await;
+        if let Some(span) = span {
+            span.finish(&response);
+        }
         if let Some(breaker) = &shared.breaker {
             breaker.record(&response, pass, sent);
             if breaker.excuses(&response, sent) {

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod policy;
 pub mod sink;
 pub mod source;
+pub mod trace;
 
 pub use ack::{AckHandle, DeadLetter, Settle, Settlement};
 pub use audit::{AuditOutcome, AuditRecord, AuditTrail};
@@ -31,6 +32,7 @@ pub use metrics::{Metrics, RouteLabels, RouteMetrics};
 pub use policy::{Action, ResponsePolicy, Verdict};
 pub use sink::{BatchResponse, Sink, SinkResponse};
 pub use source::{Delivery, Source, SourceContext};
+pub use trace::{AttemptSpan, DeliveryTracer};
 
 // Re-exported so that backends written outside the workspace use the same types as the engine.
 pub use tokio_util::sync::CancellationToken;

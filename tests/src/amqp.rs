@@ -132,9 +132,26 @@ impl Rabbit {
 
     /// Publishes one message with an arbitrary (not necessarily UTF-8) payload.
     pub async fn publish_bytes(&self, queue: &str, payload: &[u8]) {
-        let props = BasicProperties::default()
+        self.publish_with_headers(queue, payload, &[]).await;
+    }
+
+    /// Publishes one message with these AMQP headers (string values), confirmed.
+    pub async fn publish_with_headers(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) {
+        let mut props = BasicProperties::default()
             .with_message_id(ShortString::from(crate::unique(queue)))
             .with_delivery_mode(2);
+        if !headers.is_empty() {
+            let mut table = FieldTable::default();
+            for (name, value) in headers {
+                table.insert((*name).into(), AMQPValue::LongString((*value).into()));
+            }
+            props = props.with_headers(table);
+        }
         let confirmation = self
             .channel
             .basic_publish(

@@ -15,7 +15,9 @@ pub use load::{load, LoadOptions};
 // For the library target (fuzzing, embedding): the binary only loads files.
 #[allow(unused_imports)]
 pub use load::{load_str, Format};
-pub use validate::{redacted, validate, AuditPlan, Plan, RoutePlan, SourcePlan, StatePlan};
+pub use validate::{
+    redacted, validate, AuditPlan, OtlpPlan, Plan, RoutePlan, SourcePlan, StatePlan,
+};
 
 /// One error in the configuration, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +87,9 @@ pub struct Config {
     /// The audit trail file, when wanted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditConfig>,
+    /// Where delivery spans are exported, when wanted (built with the `otlp` feature).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp: Option<OtlpConfig>,
     /// Routes by name (`[a-z0-9_]+`).
     #[serde(default)]
     pub routes: BTreeMap<String, RouteConfig>,
@@ -102,6 +107,45 @@ pub struct AuditConfig {
     /// Rotated files kept.
     #[serde(default = "default_max_files")]
     pub max_files: usize,
+}
+
+/// `[otlp]`: one span per delivery attempt, exported to an OpenTelemetry collector.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The collector's OTLP/HTTP base URL; spans go to `<endpoint>/v1/traces`.
+    pub endpoint: String,
+    /// `http/protobuf` (the default) or `http/json`.
+    #[serde(default = "default_otlp_protocol")]
+    pub protocol: String,
+    /// `service.name` of the exported spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Share of new traces recorded (0 to 1); a message's own trace keeps its decision.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Headers sent to the collector (may hold secrets; never logged).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Timeout of one export request.
+    #[serde(default = "default_otlp_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_otlp_protocol() -> String {
+    "http/protobuf".to_owned()
+}
+
+fn default_service_name() -> String {
+    "ferry".to_owned()
+}
+
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+
+fn default_otlp_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
 }
 
 fn default_max_file_mb() -> u64 {

@@ -57,6 +57,8 @@ pub struct Plan {
     pub state: Option<StatePlan>,
     /// The audit trail file.
     pub audit: Option<AuditPlan>,
+    /// The span exporter.
+    pub otlp: Option<OtlpPlan>,
     /// The routes.
     pub routes: Vec<RoutePlan>,
 }
@@ -81,6 +83,39 @@ pub struct AuditPlan {
     pub max_bytes: u64,
     /// Rotated files kept.
     pub keep: usize,
+}
+
+/// `[otlp]`, validated.
+#[derive(Clone)]
+pub struct OtlpPlan {
+    /// Where spans are POSTed (`<endpoint>/v1/traces`).
+    pub traces_url: String,
+    /// JSON instead of protobuf.
+    pub json: bool,
+    /// `service.name`.
+    pub service_name: String,
+    /// Share of new traces recorded.
+    pub sample_ratio: f64,
+    /// Headers for the collector (may hold secrets).
+    pub headers: Vec<(String, String)>,
+    /// Timeout of one export.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for OtlpPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtlpPlan")
+            .field("traces_url", &redact_url(&self.traces_url))
+            .field("json", &self.json)
+            .field("service_name", &self.service_name)
+            .field("sample_ratio", &self.sample_ratio)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 struct Errors(Vec<ConfigError>);
@@ -141,6 +176,7 @@ pub fn validate(config: &Config) -> Result<Plan, Vec<ConfigError>> {
             keep: a.max_files,
         })
     });
+    let otlp = config.otlp.as_ref().and_then(|o| otlp_plan(o, &mut errors));
     let mut routes = Vec::new();
     for (name, route) in &config.routes {
         let at = format!("routes.{}", key(name));
@@ -204,10 +240,81 @@ pub fn validate(config: &Config) -> Result<Plan, Vec<ConfigError>> {
             admin_token: config.admin.token.clone(),
             state,
             audit,
+            otlp,
             routes,
         }),
         _ => Err(errors.0),
     }
+}
+
+fn otlp_plan(otlp: &super::OtlpConfig, errors: &mut Errors) -> Option<OtlpPlan> {
+    if !cfg!(feature = "otlp") {
+        errors.push(
+            "otlp",
+            "is not built into this ferry; rebuild with --features otlp",
+        );
+        return None;
+    }
+    let mut ok = true;
+    let traces_url = match Url::parse(&otlp.endpoint) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
+            format!("{}/v1/traces", url.as_str().trim_end_matches('/'))
+        }
+        _ => {
+            ok = false;
+            errors.push(
+                "otlp.endpoint",
+                format!(
+                    "{:?} is not an http(s) URL like http://127.0.0.1:4318",
+                    redact_url(&otlp.endpoint)
+                ),
+            );
+            String::new()
+        }
+    };
+    let json = match otlp.protocol.as_str() {
+        "http/protobuf" => false,
+        "http/json" => true,
+        other => {
+            ok = false;
+            errors.push(
+                "otlp.protocol",
+                format!("{other:?} is not \"http/protobuf\" or \"http/json\""),
+            );
+            false
+        }
+    };
+    if !(0.0..=1.0).contains(&otlp.sample_ratio) {
+        ok = false;
+        errors.push("otlp.sample_ratio", "must be between 0 and 1");
+    }
+    if otlp.service_name.trim().is_empty() {
+        ok = false;
+        errors.push("otlp.service_name", "is empty");
+    }
+    if otlp.timeout.0.is_zero() {
+        ok = false;
+        errors.push("otlp.timeout", "must be more than 0");
+    }
+    for (name, value) in &otlp.headers {
+        let at = format!("otlp.headers.{}", super::key(name));
+        if let Err(reason) = ferry_http::static_header(name, value) {
+            ok = false;
+            errors.push(at, reason);
+        }
+    }
+    ok.then(|| OtlpPlan {
+        traces_url,
+        json,
+        service_name: otlp.service_name.clone(),
+        sample_ratio: otlp.sample_ratio,
+        headers: otlp
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        timeout: otlp.timeout.0,
+    })
 }
 
 fn state_plan(state: &super::StateConfig, errors: &mut Errors) -> Option<StatePlan> {
@@ -710,6 +817,12 @@ pub fn redacted(config: &Config) -> Config {
     if let Some(state) = &mut config.admin.state {
         state.redis_url = redact_url(&state.redis_url);
     }
+    if let Some(otlp) = &mut config.otlp {
+        otlp.endpoint = redact_url(&otlp.endpoint);
+        for value in otlp.headers.values_mut() {
+            *value = "<redacted>".to_owned();
+        }
+    }
     for route in config.routes.values_mut() {
         let SinkConfig::Http(http) = &mut route.sink;
         for value in http.headers.values_mut() {
@@ -866,6 +979,30 @@ mod tests {
         }
     }
 
+    /// `[otlp]`: the traces URL is the base plus `/v1/traces`, the defaults are the OTLP
+    /// ones, and the collector's credentials are never shown.
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn otlp_keys() {
+        let text = format!(
+            "{GOOD}\n[otlp]\nendpoint = \"https://ci:pw@collector:4318/\"\n\
+             headers = {{ authorization = \"Bearer s3cr\" }}\n"
+        );
+        let config = parse(&text);
+        let otlp = validate(&config).expect("valid").otlp.expect("otlp");
+        assert_eq!(otlp.traces_url, "https://ci:pw@collector:4318/v1/traces");
+        assert!(!otlp.json);
+        assert_eq!(
+            (otlp.service_name.as_str(), otlp.sample_ratio),
+            ("ferry", 1.0)
+        );
+        assert_eq!(otlp.timeout, Duration::from_secs(10));
+        let shown = toml::to_string(&redacted(&config)).expect("toml") + &format!("{otlp:?}");
+        for hidden in ["s3cr", ":pw@"] {
+            assert!(!shown.contains(hidden), "{hidden} shown in {shown}");
+        }
+    }
+
     /// The operations keys: valid forms are taken, secrets never shown, and each mistake
     /// is one error at its own path.
     #[test]
@@ -899,6 +1036,14 @@ mod tests {
             assert!(!shown.contains(hidden), "{hidden} shown in {shown}");
         }
 
+        // Built without the feature, any `[otlp]` is refused by name instead.
+        fn otlp_error(with_feature: &'static str) -> &'static str {
+            if cfg!(feature = "otlp") {
+                with_feature
+            } else {
+                "otlp: is not built into this ferry"
+            }
+        }
         for (section, error) in [
             ("[admin]\ntoken = \"\"", "admin.token: is empty"),
             (
@@ -924,6 +1069,22 @@ mod tests {
             (
                 "[audit]\npath = \"a.jsonl\"\nmax_file_mb = 0",
                 "audit.max_file_mb: must be between",
+            ),
+            (
+                "[otlp]\nendpoint = \"127.0.0.1:4318\"",
+                otlp_error("otlp.endpoint: \"127.0.0.1:4318\" is not an http(s) URL"),
+            ),
+            (
+                "[otlp]\nendpoint = \"http://c:4318\"\nprotocol = \"grpc\"",
+                otlp_error("otlp.protocol: \"grpc\" is not"),
+            ),
+            (
+                "[otlp]\nendpoint = \"http://c:4318\"\nsample_ratio = 1.5",
+                otlp_error("otlp.sample_ratio: must be between 0 and 1"),
+            ),
+            (
+                "[otlp]\nendpoint = \"http://c:4318\"\nheaders = { \"a b\" = \"x\" }",
+                otlp_error("otlp.headers.\"a b\": not a valid header name"),
             ),
         ] {
             let config = parse(&format!("{GOOD}\n{section}\n"));

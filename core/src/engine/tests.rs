@@ -174,6 +174,7 @@ where
         policy,
         metrics,
         audit: None,
+        tracer: None,
     };
     let task = tokio::spawn(run_route(route, ctx.clone()));
     Harness {

@@ -136,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
             policy,
             metrics,
             audit: None,
+            tracer: None,
         },
         ctx,
     )

@@ -154,16 +154,11 @@ impl HttpSink {
             Mode::CloudEvents => {}
         }
         for (name, value) in &config.headers {
-            let header =
-                HeaderName::from_bytes(name.as_bytes()).map_err(|_| HttpSinkError::Header {
+            let (header, value) =
+                static_header(name, value).map_err(|reason| HttpSinkError::Header {
                     name: name.clone(),
-                    reason: "not a valid header name",
+                    reason,
                 })?;
-            let mut value = HeaderValue::from_str(value).map_err(|_| HttpSinkError::Header {
-                name: name.clone(),
-                reason: "value has characters not allowed in a header",
-            })?;
-            value.set_sensitive(true);
             fixed.insert(header, value);
         }
         let route = HeaderValue::from_str(&config.route).map_err(|_| HttpSinkError::Header {
@@ -240,6 +235,16 @@ impl HttpSink {
             Mode::Raw | Mode::CloudEvents => message.payload.clone(),
         }
     }
+}
+
+/// A configured header as it goes on the wire, marked sensitive (it may hold a secret), or
+/// what is wrong with it (never the value).
+pub fn static_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), &'static str> {
+    let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| "not a valid header name")?;
+    let mut value =
+        HeaderValue::from_str(value).map_err(|_| "value has characters not allowed in a header")?;
+    value.set_sensitive(true);
+    Ok((name, value))
 }
 
 /// Adds `webhook-id`, `webhook-timestamp` and `webhook-signature` for this attempt.
