@@ -70,3 +70,64 @@ async fn messages_from_a_lost_channel_are_taken_back_not_sent() {
         "duplicates without X-Ferry-Attempt > 1: {unlabelled:?}"
     );
 }
+
+/// A redirect is not a delivery: an endpoint that answers 302 pointing at a URL that would
+/// answer 200 to anything gets every message POSTed to it and nothing else (no GET to the
+/// new location, which would "ack" a message that was never delivered); each message is
+/// retried, then dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_not_followed() {
+    const N: usize = 10;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("redirect").await;
+    let location = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
+    let endpoint = {
+        let location = location.clone();
+        Endpoint::start(move |seen| {
+            if seen.body.is_empty() {
+                // Only a followed redirect (a GET) comes without a body.
+                Reply::ok()
+            } else {
+                let mut reply = Reply::status(302);
+                reply
+                    .headers
+                    .push(("location", location.get().cloned().unwrap_or_default()));
+                reply
+            }
+        })
+        .await
+    };
+    location
+        .set(format!("http://{}/elsewhere", endpoint.addr()))
+        .expect("set once");
+    let messages: Vec<Outgoing> = (0..N).map(|i| Outgoing::plain(format!("r-{i}"))).collect();
+    rabbit.publish(&queue.name, &messages).await;
+    let ferry = Ferry::start(&Route {
+        source: ferry_e2e::ferry::amqp_source(&queue.name, ""),
+        sink_url: &endpoint.url(),
+        sink: "",
+        delivery:
+            "concurrency = 4\nmax_attempts = 2\nmin_backoff = \"10ms\"\nmax_backoff = \"20ms\"",
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut dead = false;
+    while !dead && tokio::time::Instant::now() < deadline {
+        dead = rabbit.depth(&queue.dead_letter).await == N as u32;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = endpoint.seen();
+    assert!(
+        dead,
+        "not every message was dead-lettered; {} requests; log:\n{}",
+        seen.len(),
+        ferry.log()
+    );
+    assert_eq!(seen.len(), 2 * N, "two attempts per message, nothing else");
+    assert!(
+        seen.iter().all(|s| !s.body.is_empty() && s.status == 302),
+        "a redirect was followed"
+    );
+    assert_eq!(rabbit.depth(&queue.name).await, 0);
+    rabbit.delete(&queue.name).await;
+    rabbit.delete(&queue.dead_letter).await;
+}

@@ -3,33 +3,46 @@
 use ferry_core::Message;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
+// Names built once: parsing and validating a name on every insert cost more than the rest
+// of the header map on the hot path.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const MESSAGE_ID: HeaderName = HeaderName::from_static("x-ferry-message-id");
+const ATTEMPT: HeaderName = HeaderName::from_static("x-ferry-attempt");
+const ROUTE: HeaderName = HeaderName::from_static("x-ferry-route");
+const SOURCE: HeaderName = HeaderName::from_static("x-ferry-source");
+const FIRST_RECEIVED_AT: HeaderName = HeaderName::from_static("x-ferry-first-received-at");
+const GROUP: HeaderName = HeaderName::from_static("x-ferry-group");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
 /// Adds the contract's per-message headers to `headers`.
 ///
 /// A value that cannot travel in a header (non-visible characters) is left out of the
 /// headers rather than mangled; the body still carries every attribute.
 pub fn message_headers(message: &Message, route: &HeaderValue, headers: &mut HeaderMap) {
+    headers.reserve(8 + message.attributes.len());
     if let Ok(id) = HeaderValue::from_str(&message.id) {
-        headers.insert("idempotency-key", id.clone());
-        headers.insert("x-ferry-message-id", id);
+        headers.insert(IDEMPOTENCY_KEY, id.clone());
+        headers.insert(MESSAGE_ID, id);
     }
-    headers.insert("x-ferry-attempt", HeaderValue::from(message.attempt));
-    headers.insert("x-ferry-route", route.clone());
-    put(headers, "x-ferry-source", &message.source);
+    headers.insert(ATTEMPT, HeaderValue::from(message.attempt));
+    headers.insert(ROUTE, route.clone());
+    put(headers, SOURCE, &message.source);
     if let Some(at) = message.first_received_at {
         put(
             headers,
-            "x-ferry-first-received-at",
+            FIRST_RECEIVED_AT,
             &humantime::format_rfc3339_millis(at).to_string(),
         );
     }
     if let Some(group) = &message.group {
-        put(headers, "x-ferry-group", group);
+        put(headers, GROUP, group);
     }
     if let Some(tp) = &message.traceparent {
-        put(headers, "traceparent", tp);
+        put(headers, TRACEPARENT, tp);
         // W3C trace context: vendor state travels with its parent, never alone.
         if let Some(state) = message.attributes.get("tracestate") {
-            put(headers, "tracestate", state);
+            put(headers, TRACESTATE, state);
         }
     }
     for (name, value) in &message.attributes {
@@ -42,7 +55,7 @@ pub fn message_headers(message: &Message, route: &HeaderValue, headers: &mut Hea
     }
 }
 
-fn put(headers: &mut HeaderMap, name: &'static str, value: &str) {
+fn put(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
         headers.insert(name, value);
     }

@@ -195,6 +195,12 @@ impl HttpSink {
             .pool_max_idle_per_host(config.pool_size)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
+            // A redirect is an answer, not a delivery: following it would turn the POST
+            // into a GET (301/302/303) that a 200 then "acks" with the message never
+            // delivered. A 3xx is retried and dead-lettered like any other non-2xx.
+            .redirect(reqwest::redirect::Policy::none())
+            // Retries are the engine's, counted and visible in X-Ferry-Attempt.
+            .retry(reqwest::retry::never())
             .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(HttpSinkError::Client)?;
