@@ -14,7 +14,9 @@ use ferry_e2e::{wait_until, Endpoint, Ferry, Reply};
 /// than 95% of requests succeed, and every message arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adaptive_concurrency_finds_the_endpoints_capacity() {
-    const N: usize = 15_000;
+    // Enough for more than 10 s at the capacity (~2,400 msg/s), so that the settled
+    // window below is seconds long and holds enough samples even on a busy machine.
+    const N: usize = 30_000;
     let rabbit = Rabbit::connect().await;
     let queue = rabbit.queue("adaptive").await;
     let endpoint = Endpoint::start(|seen| {

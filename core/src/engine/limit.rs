@@ -2,7 +2,8 @@
 //! the spirit of TCP congestion control and Vector's adaptive request concurrency).
 //!
 //! A fixed worker count is always wrong for some endpoint: too low wastes it, too high
-//! knocks it over. The adaptive limit grows by one slot per round trip while the route
+//! knocks it over. The adaptive limit doubles per round trip until the endpoint first
+//! pushes back (slow start), then grows by one slot per round trip while the route
 //! uses every slot and answers stay fast, and shrinks by a tenth when the endpoint pushes
 //! back (5xx, 429, timeouts, refused connections) or its latency doubles (it is queueing).
 //! Near the level last refused it probes one step per four round trips.
@@ -263,7 +264,12 @@ impl Aimd {
             // Grow only when the limit is what held the route back; at or beyond the
             // limit that was last refused, one slot per few clean windows, since that
             // is where the endpoint's capacity was found.
-            if self.peak >= self.limit && self.limit < self.max {
+            if self.peak >= self.limit && self.limit < self.max && self.refused_at.is_none() {
+                // Slow start: until the endpoint first pushes back nothing is known of
+                // its capacity, so the limit doubles per round trip instead of creeping up
+                // by one (reaching 64 slots takes 6 round trips, not 63).
+                self.limit = (self.limit * 2).min(self.max);
+            } else if self.peak >= self.limit && self.limit < self.max {
                 let cautious = self.refused_at.is_some_and(|r| self.limit + 1 >= r);
                 self.clean += 1;
                 if !cautious || self.clean >= PROBE_WINDOWS {
@@ -318,9 +324,16 @@ mod tests {
     #[test]
     fn grows_while_saturated_and_backs_off_on_push_back() {
         let mut a = Aimd::new(2, 30);
-        for expected in 3..=20 {
-            assert_eq!(saturated(&mut a, 0.01), expected);
+        for expected in [4, 8, 16] {
+            assert_eq!(saturated(&mut a, 0.01), expected, "slow start: doubles");
         }
+        a.pushed_back = true;
+        assert_eq!(a.close_window(), 15, "a tenth off");
+        for _ in 0..8 {
+            saturated(&mut a, 0.01);
+        }
+        assert_eq!(a.limit, 17, "after a push-back: no more doubling");
+        a.limit = 20;
         a.pushed_back = true;
         assert_eq!(a.close_window(), 18, "a tenth off");
         a.peak = 5;
