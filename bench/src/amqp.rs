@@ -67,18 +67,13 @@ impl Phases for Rabbit {
 
     async fn native_paced(&self, args: &Args, pace: Pace) -> Result<Percentiles> {
         let queue = empty_queue(&self.channel, "bench-native-paced").await?;
-        let channel = self.connection.create_channel().await?;
-        channel
-            .basic_qos(args.prefetch, BasicQosOptions::default())
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "bench-native-paced".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (channel, mut consumer) = native_consumer(
+            &self.connection,
+            args.prefetch,
+            &queue,
+            "bench-native-paced",
+        )
+        .await?;
         let recorder = Recorder::default();
         let consuming = {
             let recorder = recorder.clone();
@@ -215,18 +210,8 @@ async fn native_drain(
     size: usize,
 ) -> Result<f64> {
     let queue = filled_queue(publisher, args.messages(), size, "bench-native").await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(args.prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "bench-native".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (channel, mut consumer) =
+        native_consumer(connection, args.prefetch, &queue, "bench-native").await?;
     let mut started = None;
     let mut count = 0u64;
     while count < args.messages() {
@@ -253,4 +238,27 @@ async fn ferry_run(publisher: &Channel, args: &Args, case: &Case) -> Result<Ferr
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
     Ok(run)
+}
+
+/// A plain consumer on its own channel (returned to be closed after) with `prefetch`
+/// unacked deliveries at most.
+async fn native_consumer(
+    connection: &Connection,
+    prefetch: u16,
+    queue: &str,
+    tag: &str,
+) -> Result<(Channel, lapin::Consumer)> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
 }

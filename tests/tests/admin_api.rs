@@ -7,13 +7,11 @@
 //! set (so the state-changing calls can be tried with and without it). Needs the local
 //! RabbitMQ; fails loudly without it.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use ferry_e2e::amqp::Rabbit;
-use ferry_e2e::ferry::{amqp_source, binary, scratch};
-use ferry_e2e::{free_port, Endpoint, Reply};
+use ferry_e2e::ferry::{amqp_source, Route};
+use ferry_e2e::{Endpoint, Ferry, Reply};
 use serde_json::Value;
 
 const TOKEN: &str = "secret-token";
@@ -231,43 +229,22 @@ fn check(doc: &Value, method: &str, template: &str, answer: &Answer) -> Vec<Stri
     out
 }
 
-/// The `ferry` binary with a configuration this test writes (the shared helper has no
-/// `[admin] token`); killed when dropped.
+/// The `ferry` binary with an admin token, and a client for its admin API.
 struct Server {
-    child: Child,
-    port: u16,
-    log: PathBuf,
+    ferry: Ferry,
     client: reqwest::Client,
 }
 
 impl Server {
     fn start(queue: &str, sink_url: &str) -> Self {
-        let port = free_port();
-        let dir = scratch("admin-api");
-        let config = dir.join("ferry.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\n\n\
-                 [routes.{ROUTE}.source]\n{}\n[routes.{ROUTE}.sink]\ntype = \"http\"\nurl = \"{sink_url}\"\n",
-                amqp_source(queue, "")
-            ),
-        )
-        .expect("write config");
-        let log = dir.join("ferry.log");
-        let child = Command::new(binary())
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn ferry");
+        let route = Route {
+            source: amqp_source(queue, ""),
+            sink_url,
+            sink: "",
+            delivery: "",
+        };
         Self {
-            child,
-            port,
-            log,
+            ferry: Ferry::start_with(&route, &format!("token = \"{TOKEN}\"")),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .build()
@@ -276,7 +253,7 @@ impl Server {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.ferry.log()
     }
 
     async fn call(&self, method: &str, path: &str, authorization: Option<&str>) -> Answer {
@@ -284,7 +261,7 @@ impl Server {
             reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).expect("HTTP method");
         let mut request = self.client.request(
             method.clone(),
-            format!("http://127.0.0.1:{}{path}", self.port),
+            format!("http://127.0.0.1:{}{path}", self.ferry.admin_port),
         );
         if let Some(value) = authorization {
             request = request.header(reqwest::header::AUTHORIZATION, value);
@@ -309,37 +286,12 @@ impl Server {
         }
     }
 
-    /// Waits until `/readyz` answers 200, failing with the log if it does not in time.
-    async fn wait_ready(&mut self, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
-        while tokio::time::Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("ferry exited ({status}); log:\n{}", self.log());
-            }
-            let url = format!("http://127.0.0.1:{}/readyz", self.port);
-            if let Ok(r) = self.client.get(url).send().await {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("ferry not ready within {limit:?}; log:\n{}", self.log());
-    }
-
     async fn paused(&self) -> bool {
         let answer = self.call("get", &format!("/routes/{ROUTE}"), None).await;
         assert_eq!(answer.status, 200, "GET /routes/{ROUTE}: {}", answer.body);
         answer.json()["paused"]
             .as_bool()
             .unwrap_or_else(|| panic!("paused is not a boolean: {}", answer.body))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -414,8 +366,8 @@ async fn the_admin_server_answers_as_documented() {
     let rabbit = Rabbit::connect().await;
     let queue = rabbit.queue("admin-api").await;
     let endpoint = Endpoint::start(|_| Reply::ok()).await;
-    let mut server = Server::start(&queue.name, &endpoint.url());
-    server.wait_ready(Duration::from_secs(20)).await;
+    let server = Server::start(&queue.name, &endpoint.url());
+    server.ferry.wait_ready(Duration::from_secs(20)).await;
 
     let right = format!("Bearer {TOKEN}");
     let mut calls = 0;
