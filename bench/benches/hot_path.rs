@@ -6,9 +6,9 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
+use axum::http::{HeaderMap, HeaderValue};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferry_core::Message;
-use reqwest::header::{HeaderMap, HeaderValue};
 
 /// A 256-byte JSON payload, the size the end-to-end benchmarks use.
 fn payload() -> String {

@@ -35,15 +35,17 @@ async fn capacity_sink(
 ) -> Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let delay = crate::delay::Delay::start();
     let app = axum::Router::new().fallback(move || {
         let counts = counts.clone();
+        let delay = delay.clone();
         async move {
             let open = counts.open.fetch_add(1, Ordering::SeqCst) + 1;
             let status = if open > capacity {
                 counts.refused.fetch_add(1, Ordering::SeqCst);
                 StatusCode::SERVICE_UNAVAILABLE
             } else {
-                tokio::time::sleep(latency).await;
+                delay.wait(latency).await;
                 counts.accepted.fetch_add(1, Ordering::SeqCst);
                 StatusCode::OK
             };

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use axum::body::Bytes;
+use ferry_core::{Message, Sink, SinkResponse};
+use ferry_http::{HttpSink, HttpSinkConfig, Mode, TlsConfig};
 
 use crate::counting_sink;
 
@@ -20,8 +21,7 @@ use crate::counting_sink;
 const WARM_UP: Duration = Duration::from_millis(300);
 
 /// Requests per second the counting sink accepted over `window`, from `connections`
-/// loops that each POST `size`-byte bodies back to back on their own keep-alive
-/// connection.
+/// loops that each POST a `size`-byte body back to back through ferry's HTTP sink.
 pub async fn sink_ceiling(
     size: usize,
     connections: usize,
@@ -30,26 +30,34 @@ pub async fn sink_ceiling(
 ) -> Result<f64> {
     let accepted = Arc::new(AtomicU64::new(0));
     let addr = counting_sink(accepted.clone(), latency).await?;
-    // The same client library and pool settings as ferry's HTTP sink.
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(connections)
-        .tcp_nodelay(true)
-        .build()
-        .context("building the load generator's client")?;
-    let url = format!("http://{addr}/bench");
-    let body = Bytes::from(vec![b'x'; size]);
+    // ferry's own HTTP sink, with the same pool size: the ceiling is then what ferry's
+    // client could push into this endpoint with no broker and no engine in the way.
+    let sink = HttpSink::new(HttpSinkConfig {
+        route: Arc::from("ceiling"),
+        url: format!("http://{addr}/bench").parse()?,
+        mode: Mode::Raw,
+        timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(5),
+        pool_size: connections,
+        headers: Vec::new(),
+        health_url: None,
+        signing: None,
+        tls: TlsConfig::default(),
+    })
+    .context("building the load generator's sink")?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut loops = tokio::task::JoinSet::new();
-    for _ in 0..connections {
-        let (client, url, body, stop) = (client.clone(), url.clone(), body.clone(), stop.clone());
+    for i in 0..connections {
+        let (sink, stop) = (sink.clone(), stop.clone());
+        let message = Message::new(format!("ceiling-{i}"), vec![b'x'; size], Arc::from("bench"));
         loops.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let response = client.post(&url).body(body.clone()).send().await?;
-                if !response.status().is_success() {
-                    bail!("sink answered {}", response.status());
+                match sink.deliver(&message).await {
+                    SinkResponse::Status {
+                        status: 200..=299, ..
+                    } => {}
+                    other => bail!("sink answered {other:?}"),
                 }
-                // Read the answer to the end so the connection goes back to the pool.
-                response.bytes().await?;
             }
             Ok(())
         });

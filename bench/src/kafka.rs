@@ -1,10 +1,13 @@
 //! Kafka: the native drain rate (a consumer-group member that only stores and
 //! auto-commits offsets, no HTTP) against ferry end to end into the counting sink, on
 //! librdkafka's mock cluster in this process (the real Kafka protocol on a loopback
-//! port). Each phase gets a fresh topic filled with all its messages first; the paced
-//! (latency) phases start on an empty topic and publish as they go.
+//! port). Each drain phase gets a fresh topic and publishes into it while it drains, at most
+//! [`WINDOW_BYTES`] ahead of the consumer: the mock cluster keeps only the last 5 MiB of each
+//! partition (fixed in librdkafka), so a topic filled with everything first lost its oldest
+//! messages and the drain never finished. The paced (latency) phases start on an empty
+//! topic and publish at their pace.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,11 +24,16 @@ use crate::{counting_sink, spawn_ferry, Args};
 /// Partitions per topic: parallelism for both sides.
 const PARTITIONS: i32 = 4;
 
-/// librdkafka's `fetch.wait.max.ms` in the paced phases, for the native consumer and
-/// ferry alike. The mock cluster does not answer a waiting fetch when a message arrives,
-/// so with the default (500 ms) every message would wait out the fetch and the latency
-/// measured would be librdkafka's poll interval, not ferry's.
-const PACED_FETCH_WAIT_MS: &str = "5";
+/// Bytes published and not yet consumed, at most: below the 5 MiB the mock cluster keeps of
+/// a partition even if every outstanding message went to the same one.
+const WINDOW_BYTES: usize = 4 * 1024 * 1024;
+
+/// librdkafka's `fetch.wait.max.ms`, for the native consumer and ferry alike. The mock
+/// cluster does not answer a waiting fetch when a message arrives, so with the default
+/// (500 ms) a paced message waits out the fetch, and a drain phase, which publishes within a
+/// window, waits half a second per window: the figures would be librdkafka's poll interval,
+/// not ferry's.
+const FETCH_WAIT_MS: &str = "5";
 
 /// Runs every combination and prints the table.
 pub async fn run(args: &Args) -> Result<()> {
@@ -69,34 +77,45 @@ fn unique(prefix: &str) -> String {
 }
 
 impl Kafka {
-    /// A fresh topic holding `messages` payloads of `size` bytes.
-    async fn filled_topic(&self, args: &Args, size: usize, prefix: &str) -> Result<String> {
-        let topic = self.empty_topic(prefix)?;
-        let payload = vec![b'x'; size];
-        let mut pending = Vec::new();
-        for _ in 0..args.messages() {
-            loop {
-                match self
-                    .producer
-                    .send_result(FutureRecord::<(), _>::to(&topic).payload(&payload))
-                {
-                    Ok(delivery) => {
-                        pending.push(delivery);
-                        break;
+    /// Publishes `args.messages()` payloads of `size` bytes into `topic`, staying at most
+    /// [`WINDOW_BYTES`] ahead of `consumed`.
+    fn publish(
+        &self,
+        topic: &str,
+        args: &Args,
+        size: usize,
+        consumed: Arc<AtomicU64>,
+    ) -> tokio::task::JoinHandle<Result<()>> {
+        let (producer, topic, total) = (self.producer.clone(), topic.to_owned(), args.messages());
+        let window = (WINDOW_BYTES / size.max(1)).max(1) as u64;
+        tokio::spawn(async move {
+            let payload = vec![b'x'; size];
+            let mut pending = Vec::new();
+            for sent in 0..total {
+                while sent.saturating_sub(consumed.load(Ordering::Relaxed)) >= window {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                loop {
+                    match producer.send_result(FutureRecord::<(), _>::to(&topic).payload(&payload))
+                    {
+                        Ok(delivery) => {
+                            pending.push(delivery);
+                            break;
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
                     }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+                if pending.len() >= 1_000 {
+                    for d in pending.drain(..) {
+                        d.await?.map_err(|(e, _)| e)?;
+                    }
                 }
             }
-            if pending.len() >= 10_000 {
-                for d in pending.drain(..) {
-                    d.await?.map_err(|(e, _)| e)?;
-                }
+            for d in pending {
+                d.await?.map_err(|(e, _)| e)?;
             }
-        }
-        for d in pending {
-            d.await?.map_err(|(e, _)| e)?;
-        }
-        Ok(topic)
+            Ok(())
+        })
     }
 
     /// A fresh topic with nothing in it.
@@ -138,7 +157,8 @@ impl Kafka {
     /// ferry's source section for `topic`, in a group of its own.
     fn source(&self, topic: &str) -> String {
         format!(
-            "type = \"kafka\"\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{topic}\"]\n",
+            "type = \"kafka\"\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{topic}\"]\n\
+             librdkafka = {{ \"fetch.wait.max.ms\" = \"{FETCH_WAIT_MS}\" }}\n",
             self.bootstrap,
             unique("bench-ferry")
         )
@@ -155,8 +175,10 @@ impl Phases for Kafka {
     }
 
     async fn native(&self, args: &Args, size: usize) -> Result<f64> {
-        let topic = self.filled_topic(args, size, "bench-native").await?;
-        let consumer = self.consumer(&topic, "bench-native", "500")?;
+        let topic = self.empty_topic("bench-native")?;
+        let consumer = self.consumer(&topic, "bench-native", FETCH_WAIT_MS)?;
+        let consumed = Arc::new(AtomicU64::new(0));
+        let publisher = self.publish(&topic, args, size, consumed.clone());
         let mut started = None;
         let mut count = 0u64;
         while count < args.messages() {
@@ -164,21 +186,27 @@ impl Phases for Kafka {
             started.get_or_insert_with(Instant::now);
             drop(message);
             count += 1;
+            consumed.store(count, Ordering::Relaxed);
         }
-        Ok(started.map_or(0.0, |s| s.elapsed().as_secs_f64()))
+        let secs = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        publisher.await??;
+        Ok(secs)
     }
 
     async fn ferry(&self, args: &Args, case: &Case) -> Result<FerryRun> {
-        let topic = self.filled_topic(args, case.size, "bench-ferry").await?;
+        let topic = self.empty_topic("bench-ferry")?;
         let delivered = Arc::new(AtomicU64::new(0));
         let sink = counting_sink(delivered.clone(), case.latency()).await?;
         let (child, pid) = spawn_ferry(args, &self.source(&topic), sink, case.setting)?;
-        measure_ferry(child, pid, delivered, args.messages()).await
+        let publisher = self.publish(&topic, args, case.size, delivered.clone());
+        let run = measure_ferry(child, pid, delivered, args.messages()).await?;
+        publisher.await??;
+        Ok(run)
     }
 
     async fn native_paced(&self, _args: &Args, pace: Pace) -> Result<Percentiles> {
         let topic = self.empty_topic("bench-native-paced")?;
-        let consumer = self.consumer(&topic, "bench-native-paced", PACED_FETCH_WAIT_MS)?;
+        let consumer = self.consumer(&topic, "bench-native-paced", FETCH_WAIT_MS)?;
         let recorder = Recorder::default();
         let consuming = {
             let recorder = recorder.clone();
@@ -198,11 +226,7 @@ impl Phases for Kafka {
         let topic = self.empty_topic("bench-ferry-paced")?;
         let recorder = Recorder::default();
         let sink = timing_sink(recorder.clone(), case.latency()).await?;
-        let source = format!(
-            "{}librdkafka = {{ \"fetch.wait.max.ms\" = \"{PACED_FETCH_WAIT_MS}\" }}\n",
-            self.source(&topic)
-        );
-        let (child, pid) = spawn_ferry(args, &source, sink, case.setting)?;
+        let (child, pid) = spawn_ferry(args, &self.source(&topic), sink, case.setting)?;
         let result = self.publish_paced(&topic, pace, &recorder).await;
         crate::stop_ferry(child, pid)?;
         result

@@ -2,30 +2,31 @@
 //! consumer that only acks, no HTTP) and ferry end to end into a counting HTTP sink, and
 //! prints ferry's rate as a ratio of the drain rate with its CPU time and peak RSS.
 //!
-//! With a filled queue (RabbitMQ, Kafka) it also measures, in the same run, the counting
-//! sink's own ceiling and, in a paced phase, the latency ferry adds (see `sweep.rs`).
+//! It also measures, in the same run, the counting sink's own ceiling and (RabbitMQ, Kafka)
+//! in a paced phase the latency ferry adds.
 //!
-//! SQS phases publish while they drain, through the same publisher and the same window
-//! of outstanding messages, because the emulator slows down with queue depth. RabbitMQ
-//! and Kafka phases drain a queue or topic filled beforehand (see `sweep.rs`).
+//! Every broker runs the same sweep over sizes, `concurrency` settings and endpoint
+//! latencies (`sweep.rs`). SQS phases publish while they drain, through the same publisher
+//! and the same window of outstanding messages, because the emulator slows down with queue
+//! depth (`sqs.rs`). RabbitMQ and Kafka phases drain a queue or topic filled beforehand.
 
 mod amqp;
 mod capacity;
 mod ceiling;
 mod concurrency;
+mod delay;
 mod kafka;
 mod latency;
+mod sqs;
 mod sweep;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
-use aws_sdk_sqs::Client;
 use clap::Parser;
 
 use crate::concurrency::{ConcurrencyArg, Setting};
@@ -142,13 +143,6 @@ impl Args {
         concurrency::settings(&self.concurrency)
     }
 
-    fn first_setting(&self) -> Setting {
-        self.settings()
-            .first()
-            .copied()
-            .unwrap_or(Setting::Fixed(64))
-    }
-
     fn first_size(&self) -> usize {
         self.size.first().copied().unwrap_or(256)
     }
@@ -159,283 +153,31 @@ async fn main() -> Result<()> {
     let mut args = Args::parse();
     args.messages = Some(args.messages());
     match args.broker {
-        Broker::Amqp => {
-            return match args.capacity {
-                Some(capacity) => capacity::run(&args, capacity).await,
-                None => amqp::run(&args).await,
-            }
-        }
-        Broker::Kafka => return kafka::run(&args).await,
-        Broker::Sqs => {}
+        Broker::Amqp => match args.capacity {
+            Some(capacity) => capacity::run(&args, capacity).await,
+            None => amqp::run(&args).await,
+        },
+        Broker::Kafka => kafka::run(&args).await,
+        Broker::Sqs => sqs::run(&args).await,
     }
-    let client = client(&args.endpoint).await?;
-    println!(
-        "SQS (emulator at {}), {} messages of {} B, {} receivers",
-        args.endpoint,
-        args.messages(),
-        args.first_size(),
-        args.receivers
-    );
-
-    // The emulator's speed drifts over a run, so the phases alternate and the ratio is
-    // taken over the sums.
-    let mut native_secs = 0.0;
-    let mut ferry_secs = 0.0;
-    let mut cpu = 0.0;
-    let mut rss = 0u64;
-    let mut rows = Vec::new();
-    for round in 1..=args.rounds() {
-        let native = native_drain(&client, &args).await?;
-        let ferry = ferry_run(&client, &args).await?;
-        println!(
-            "round {round}: native {:.0} msg/s, ferry {:.0} msg/s",
-            native.rate, ferry.rate
-        );
-        native_secs += args.messages() as f64 / native.rate;
-        ferry_secs += args.messages() as f64 / ferry.rate;
-        cpu += ferry.cpu_seconds;
-        rss = rss.max(ferry.peak_rss_kib);
-        rows.push((native.rate, ferry.rate));
-    }
-    let total = (args.messages() * args.rounds()) as f64;
-    let native_rate = total / native_secs;
-    let ferry_rate = total / ferry_secs;
-    println!();
-    println!("| run | msg/s | ratio to drain | CPU s per 10k msgs | peak RSS MiB |");
-    println!("|---|---|---|---|---|");
-    println!("| native drain (receive + batch delete) | {native_rate:.0} | 1.00 | - | - |");
-    println!(
-        "| ferry end to end (concurrency {}) | {:.0} | {:.2} | {:.2} | {:.1} |",
-        args.first_setting(),
-        ferry_rate,
-        ferry_rate / native_rate,
-        cpu / total * 10_000.0,
-        rss as f64 / 1024.0
-    );
-    Ok(())
-}
-
-async fn client(endpoint: &str) -> Result<Client> {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "ferry-bench",
-        ))
-        .load()
-        .await;
-    let client = Client::new(&config);
-    client.list_queues().send().await.with_context(|| {
-        format!("SQS endpoint {endpoint} not reachable (scripts/moto.sh starts it)")
-    })?;
-    Ok(client)
-}
-
-async fn create_queue(client: &Client, name: &str) -> Result<String> {
-    let name = format!(
-        "{name}-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis()
-    );
-    client
-        .create_queue()
-        .queue_name(name)
-        .send()
-        .await?
-        .queue_url
-        .context("no queue url")
-}
-
-/// Publishes `total` messages with at most `window` outstanding; four tasks in parallel.
-fn publish(
-    client: Client,
-    url: String,
-    args: &Args,
-    consumed: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<Result<()>> {
-    let total = args.messages();
-    let window = args.window;
-    let size = args.first_size();
-    tokio::spawn(async move {
-        let next = Arc::new(AtomicU64::new(0));
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..4 {
-            let (client, url, next, consumed) =
-                (client.clone(), url.clone(), next.clone(), consumed.clone());
-            tasks.spawn(async move {
-                loop {
-                    let start = next.fetch_add(10, Ordering::SeqCst);
-                    if start >= total {
-                        return Ok::<_, anyhow::Error>(());
-                    }
-                    while start.saturating_sub(consumed.load(Ordering::SeqCst)) > window {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    let entries = (start..(start + 10).min(total)).map(|i| {
-                        let mut body = format!("{{\"seq\":{i},\"pad\":\"");
-                        while body.len() < size - 2 {
-                            body.push('x');
-                        }
-                        body.push_str("\"}");
-                        SendMessageBatchRequestEntry::builder()
-                            .id(i.to_string())
-                            .message_body(body)
-                            .build()
-                    });
-                    client
-                        .send_message_batch()
-                        .queue_url(&url)
-                        .set_entries(Some(entries.collect::<Result<_, _>>()?))
-                        .send()
-                        .await?;
-                }
-            });
-        }
-        while let Some(r) = tasks.join_next().await {
-            r??;
-        }
-        Ok(())
-    })
-}
-
-struct Rate {
-    rate: f64,
-}
-
-async fn native_drain(client: &Client, args: &Args) -> Result<Rate> {
-    let url = create_queue(client, "bench-native").await?;
-    let consumed = Arc::new(AtomicU64::new(0));
-    let calls = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let publisher = publish(client.clone(), url.clone(), args, consumed.clone());
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..args.receivers {
-        let (client, url, consumed, total, calls) = (
-            client.clone(),
-            url.clone(),
-            consumed.clone(),
-            args.messages(),
-            calls.clone(),
-        );
-        tasks.spawn(async move {
-            let mut deletes = tokio::task::JoinSet::new();
-            while consumed.load(Ordering::SeqCst) < total {
-                calls.fetch_add(1, Ordering::Relaxed);
-                let resp = client
-                    .receive_message()
-                    .queue_url(&url)
-                    .max_number_of_messages(10)
-                    .wait_time_seconds(1)
-                    .send()
-                    .await?;
-                let messages = resp.messages.unwrap_or_default();
-                if messages.is_empty() {
-                    continue;
-                }
-                let entries = messages.iter().enumerate().filter_map(|(i, m)| {
-                    DeleteMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .set_receipt_handle(m.receipt_handle.clone())
-                        .build()
-                        .ok()
-                });
-                // Deletes run beside the next receive, as a good hand-written drainer does.
-                let delete = client
-                    .delete_message_batch()
-                    .queue_url(&url)
-                    .set_entries(Some(entries.collect()));
-                let (consumed, n) = (consumed.clone(), messages.len() as u64);
-                deletes.spawn(async move {
-                    delete.send().await?;
-                    consumed.fetch_add(n, Ordering::SeqCst);
-                    Ok::<_, anyhow::Error>(())
-                });
-                while let Some(r) = deletes.try_join_next() {
-                    r??;
-                }
-            }
-            while let Some(r) = deletes.join_next().await {
-                r??;
-            }
-            Ok::<_, anyhow::Error>(())
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
-    let elapsed = started.elapsed();
-    publisher.await??;
-    println!(
-        "native drain: {} receive calls, {:.1} messages per call",
-        calls.load(Ordering::Relaxed),
-        args.messages() as f64 / calls.load(Ordering::Relaxed).max(1) as f64
-    );
-    Ok(Rate {
-        rate: args.messages() as f64 / elapsed.as_secs_f64(),
-    })
-}
-
-struct FerryRun {
-    rate: f64,
-    cpu_seconds: f64,
-    peak_rss_kib: u64,
 }
 
 /// A counting sink: answers 200 to everything after `latency` and counts requests.
 async fn counting_sink(count: Arc<AtomicU64>, latency: Duration) -> Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let delay = delay::Delay::start();
     let app = axum::Router::new().fallback(move || {
         let count = count.clone();
+        let delay = delay.clone();
         async move {
-            if !latency.is_zero() {
-                tokio::time::sleep(latency).await;
-            }
+            delay.wait(latency).await;
             count.fetch_add(1, Ordering::SeqCst);
             "ok"
         }
     });
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(addr)
-}
-
-async fn ferry_run(client: &Client, args: &Args) -> Result<FerryRun> {
-    let url = create_queue(client, "bench-ferry").await?;
-    let consumed = Arc::new(AtomicU64::new(0));
-    let latency = Duration::from_millis(args.latency_ms.first().copied().unwrap_or(0));
-    let sink = counting_sink(consumed.clone(), latency).await?;
-    let source = format!(
-        "type = \"sqs\"\nqueue_url = \"{url}\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\n\
-         receivers = {}\nwait_time = \"1s\"\n",
-        args.endpoint, args.receivers
-    );
-    let (mut child, pid) = spawn_ferry(args, &source, sink, args.first_setting())?;
-    // Let it connect before the clock starts, like the native drainer's client.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let cpu_before = cpu_seconds(pid)?;
-    let started = Instant::now();
-    let publisher = publish(client.clone(), url, args, consumed.clone());
-    while consumed.load(Ordering::SeqCst) < args.messages() {
-        if let Some(status) = child.try_wait()? {
-            bail!("ferry exited early: {status}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let elapsed = started.elapsed();
-    let cpu = cpu_seconds(pid)? - cpu_before;
-    let peak_rss_kib = peak_rss_kib(pid)?;
-    publisher.await??;
-    stop_ferry(child, pid)?;
-    Ok(FerryRun {
-        rate: args.messages() as f64 / elapsed.as_secs_f64(),
-        cpu_seconds: cpu,
-        peak_rss_kib,
-    })
 }
 
 /// utime + stime of a process, from /proc.

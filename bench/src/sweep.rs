@@ -51,6 +51,10 @@ pub trait Phases {
     fn native(&self, args: &Args, size: usize) -> impl Future<Output = Result<f64>>;
     /// ferry draining the same amount into the counting sink, as `case` says.
     fn ferry(&self, args: &Args, case: &Case) -> impl Future<Output = Result<FerryRun>>;
+    /// Whether the paced phases below mean anything on this broker.
+    fn paced(&self) -> bool {
+        true
+    }
     /// Publish → consume latency of a plain consumer under `pace` (see `latency.rs`).
     fn native_paced(&self, args: &Args, pace: Pace) -> impl Future<Output = Result<Percentiles>>;
     /// Publish → endpoint latency through ferry under `pace`, set up as `case` says.
@@ -70,8 +74,8 @@ struct Row {
     cpu_per_100k: f64,
     rss_mib: f64,
     rate: f64,
-    native_latency: Percentiles,
-    ferry_latency: Percentiles,
+    /// Native and ferry, when the broker has paced phases.
+    latencies: Option<(Percentiles, Percentiles)>,
 }
 
 /// Runs every combination and prints the tables.
@@ -110,20 +114,26 @@ pub async fn sweep(args: &Args, phases: &impl Phases) -> Result<()> {
                     secs: args.paced_secs(),
                     size,
                 };
-                let key = (size, pace.rate.to_bits());
-                let native_latency = match native_latencies.get(&key) {
-                    Some(p) => *p,
-                    None => {
-                        let p = phases.native_paced(args, pace).await?;
-                        native_latencies.insert(key, p);
-                        p
-                    }
+                let latencies = if phases.paced() {
+                    let key = (size, pace.rate.to_bits());
+                    let native_latency = match native_latencies.get(&key) {
+                        Some(p) => *p,
+                        None => {
+                            let p = phases.native_paced(args, pace).await?;
+                            native_latencies.insert(key, p);
+                            p
+                        }
+                    };
+                    let ferry_latency = phases.ferry_paced(args, &case, pace).await?;
+                    println!(
+                        "  sink ceiling {ceiling:.0} msg/s; at {:.0} msg/s: native p50 {:.2} p99 {:.2} ms, ferry p50 {:.2} p99 {:.2} ms",
+                        pace.rate, native_latency.p50, native_latency.p99, ferry_latency.p50, ferry_latency.p99
+                    );
+                    Some((native_latency, ferry_latency))
+                } else {
+                    println!("  sink ceiling {ceiling:.0} msg/s");
+                    None
                 };
-                let ferry_latency = phases.ferry_paced(args, &case, pace).await?;
-                println!(
-                    "  sink ceiling {ceiling:.0} msg/s; at {:.0} msg/s: native p50 {:.2} p99 {:.2} ms, ferry p50 {:.2} p99 {:.2} ms",
-                    pace.rate, native_latency.p50, native_latency.p99, ferry_latency.p50, ferry_latency.p99
-                );
                 let total = (args.messages() * args.rounds()) as f64;
                 rows.push(Row {
                     case,
@@ -133,8 +143,7 @@ pub async fn sweep(args: &Args, phases: &impl Phases) -> Result<()> {
                     cpu_per_100k: cpu / total * 100_000.0,
                     rss_mib: rss as f64 / 1024.0,
                     rate: pace.rate,
-                    native_latency,
-                    ferry_latency,
+                    latencies,
                 });
             }
         }
@@ -170,11 +179,14 @@ fn print_rates(rows: &[Row]) {
 }
 
 fn print_latencies(rows: &[Row]) {
+    if rows.iter().all(|r| r.latencies.is_none()) {
+        return;
+    }
     println!();
     println!("| size | concurrency | endpoint latency | paced msg/s | native p50 / p99 ms | ferry p50 / p99 ms | added p50 / p99 ms | samples (native / ferry) |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in rows {
-        let (n, f) = (r.native_latency, r.ferry_latency);
+        let Some((n, f)) = r.latencies else { continue };
         println!(
             "| {} B | {} | {} ms | {:.0} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} | {} / {} |",
             r.case.size,

@@ -269,10 +269,16 @@ async fn run_routes(plan: Plan) -> Result<(), Failure> {
     info!(admin = %plan.admin, routes = ?names, "ferry started");
 
     tokio::spawn(wait_for_signal(shutdown.clone()));
+    // Each route runs on a worker thread, not on this one: tasks a route spawns then start
+    // on the worker's own queue instead of waking a parked worker for every message.
     let results = join_all(tasks.into_iter().map(|task| {
         let shutdown = shutdown.clone();
+        let running = tokio::spawn(task);
         async move {
-            let result = task.await;
+            let result = match running.await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(join) => Err(format!("route task ended abnormally: {join}")),
+            };
             if let Err(e) = &result {
                 error!(error = %e, "route failed; stopping ferry");
                 shutdown.cancel();
@@ -293,10 +299,7 @@ async fn run_routes(plan: Plan) -> Result<(), Failure> {
     if let Some(provider) = provider {
         let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
     }
-    let failed: Vec<String> = results
-        .into_iter()
-        .filter_map(|r| r.err().map(|e| e.to_string()))
-        .collect();
+    let failed: Vec<String> = results.into_iter().filter_map(Result::err).collect();
     if failed.is_empty() {
         info!("ferry stopped");
         Ok(())

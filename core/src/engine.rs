@@ -489,7 +489,9 @@ async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, mut permit
 }
 
 async fn attempt<K: Sink>(shared: &Shared<K>, message: &Message) -> SinkResponse {
-    timed(shared, shared.sink.deliver(message)).await
+    // Boxed: a sink's request future (an HTTP client's) is kilobytes, and held inline it
+    // would make every delivery task that large, copied on spawn and again on completion.
+    timed(shared, Box::pin(shared.sink.deliver(message))).await
 }
 
 /// What a request has answered, so that the rate limit, the adaptive limit and the metrics

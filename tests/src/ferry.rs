@@ -127,7 +127,11 @@ impl Ferry {
             .arg("run")
             .arg("--config")
             .arg(&config)
-            .env("FERRY_LOG", "info,ferry_core=debug")
+            // FERRY_TEST_LOG widens the log of a test that needs more detail.
+            .env(
+                "FERRY_LOG",
+                std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "info,ferry_core=debug".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()

@@ -34,10 +34,18 @@ fn text(value: &AMQPValue) -> Option<String> {
 /// Numbers messages that carry no `message_id`, so that every message has an id.
 static SYNTHETIC: AtomicU64 = AtomicU64::new(0);
 
+/// The process id, asked of the kernel once (it is a system call, and every message
+/// without an id would ask again).
+fn process_id() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
+}
+
 /// Builds the message; `group_header` names the header that carries the ordering key
 /// (the routing key when absent).
+/// Takes the delivery: its body becomes the payload without a copy.
 pub(crate) fn convert(
-    delivery: &Delivery,
+    mut delivery: Delivery,
     source: &Arc<str>,
     group_header: Option<&str>,
 ) -> Message {
@@ -47,11 +55,11 @@ pub(crate) fn convert(
         Some(id) if !id.as_str().is_empty() => id.as_str().to_owned(),
         _ => format!(
             "{source}-{}-{}",
-            std::process::id(),
+            process_id(),
             SYNTHETIC.fetch_add(1, Ordering::Relaxed)
         ),
     };
-    let mut message = Message::new(id, delivery.data.clone(), source.clone());
+    let mut message = Message::new(id, std::mem::take(&mut delivery.data), source.clone());
     if let Some(at) = props
         .timestamp()
         .and_then(|ts| plausible_since_epoch(Duration::from_secs(ts)))

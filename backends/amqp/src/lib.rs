@@ -237,6 +237,9 @@ impl Source for AmqpSource {
                 ctx.clone(),
             ));
             let group_header = self.config.ordering_header.as_deref();
+            // One handle shared by every delivery of this channel: a `Channel` clone is a
+            // dozen reference counts, bumped and dropped once per message otherwise.
+            let current = Arc::new(channel.clone());
             loop {
                 let permit = tokio::select! {
                     biased;
@@ -266,14 +269,14 @@ impl Source for AmqpSource {
                 match next {
                     Some(Ok(delivery)) => {
                         let tag = delivery.delivery_tag;
-                        let message = convert::convert(&delivery, &self.queue_name, group_header);
+                        let message = convert::convert(delivery, &self.queue_name, group_header);
                         let _ = settle_tx.send(settle::Op::Received(tag));
                         permit.send(Delivery {
                             message,
                             ack: AckHandle::new(settle::AmqpAck {
                                 tag,
                                 settle: settle_tx.clone(),
-                                channel: channel.clone(),
+                                channel: current.clone(),
                             }),
                         });
                     }

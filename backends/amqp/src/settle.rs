@@ -18,6 +18,12 @@ use tracing::{debug, warn};
 /// How long an ack may wait for the deliveries below it before it is sent on its own.
 const HOLD: Duration = Duration::from_millis(20);
 
+/// How long settlements are gathered before the acks they allow are sent. Sending at once
+/// cost an ack frame, and a wake-up of lapin's I/O thread, for nearly every message when
+/// the endpoint answers a few per millisecond; a crash in this window only means a few
+/// more messages delivered again.
+const GATHER: Duration = Duration::from_millis(5);
+
 pub(crate) enum Op {
     Received(u64),
     Settled(u64, Settlement),
@@ -28,7 +34,7 @@ pub(crate) struct AmqpAck {
     pub(crate) tag: u64,
     pub(crate) settle: mpsc::UnboundedSender<Op>,
     /// The channel it came on: once that is gone, the broker has put the message back.
-    pub(crate) channel: Channel,
+    pub(crate) channel: std::sync::Arc<Channel>,
 }
 
 impl Settle for AmqpAck {
@@ -151,11 +157,28 @@ pub(crate) async fn run(
             Op::Settled(tag, s) => frames.extend(window.settle(tag, &s, now)),
         };
         apply(op, &mut window);
-        while let Ok(op) = rx.try_recv() {
-            apply(op, &mut window);
+        // Gather what else settles meanwhile, so that one `multiple` ack covers it.
+        let gather = tokio::time::sleep(GATHER);
+        tokio::pin!(gather);
+        let mut closed = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut gather => break,
+                op = rx.recv() => match op {
+                    Some(op) => apply(op, &mut window),
+                    None => {
+                        closed = true;
+                        break;
+                    }
+                },
+            }
         }
-        frames.extend(window.flush(now, false));
+        frames.extend(window.flush(Instant::now(), false));
         send(&channel, frames, &route, &mut failed).await;
+        if closed {
+            break;
+        }
     }
     send(
         &channel,

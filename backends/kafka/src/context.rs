@@ -148,8 +148,9 @@ impl ConsumerContext for FerryContext {
     }
 }
 
-/// The context of the start-up check: its outcome is the check's result, so librdkafka's
-/// own reports of the same failure (one per retry) stay at debug level.
+/// The context of the start-up check and of the dead-letter producer: the call that waits
+/// (the check, or a dead letter's send) reports the outcome, so librdkafka's own reports of
+/// the same failure (one per retry) stay at debug level.
 pub(crate) struct Quiet;
 
 impl ClientContext for Quiet {
@@ -158,7 +159,7 @@ impl ClientContext for Quiet {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        debug!(error = %error, reason, "librdkafka error during the start-up check");
+        debug!(error = %error, reason, "librdkafka error; the waiting call reports the outcome");
     }
 }
 

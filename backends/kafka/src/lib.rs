@@ -20,6 +20,7 @@ use std::time::Duration;
 use ferry_core::{AckHandle, Delivery, Source, SourceContext, SourceError};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Headers;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Message as _, Offset};
@@ -277,9 +278,15 @@ impl Source for KafkaSource {
                     if failures == 1 {
                         warn!(route = %ctx.route, error = %one_line(&e), "receive failed; retrying");
                     }
-                    tokio::select! {
-                        _ = ctx.shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(100u64 << failures.min(6))) => {}
+                    // librdkafka queues its reports of broker trouble among the records
+                    // and reconnects by itself. Waiting after each report left the queue
+                    // behind them, rebalances included, unserved for minutes after an
+                    // outage; only a fatal error (the consumer cannot go on) waits.
+                    if matches!(e, KafkaError::MessageConsumptionFatal(_)) {
+                        tokio::select! {
+                            _ = ctx.shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_millis(100u64 << failures.min(6))) => {}
+                        }
                     }
                     continue;
                 }
@@ -369,7 +376,7 @@ async fn commit_loop(
         let committer = consumer.clone();
         let result = tokio::task::spawn_blocking(move || committer.commit(&list, CommitMode::Sync))
             .await
-            .unwrap_or(Err(rdkafka::error::KafkaError::Canceled));
+            .unwrap_or(Err(KafkaError::Canceled));
         match result {
             Ok(()) => {
                 consumer.context().reached();

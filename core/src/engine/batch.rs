@@ -91,7 +91,7 @@ pub(super) async fn deliver<K: Sink>(shared: Arc<Shared<K>>, batch: Vec<Delivery
         }
         let sent = tokio::time::Instant::now();
         let BatchResponse { response, failed } =
-            timed(&shared, shared.sink.deliver_batch(&messages)).await;
+            timed(&shared, Box::pin(shared.sink.deliver_batch(&messages))).await;
         if let Some(breaker) = &shared.breaker {
             breaker.record(&response, pass, sent);
             if breaker.excuses(&response, sent) {

@@ -7,7 +7,7 @@
 //! in what is missing from the message's id, source and timestamp.
 
 use ferry_core::Message;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 
 /// The `ce-type` of a message that does not carry its own.
 pub const DEFAULT_TYPE: &str = "ferry.message";

@@ -1,7 +1,7 @@
 //! The per-message headers of the delivery contract.
 
 use ferry_core::Message;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
 // Names built once: parsing and validating a name on every insert cost more than the rest
 // of the header map on the hot path.

@@ -4,6 +4,7 @@
 //! The sink makes exactly one request per [`Sink::deliver`] call and turns whatever
 //! happened into a [`SinkResponse`]; retries, backoff and dead-lettering are the engine's.
 
+mod client;
 mod cloudevents;
 mod envelope;
 mod headers;
@@ -15,8 +16,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ferry_core::{BatchResponse, Message, Sink, SinkResponse};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::Method;
 use url::Url;
+
+use client::{Failure, Limits, Origin};
 
 pub use cloudevents::cloudevent_headers;
 pub use envelope::{encode_batch, encode_envelope};
@@ -111,9 +115,9 @@ pub enum HttpSinkError {
         /// What is wrong with it (never the value: it may be a secret).
         reason: &'static str,
     },
-    /// The HTTP client could not be created (TLS set-up).
-    #[error("HTTP client: {0}")]
-    Client(#[source] reqwest::Error),
+    /// The endpoint URL cannot be connected to.
+    #[error("url: {0}")]
+    Url(String),
     /// A CA or client certificate could not be read.
     #[error("{what}: {detail}")]
     Tls {
@@ -127,17 +131,17 @@ pub enum HttpSinkError {
 /// Pushes messages to one endpoint.
 #[derive(Debug, Clone)]
 pub struct HttpSink {
-    client: reqwest::Client,
-    url: Url,
+    origin: Arc<Origin>,
     mode: Mode,
     route: HeaderValue,
     fixed: HeaderMap,
-    health_url: Option<Url>,
+    health: Option<Arc<Origin>>,
     signing: Option<SigningKey>,
 }
 
 impl HttpSink {
-    /// Builds the client pool; fails on invalid static headers.
+    /// Sets up the connection pool (it connects on the first request); fails on invalid
+    /// static headers, a URL it cannot connect to or unusable TLS files.
     pub fn new(config: HttpSinkConfig) -> Result<Self, HttpSinkError> {
         let mut fixed = HeaderMap::new();
         match config.mode {
@@ -165,52 +169,33 @@ impl HttpSink {
             name: "X-Ferry-Route".into(),
             reason: "route name is not a valid header value",
         })?;
-        let mut builder = reqwest::Client::builder();
-        if let Some(pem) = &config.tls.ca_pem {
-            let certificates =
-                reqwest::Certificate::from_pem_bundle(pem).map_err(|e| HttpSinkError::Tls {
-                    what: "ca_file",
-                    detail: e.to_string(),
-                })?;
-            if certificates.is_empty() {
-                return Err(HttpSinkError::Tls {
-                    what: "ca_file",
-                    detail: "no PEM certificate in it".into(),
-                });
-            }
-            for certificate in certificates {
-                builder = builder.add_root_certificate(certificate);
-            }
-        }
-        if let Some(pem) = &config.tls.identity_pem {
-            let identity = reqwest::Identity::from_pem(pem).map_err(|e| HttpSinkError::Tls {
-                what: "client_cert_file",
-                detail: format!("certificate and key: {e}"),
-            })?;
-            builder = builder.identity(identity);
-        }
-        let client = builder
-            .timeout(config.timeout)
-            .connect_timeout(config.connect_timeout)
-            .pool_max_idle_per_host(config.pool_size)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            // A redirect is an answer, not a delivery: following it would turn the POST
-            // into a GET (301/302/303) that a 200 then "acks" with the message never
-            // delivered. A 3xx is retried and dead-lettered like any other non-2xx.
-            .redirect(reqwest::redirect::Policy::none())
-            // Retries are the engine's, counted and visible in X-Ferry-Attempt.
-            .retry(reqwest::retry::never())
-            .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(HttpSinkError::Client)?;
+        let limits = Limits {
+            timeout: config.timeout,
+            connect_timeout: config.connect_timeout,
+            max_idle: config.pool_size,
+        };
+        // A redirect is an answer, not a delivery: following it would turn the POST into a
+        // GET (301/302/303) that a 200 then "acks" with the message never delivered. The
+        // pool never follows one; a 3xx is retried and dead-lettered like any other
+        // non-2xx. Retries are the engine's, counted and visible in X-Ferry-Attempt.
+        let origin = Arc::new(Origin::new(&config.url, &config.tls, limits)?);
+        let health = match &config.health_url {
+            Some(url) => Some(Arc::new(Origin::new(
+                url,
+                &config.tls,
+                Limits {
+                    max_idle: 1,
+                    ..limits
+                },
+            )?)),
+            None => None,
+        };
         Ok(Self {
-            client,
-            url: config.url,
+            origin,
             mode: config.mode,
             route,
             fixed,
-            health_url: config.health_url,
+            health,
             signing: config.signing,
         })
     }
@@ -220,19 +205,15 @@ impl HttpSink {
         &self,
         headers: HeaderMap,
         body: Bytes,
-    ) -> Result<reqwest::Response, SinkResponse> {
-        let request = self
-            .client
-            .post(self.url.clone())
-            .headers(headers)
-            .body(body);
-        request.send().await.map_err(|e| {
-            if e.is_timeout() {
-                SinkResponse::Timeout
-            } else {
-                SinkResponse::Error(response::describe_error(&e))
-            }
-        })
+        keep: usize,
+    ) -> Result<client::Answer, SinkResponse> {
+        self.origin
+            .send(Method::POST, headers, body, keep)
+            .await
+            .map_err(|failure| match failure {
+                Failure::Timeout => SinkResponse::Timeout,
+                Failure::Error(e) => SinkResponse::Error(e),
+            })
     }
 
     fn body(&self, message: &Message) -> Bytes {
@@ -280,8 +261,8 @@ impl Sink for HttpSink {
         if let Some(key) = &self.signing {
             sign(key, &message.id, &body, &mut headers);
         }
-        match self.post(headers, body).await {
-            Ok(resp) => response::read(resp).await,
+        match self.post(headers, body, response::DETAIL_LIMIT).await {
+            Ok(answer) => response::read(&answer),
             Err(failed) => failed,
         }
     }
@@ -294,8 +275,8 @@ impl Sink for HttpSink {
         if let (Some(key), Some(first)) = (&self.signing, messages.first()) {
             sign(key, &format!("batch_{}", first.id), &body, &mut headers);
         }
-        match self.post(headers, body).await {
-            Ok(resp) => response::read_batch(resp).await,
+        match self.post(headers, body, response::DRAIN_LIMIT).await {
+            Ok(answer) => response::read_batch(&answer),
             Err(response) => BatchResponse {
                 response,
                 failed: Vec::new(),
@@ -304,8 +285,10 @@ impl Sink for HttpSink {
     }
 
     async fn healthy(&self) -> Option<bool> {
-        let url = self.health_url.clone()?;
-        let answer = self.client.get(url).send().await;
-        Some(answer.is_ok_and(|r| r.status().is_success()))
+        let health = self.health.as_ref()?;
+        let answer = health
+            .send(Method::GET, HeaderMap::new(), Bytes::new(), 0)
+            .await;
+        Some(answer.is_ok_and(|a| a.status.is_success()))
     }
 }

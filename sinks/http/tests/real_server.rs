@@ -66,7 +66,11 @@ async fn server() -> (String, Arc<Seen>) {
 }
 
 fn sink(url: &str, timeout: Duration) -> HttpSink {
-    HttpSink::new(HttpSinkConfig {
+    HttpSink::new(config(url, timeout)).expect("sink")
+}
+
+fn config(url: &str, timeout: Duration) -> HttpSinkConfig {
+    HttpSinkConfig {
         route: Arc::from("orders"),
         url: url.parse().expect("url"),
         mode: Mode::Envelope,
@@ -77,8 +81,7 @@ fn sink(url: &str, timeout: Duration) -> HttpSink {
         health_url: None,
         signing: None,
         tls: Default::default(),
-    })
-    .expect("sink")
+    }
 }
 
 fn message(msg: &str) -> Message {
@@ -139,4 +142,84 @@ async fn refused_connection_is_an_error_without_the_url() {
         }
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// Answers each connection's requests with 200 and closes it `linger` after each answer,
+/// recording the `Authorization` header it saw; a raw socket, so the close is exactly when
+/// the test says.
+async fn closing_server(linger: Duration) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Headers up to the blank line, then the body its Content-Length says.
+                loop {
+                    let n = socket.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            let auth = text
+                                .lines()
+                                .find_map(|l| l.strip_prefix("authorization: "))
+                                .unwrap_or("")
+                                .to_owned();
+                            record.lock().expect("lock").push(auth);
+                            break;
+                        }
+                    }
+                }
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                tokio::time::sleep(linger).await;
+            });
+        }
+    });
+    (format!("http://{addr}/in"), seen)
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_endpoint_closed_is_not_used() {
+    let (url, seen) = closing_server(Duration::from_millis(20)).await;
+    // User info in the URL is sent as Basic auth, percent-decoded.
+    let url = url.replace("http://", "http://ops:p%40ss@");
+    let sink = HttpSink::new(HttpSinkConfig {
+        headers: Vec::new(),
+        ..config(&url, Duration::from_secs(2))
+    })
+    .expect("sink");
+    for round in 0..5 {
+        match sink.deliver(&message("fine")).await {
+            SinkResponse::Status { status: 200, .. } => {}
+            other => panic!("round {round}: {other:?}"),
+        }
+        // By now the endpoint has closed the connection the pool holds.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(
+        seen.len(),
+        5,
+        "one request per delivery, none lost or repeated"
+    );
+    // "ops:p@ss" in base64.
+    assert!(seen.iter().all(|a| a == "Basic b3BzOnBAc3M="), "{seen:?}");
 }

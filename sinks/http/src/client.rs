@@ -1,0 +1,381 @@
+//! A keep-alive HTTP/1.1 connection pool for one origin, on hyper's connection API.
+//!
+//! A route talks to one endpoint and sends nothing but POSTs (and a health GET), so a
+//! general-purpose client's per-request work — parsing the URL, looking up a pool keyed by
+//! origin, running redirect and retry layers — is pure overhead; on a fast endpoint it cost
+//! more CPU than building the message. Here the origin, the `Host` header and the path are
+//! worked out once, and a request is one pop from a stack of idle connections.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, HOST, USER_AGENT};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use url::Url;
+
+use crate::{HttpSinkError, TlsConfig};
+
+/// An idle connection is not reused after this long: servers close theirs after a while,
+/// and a request on a connection the server is closing fails.
+const IDLE_FOR: Duration = Duration::from_secs(50);
+
+/// Where and how to connect, and the idle connections.
+pub(crate) struct Origin {
+    host: String,
+    port: u16,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// `Host`, `User-Agent` and, from the URL's user info, `Authorization`.
+    defaults: HeaderMap,
+    path: Uri,
+    connect_timeout: Duration,
+    timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<Vec<(SendRequest<Full<Bytes>>, Instant)>>,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origin")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What became of a request that got no complete answer.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// No answer within the whole-request timeout.
+    Timeout,
+    /// One line, without the URL (it may carry secrets).
+    Error(String),
+}
+
+impl From<String> for Failure {
+    fn from(line: String) -> Self {
+        Self::Error(line)
+    }
+}
+
+/// A complete answer: the status, the headers and the first `keep` bytes of the body.
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+}
+
+/// The timeouts and pool size shared by every origin a sink talks to.
+#[derive(Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) max_idle: usize,
+}
+
+impl Origin {
+    /// Checks the URL and sets up TLS; connects only when the first request goes out.
+    pub(crate) fn new(url: &Url, tls: &TlsConfig, limits: Limits) -> Result<Self, HttpSinkError> {
+        let invalid = |detail: &str| HttpSinkError::Url(detail.to_owned());
+        let secure = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            _ => return Err(invalid("scheme must be http or https")),
+        };
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) => d.to_owned(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => return Err(invalid("no host")),
+        };
+        let port = url
+            .port_or_known_default()
+            .ok_or_else(|| invalid("no port"))?;
+        let mut defaults = HeaderMap::new();
+        let authority = match url.port() {
+            Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
+            None => url.host_str().unwrap_or_default().to_owned(),
+        };
+        defaults.insert(
+            HOST,
+            HeaderValue::from_str(&authority).map_err(|_| invalid("host is not a header value"))?,
+        );
+        defaults.insert(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("ferry/", env!("CARGO_PKG_VERSION"))),
+        );
+        if let Some(auth) = basic_auth(url) {
+            defaults.insert(AUTHORIZATION, auth);
+        }
+        let mut path = url.path().to_owned();
+        if let Some(query) = url.query() {
+            path.push('?');
+            path.push_str(query);
+        }
+        let path = path.parse::<Uri>().map_err(|_| invalid("path"))?;
+        let tls = if secure {
+            let name = match host.parse::<IpAddr>() {
+                Ok(ip) => ServerName::IpAddress(ip.into()),
+                Err(_) => ServerName::try_from(host.clone())
+                    .map_err(|_| invalid("host is not a valid TLS server name"))?,
+            };
+            Some((TlsConnector::from(Arc::new(tls_config(tls)?)), name))
+        } else {
+            None
+        };
+        Ok(Self {
+            host,
+            port,
+            tls,
+            defaults,
+            path,
+            connect_timeout: limits.connect_timeout,
+            timeout: limits.timeout,
+            max_idle: limits.max_idle,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Sends one request and reads its answer, all within the request timeout.
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        mut headers: HeaderMap,
+        body: Bytes,
+        keep: usize,
+    ) -> Result<Answer, Failure> {
+        for (name, value) in &self.defaults {
+            if !headers.contains_key(name) {
+                headers.insert(name, value.clone());
+            }
+        }
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = self.path.clone();
+        *request.headers_mut() = headers;
+        match tokio::time::timeout(self.timeout, self.exchange(request, keep)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        mut request: Request<Full<Bytes>>,
+        keep: usize,
+    ) -> Result<Answer, Failure> {
+        // A pooled connection the server closed meanwhile hands the request back unsent;
+        // it then goes out once on a new connection.
+        let response = loop {
+            let (mut sender, reused) = match self.checkout() {
+                Some(sender) => (sender, true),
+                // Boxed: the TLS handshake's state is large, and a future holds its largest
+                // state inline in every request's task (moved on spawn and on completion).
+                None => (Box::pin(self.connect()).await?, false),
+            };
+            if sender.ready().await.is_err() {
+                if reused {
+                    continue;
+                }
+                return Err(Failure::Error("connection failed: closed at once".into()));
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => break (response, sender),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(Failure::Error(describe("request failed", e.error()))),
+                },
+            }
+        };
+        let (response, sender) = response;
+        let (parts, mut incoming) = response.into_parts();
+        let mut body = BytesMut::new();
+        let mut seen = 0usize;
+        let mut complete = false;
+        while seen < crate::response::DRAIN_LIMIT {
+            match incoming.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(chunk) = frame.into_data() {
+                        seen += chunk.len();
+                        let room = keep.saturating_sub(body.len());
+                        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    }
+                }
+                None => {
+                    complete = true;
+                    break;
+                }
+                // The status is what counts; a body cut short does not change it.
+                Some(Err(_)) => break,
+            }
+        }
+        // Only a connection whose answer was read to the end can carry the next request.
+        if complete {
+            self.checkin(sender);
+        }
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.freeze(),
+        })
+    }
+
+    fn checkout(&self) -> Option<SendRequest<Full<Bytes>>> {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while let Some((sender, since)) = idle.pop() {
+            if !sender.is_closed() && since.elapsed() < IDLE_FOR {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, sender: SendRequest<Full<Bytes>>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() < self.max_idle {
+            idle.push((sender, Instant::now()));
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, Failure> {
+        let connecting = async {
+            let tcp = TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(|e| describe("connection failed", &e))?;
+            // Requests are small and answered one at a time: never wait to fill a segment.
+            let _ = tcp.set_nodelay(true);
+            match &self.tls {
+                None => handshake(tcp).await,
+                Some((connector, name)) => {
+                    let stream = connector
+                        .connect(name.clone(), tcp)
+                        .await
+                        .map_err(|e| describe("connection failed: TLS", &e))?;
+                    handshake(stream).await
+                }
+            }
+        };
+        match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(connected) => connected,
+            Err(_) => Err(Failure::Error("connection failed: connect timeout".into())),
+        }
+    }
+}
+
+async fn handshake<T>(io: T) -> Result<SendRequest<Full<Bytes>>, Failure>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| describe("connection failed", &e))?;
+    // The connection drives itself until either side closes it.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// `what: cause: cause of cause…` on one line.
+fn describe(what: &str, error: &dyn std::error::Error) -> String {
+    let mut text = format!("{what}: {error}");
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// `Authorization: Basic …` from `https://user:password@host/`, marked sensitive.
+fn basic_auth(url: &Url) -> Option<HeaderValue> {
+    use base64::Engine as _;
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let user = decode(url.username());
+    let password = url.password().map(decode).unwrap_or_default();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut value = HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+/// The public roots plus the configured CA, and the client identity if there is one.
+fn tls_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, HttpSinkError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = &tls.ca_pem {
+        let ca_error = |detail: String| HttpSinkError::Tls {
+            what: "ca_file",
+            detail,
+        };
+        let mut added = 0;
+        for certificate in CertificateDer::pem_slice_iter(pem) {
+            let certificate = certificate.map_err(|e| ca_error(e.to_string()))?;
+            roots
+                .add(certificate)
+                .map_err(|e| ca_error(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(ca_error("no PEM certificate in it".into()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| HttpSinkError::Tls {
+            what: "protocol versions",
+            detail: e.to_string(),
+        })?
+        .with_root_certificates(roots);
+    let mut config = match &tls.identity_pem {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let identity_error = |detail: String| HttpSinkError::Tls {
+                what: "client_cert_file",
+                detail: format!("certificate and key: {detail}"),
+            };
+            let chain = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| identity_error(e.to_string()))?;
+            if chain.is_empty() {
+                return Err(identity_error("no PEM certificate in it".into()));
+            }
+            let key =
+                PrivateKeyDer::from_pem_slice(pem).map_err(|e| identity_error(e.to_string()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| identity_error(e.to_string()))?
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
