@@ -168,6 +168,35 @@ impl Rabbit {
         assert!(confirmation.is_ack(), "broker refused a publish");
     }
 
+    /// Messages in a queue, ready or handed out and not yet acked. The AMQP protocol only
+    /// reports the ready ones, so this asks the broker's own command line.
+    pub async fn held(&self, queue: &str) -> u64 {
+        let out = tokio::task::spawn_blocking(|| {
+            std::process::Command::new("rabbitmqctl")
+                .args([
+                    "list_queues",
+                    "--quiet",
+                    "--no-table-headers",
+                    "name",
+                    "messages",
+                ])
+                .output()
+        })
+        .await
+        .expect("rabbitmqctl task")
+        .expect("run rabbitmqctl");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl list_queues failed: {out:?}"
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(name, _)| *name == queue)
+            .and_then(|(_, n)| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("queue {queue} not listed by rabbitmqctl: {text}"))
+    }
+
     /// Ready messages in a queue.
     pub async fn depth(&self, queue: &str) -> u32 {
         self.channel

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::amqp::{Rabbit, RabbitQueue};
 use crate::conformance::{
     assert_drained, bodies, numbered, publish_in_chunks, start_bridge, start_bridge_to, stop,
-    wait_delivered, Backend, Outgoing, Settings, TestQueue,
+    wait_delivered, wait_settled, Backend, Outgoing, Settings, TestQueue,
 };
 use crate::endpoint::{Endpoint, Reply};
 use crate::ferry::{amqp_source, Route};
@@ -154,8 +154,8 @@ async fn dead_set(queue: &impl TestQueue) -> BTreeSet<String> {
 
 /// Runs `n` messages `PREFIX-i` through `bridge`: publishes half, waits until `after` are
 /// accepted, injects `fault` (which hands back the bridge to go on with, maybe a new one),
-/// publishes the rest, waits until everything was accepted, stops the bridge cleanly and
-/// checks that the broker holds nothing more. Returns what was sent and what was
+/// publishes the rest, waits until everything was accepted and the broker holds nothing
+/// more, then stops the bridge cleanly and checks that the broker still holds nothing. Returns what was sent and what was
 /// dead-lettered.
 async fn drive<Q: TestQueue>(
     queue: &Q,
@@ -180,6 +180,7 @@ async fn drive<Q: TestQueue>(
     let bridge = fault(bridge).await;
     publish_in_chunks(queue, rest, 100).await;
     wait_delivered(endpoint, &sent, Duration::from_secs(300), &bridge).await;
+    wait_settled(queue, &bridge).await;
     stop(bridge).await;
     assert_drained(queue).await;
     (sent, dead_set(queue).await)

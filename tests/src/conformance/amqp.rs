@@ -61,8 +61,7 @@ impl TestQueue for AmqpQueue {
     }
 
     async fn remaining(&self) -> u64 {
-        // Once the bridge is gone, whatever it held unacked is ready again.
-        self.rabbit.depth(&self.queue.name).await.into()
+        self.rabbit.held(&self.queue.name).await
     }
 
     async fn dead_letters(&self) -> Vec<DeadLettered> {
