@@ -53,10 +53,12 @@ async fn messages_from_a_lost_channel_are_taken_back_not_sent() {
         .await
         .unwrap_or(0.0);
     let requests = endpoint.seen().len();
-    // Only what was in flight at the cut (two requests, maybe a third starting) comes
-    // again; the rest of the old channel's deliveries were skipped, not sent.
+    // What was in flight at the cut (two requests) comes again, and each of the two slots
+    // may start one or two more in the moment before the client library marks the
+    // channel lost (longer on a loaded machine); the rest of the ~190 deliveries the old
+    // channel held were skipped, not sent.
     assert!(
-        requests <= N + 3,
+        requests <= N + 10,
         "{requests} requests for {N} messages: stale deliveries were sent"
     );
     assert!(
