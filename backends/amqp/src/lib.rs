@@ -270,7 +270,6 @@ impl Source for AmqpSource {
                     Some(Ok(delivery)) => {
                         let tag = delivery.delivery_tag;
                         let message = convert::convert(delivery, &self.queue_name, group_header);
-                        let _ = settle_tx.send(settle::Op::Received(tag));
                         permit.send(Delivery {
                             message,
                             ack: AckHandle::new(settle::AmqpAck {

@@ -24,10 +24,8 @@ const HOLD: Duration = Duration::from_millis(20);
 /// more messages delivered again.
 const GATHER: Duration = Duration::from_millis(5);
 
-pub(crate) enum Op {
-    Received(u64),
-    Settled(u64, Settlement),
-}
+/// One delivery settled: its tag and the engine's word.
+pub(crate) type Op = (u64, Settlement);
 
 /// The settlement of one AMQP delivery.
 pub(crate) struct AmqpAck {
@@ -41,7 +39,7 @@ impl Settle for AmqpAck {
     fn settle(self: Box<Self>, settlement: Settlement) {
         // If the channel's settler is gone the channel is gone too, and the broker has
         // already put the message back.
-        let _ = self.settle.send(Op::Settled(self.tag, settlement));
+        let _ = self.settle.send((self.tag, settlement));
     }
 
     fn is_current(&self) -> bool {
@@ -50,12 +48,27 @@ impl Settle for AmqpAck {
 }
 
 /// What to send for a set of settled tags; pure so it can be tested without a broker.
-#[derive(Default)]
+///
+/// A channel numbers its deliveries 1, 2, 3, ... and every one of them reaches the engine
+/// in that order, so the lowest delivery not yet settled is known without being told of
+/// each arrival: it is the first gap in the settled tags.
 pub(crate) struct AckWindow {
-    /// Delivered and not yet settled.
-    open: BTreeSet<u64>,
+    /// Every tag below this one is settled.
+    floor: u64,
+    /// Settled tags above `floor` (it moves up once the gap below them closes).
+    settled: BTreeSet<u64>,
     /// Acked by the engine, not yet sent, with when.
     acked: BTreeMap<u64, Instant>,
+}
+
+impl Default for AckWindow {
+    fn default() -> Self {
+        Self {
+            floor: 1,
+            settled: BTreeSet::new(),
+            acked: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -69,10 +82,6 @@ pub(crate) enum Frame {
 }
 
 impl AckWindow {
-    pub(crate) fn received(&mut self, tag: u64) {
-        self.open.insert(tag);
-    }
-
     /// Records a settlement; returns frames that must go out now.
     pub(crate) fn settle(
         &mut self,
@@ -80,8 +89,12 @@ impl AckWindow {
         settlement: &Settlement,
         now: Instant,
     ) -> Option<Frame> {
-        if !self.open.remove(&tag) {
+        if tag < self.floor || !self.settled.insert(tag) {
             return None;
+        }
+        while self.settled.first() == Some(&self.floor) {
+            self.settled.pop_first();
+            self.floor += 1;
         }
         match settlement {
             Settlement::Ack => {
@@ -97,8 +110,7 @@ impl AckWindow {
     /// one, and single acks for those that waited longer than `HOLD`.
     pub(crate) fn flush(&mut self, now: Instant, force: bool) -> Vec<Frame> {
         let mut frames = Vec::new();
-        let low = self.open.first().copied().unwrap_or(u64::MAX);
-        let below: Vec<u64> = self.acked.range(..low).map(|(t, _)| *t).collect();
+        let below: Vec<u64> = self.acked.range(..self.floor).map(|(t, _)| *t).collect();
         if let Some(&top) = below.last() {
             for t in &below {
                 self.acked.remove(t);
@@ -152,9 +164,8 @@ pub(crate) async fn run(
         let Some(op) = op else { break };
         let now = Instant::now();
         let mut frames = Vec::new();
-        let mut apply = |op: Op, window: &mut AckWindow| match op {
-            Op::Received(tag) => window.received(tag),
-            Op::Settled(tag, s) => frames.extend(window.settle(tag, &s, now)),
+        let mut apply = |(tag, s): Op, window: &mut AckWindow| {
+            frames.extend(window.settle(tag, &s, now));
         };
         apply(op, &mut window);
         // Gather what else settles meanwhile, so that one `multiple` ack covers it.
@@ -232,9 +243,6 @@ mod tests {
     async fn in_order_acks_coalesce_into_one_multiple_ack() {
         let mut w = AckWindow::default();
         let now = Instant::now();
-        for t in 1..=5 {
-            w.received(t);
-        }
         for t in [3, 1, 2, 5] {
             assert_eq!(w.settle(t, &Settlement::Ack, now), None);
         }
@@ -249,8 +257,6 @@ mod tests {
     async fn a_slow_delivery_does_not_hold_later_acks_for_long() {
         let mut w = AckWindow::default();
         let now = Instant::now();
-        w.received(1);
-        w.received(2);
         w.settle(2, &Settlement::Ack, now);
         assert_eq!(w.flush(now, false), vec![]);
         assert_eq!(w.flush(now + HOLD, false), vec![Frame::Ack(2, false)]);
@@ -260,9 +266,6 @@ mod tests {
     async fn reject_and_requeue_go_out_at_once_and_unblock_acks() {
         let mut w = AckWindow::default();
         let now = Instant::now();
-        for t in 1..=3 {
-            w.received(t);
-        }
         w.settle(2, &Settlement::Ack, now);
         w.settle(3, &Settlement::Ack, now);
         let dl = Settlement::DeadLetter(DeadLetter {
@@ -272,12 +275,11 @@ mod tests {
         });
         assert_eq!(w.settle(1, &dl, now), Some(Frame::Reject(1)));
         assert_eq!(w.flush(now, false), vec![Frame::Ack(3, true)]);
-        w.received(4);
         assert_eq!(
             w.settle(4, &Settlement::Release, now),
             Some(Frame::Requeue(4))
         );
-        // Settling twice (or an unknown tag) sends nothing.
+        // Settling twice sends nothing.
         assert_eq!(w.settle(4, &Settlement::Ack, now), None);
     }
 }
