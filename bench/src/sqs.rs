@@ -11,8 +11,8 @@ use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequest
 use aws_sdk_sqs::Client;
 
 use crate::latency::{Pace, Percentiles};
-use crate::sweep::{Case, FerryRun, Phases};
-use crate::{counting_sink, cpu_seconds, peak_rss_kib, spawn_ferry, stop_ferry, Args};
+use crate::sweep::{finish_ferry, Case, FerryRun, Phases};
+use crate::{counting_sink, cpu_seconds, spawn_ferry, Args};
 
 /// The emulator and a client for it.
 pub struct Sqs {
@@ -226,26 +226,12 @@ async fn ferry_run(client: &Client, args: &Args, case: &Case) -> Result<FerryRun
          receivers = {}\nwait_time = \"1s\"\n",
         args.endpoint, args.receivers
     );
-    let (mut child, pid) = spawn_ferry(args, &source, sink, case.setting)?;
+    let (child, pid) = spawn_ferry(args, &source, sink, case.setting)?;
     // Let it connect before the clock starts, like the native drainer's client.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cpu_before = cpu_seconds(pid)?;
-    let started = Instant::now();
+    let start = (Instant::now(), cpu_seconds(pid)?);
     let publisher = publish(client.clone(), url, args, case.size, consumed.clone());
-    while consumed.load(Ordering::SeqCst) < args.messages() {
-        if let Some(status) = child.try_wait()? {
-            bail!("ferry exited early: {status}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid)? - cpu_before;
-    let peak_rss_kib = peak_rss_kib(pid)?;
+    let run = finish_ferry(child, pid, &consumed, args.messages(), start).await?;
     publisher.await??;
-    stop_ferry(child, pid)?;
-    Ok(FerryRun {
-        secs,
-        cpu_seconds: cpu,
-        peak_rss_kib,
-    })
+    Ok(run)
 }

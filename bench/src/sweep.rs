@@ -222,6 +222,18 @@ pub async fn measure_ferry(
     }
     let started = Instant::now();
     let cpu_before = cpu_seconds(pid)?;
+    finish_ferry(child, pid, &delivered, messages, (started, cpu_before)).await
+}
+
+/// Waits for a ferry whose clock and CPU count started at `start` to deliver `messages`,
+/// then measures it and stops it.
+pub async fn finish_ferry(
+    mut child: Child,
+    pid: u32,
+    delivered: &AtomicU64,
+    messages: u64,
+    (started, cpu_before): (Instant, f64),
+) -> Result<FerryRun> {
     while delivered.load(Ordering::SeqCst) < messages {
         if let Some(status) = child.try_wait()? {
             bail!("ferry exited early: {status}");
