@@ -223,3 +223,17 @@ async fn a_pooled_connection_the_endpoint_closed_is_not_used() {
     // "ops:p@ss" in base64.
     assert!(seen.iter().all(|a| a == "Basic b3BzOnBAc3M="), "{seen:?}");
 }
+
+#[tokio::test]
+async fn a_configured_authorization_header_wins_over_url_user_info() {
+    let (url, seen) = closing_server(Duration::from_secs(5)).await;
+    let url = url.replace("http://", "http://ops:secret@");
+    // `config` sets `Authorization: Bearer t0ken`.
+    let sink = sink(&url, Duration::from_secs(2));
+    match sink.deliver(&message("fine")).await {
+        SinkResponse::Status { status: 200, .. } => {}
+        other => panic!("{other:?}"),
+    }
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen, vec!["Bearer t0ken".to_owned()]);
+}
