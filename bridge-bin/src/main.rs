@@ -164,15 +164,21 @@ fn validate(args: &ConfigArgs) -> Result<(), Failure> {
 
 fn run(args: &ConfigArgs) -> Result<(), Failure> {
     let (_config, plan) = load(args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    runtime(plan.worker_threads)?.block_on(run_routes(plan))
+}
+
+/// The async runtime, with `[runtime] worker_threads` threads.
+fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime, Failure> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run_routes(plan))
+        .context("starting the async runtime")?)
 }
 
 fn redrive(args: RedriveArgs) -> Result<(), Failure> {
     let (_config, plan) = load(&args.config)?;
+    let worker_threads = plan.worker_threads;
     let names: Vec<String> = plan.routes.iter().map(|r| r.name.to_string()).collect();
     let Some(route) = plan.routes.into_iter().find(|r| *r.name == *args.route) else {
         return Err(Failure::Config(vec![ConfigError::new(
@@ -189,11 +195,7 @@ fn redrive(args: RedriveArgs) -> Result<(), Failure> {
         max: args.max,
         dry_run: args.dry_run,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime
+    runtime(worker_threads)?
         .block_on(redrive::run(route, ask))
         .map_err(Failure::Other)
 }

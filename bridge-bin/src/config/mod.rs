@@ -90,9 +90,38 @@ pub struct Config {
     /// Where delivery spans are exported, when wanted (built with the `otlp` feature).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otlp: Option<OtlpConfig>,
+    /// The threads that run every route.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
     /// Routes by name (`[a-z0-9_]+`).
     #[serde(default)]
     pub routes: BTreeMap<String, RouteConfig>,
+}
+
+/// `[runtime]`: how many threads run the routes.
+///
+/// One is the default because a message costs ferry little beside the system calls that
+/// move it: on two cores, a second thread handing work back and forth cost about a
+/// quarter more CPU per message and moved no more messages (`BENCHMARKS.md`). Raise it
+/// when ferry keeps one core busy.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads that poll every route, sink and the admin server.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            worker_threads: default_worker_threads(),
+        }
+    }
+}
+
+fn default_worker_threads() -> usize {
+    1
 }
 
 /// `[audit]`: one JSON line per message that ended here.

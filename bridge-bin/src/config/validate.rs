@@ -59,9 +59,15 @@ pub struct Plan {
     pub audit: Option<AuditPlan>,
     /// The span exporter.
     pub otlp: Option<OtlpPlan>,
+    /// Threads of the async runtime.
+    pub worker_threads: usize,
     /// The routes.
     pub routes: Vec<RoutePlan>,
 }
+
+/// Most `runtime.worker_threads` accepted: far beyond what a bridge can use, low enough
+/// that a typo does not start thousands of threads.
+const MAX_WORKER_THREADS: usize = 256;
 
 /// `[admin.state]`, validated.
 #[derive(Debug, Clone)]
@@ -177,6 +183,13 @@ pub fn validate(config: &Config) -> Result<Plan, Vec<ConfigError>> {
         })
     });
     let otlp = config.otlp.as_ref().and_then(|o| otlp_plan(o, &mut errors));
+    let worker_threads = config.runtime.worker_threads;
+    if !(1..=MAX_WORKER_THREADS).contains(&worker_threads) {
+        errors.push(
+            "runtime.worker_threads",
+            format!("must be between 1 and {MAX_WORKER_THREADS}"),
+        );
+    }
     let mut routes = Vec::new();
     for (name, route) in &config.routes {
         let at = format!("routes.{}", key(name));
@@ -241,6 +254,7 @@ pub fn validate(config: &Config) -> Result<Plan, Vec<ConfigError>> {
             state,
             audit,
             otlp,
+            worker_threads,
             routes,
         }),
         _ => Err(errors.0),
@@ -868,6 +882,9 @@ mod tests {
         let config = parse(GOOD);
         let plan = validate(&config).expect("valid");
         assert_eq!(plan.routes.len(), 1);
+        assert_eq!(plan.worker_threads, 1, "one runtime thread unless asked");
+        let more = validate(&parse(&format!("[runtime]\nworker_threads = 4\n{GOOD}")));
+        assert_eq!(more.expect("valid").worker_threads, 4);
         let shown = toml::to_string(&redacted(&config)).expect("toml");
         assert!(!shown.contains("s3cret"), "{shown}");
     }
@@ -1079,6 +1096,14 @@ mod tests {
             (
                 "[audit]\npath = \"a.jsonl\"\nmax_file_mb = 0",
                 "audit.max_file_mb: must be between",
+            ),
+            (
+                "[runtime]\nworker_threads = 0",
+                "runtime.worker_threads: must be between 1 and 256",
+            ),
+            (
+                "[runtime]\nworker_threads = 100000",
+                "runtime.worker_threads: must be between 1 and 256",
             ),
             (
                 "[otlp]\nendpoint = \"127.0.0.1:4318\"",
