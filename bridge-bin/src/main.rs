@@ -8,6 +8,14 @@
     allow(unused)
 )]
 
+/// ferry allocates and frees a few small buffers per message. mimalloc, whose heap the
+/// kernel may back with huge pages, cost about a tenth less CPU per message than the
+/// system allocator end to end (built without huge pages the gain was gone), for some
+/// 15 MiB more resident memory (`BENCHMARKS.md`).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod admin;
 mod audit;
 mod config;
