@@ -133,3 +133,68 @@ async fn redirects_are_not_followed() {
     rabbit.delete(&queue.name).await;
     rabbit.delete(&queue.dead_letter).await;
 }
+
+/// Every 40th message of `acks_held_behind_slow_deliveries_all_reach_the_broker`.
+fn slow(msg: &str) -> bool {
+    msg.strip_prefix("h-")
+        .and_then(|n| n.parse::<usize>().ok())
+        .is_some_and(|n| n % 40 == 39)
+}
+
+/// A slow delivery holds the acks above it (a `multiple` ack may not pass it); after a
+/// moment they go out one by one, all at once. Every message arrives once, the broker
+/// ends up holding nothing (no ack lost, none sent twice, which would close the channel
+/// and bring messages back), and the channel never fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_held_behind_slow_deliveries_all_reach_the_broker() {
+    const N: usize = 600;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("held").await;
+    // 300 ms: far beyond how long acks wait for the deliveries below them.
+    let endpoint = Endpoint::start(|seen| match seen.msg() {
+        Some(m) if slow(&m) => Reply::ok().after(Duration::from_millis(300)),
+        _ => Reply::ok(),
+    })
+    .await;
+    let messages: Vec<Outgoing> = (0..N).map(|i| Outgoing::plain(format!("h-{i}"))).collect();
+    rabbit.publish(&queue.name, &messages).await;
+    let ferry = Ferry::start(&Route {
+        source: format!(
+            "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{}\"\nprefetch = 200\n",
+            ferry_e2e::amqp::amqp_uri(),
+            queue.name
+        ),
+        sink_url: &endpoint.url(),
+        sink: "",
+        delivery: "concurrency = 32",
+    });
+    let expected: BTreeSet<String> = messages.into_iter().map(|m| m.body).collect();
+    let done = wait_until(Duration::from_secs(60), || {
+        endpoint.delivered_set() == expected
+    })
+    .await;
+    assert!(done, "not everything arrived; log:\n{}", ferry.log());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut held = rabbit.held(&queue.name).await;
+    while held > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        held = rabbit.held(&queue.name).await;
+    }
+    assert_eq!(
+        held,
+        0,
+        "messages still held by the broker; log:\n{}",
+        ferry.log()
+    );
+    assert_eq!(
+        endpoint.seen().len(),
+        N,
+        "requests for {N} messages; log:\n{}",
+        ferry.log()
+    );
+    assert!(
+        !ferry.log().contains("closed channel"),
+        "the channel failed; log:\n{}",
+        ferry.log()
+    );
+}
