@@ -101,8 +101,8 @@ pub struct Config {
 /// `[runtime]`: how many threads run the routes.
 ///
 /// One is the default because a message costs ferry little beside the system calls that
-/// move it: on two cores, a second thread handing work back and forth cost about a
-/// quarter more CPU per message and moved no more messages (`BENCHMARKS.md`). Raise it
+/// move it: on two cores, a second thread handing work back and forth cost a third or
+/// more CPU per message and moved no more messages (`BENCHMARKS.md`). Raise it
 /// when ferry keeps one core busy.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
