@@ -132,15 +132,27 @@ impl Cluster {
         .expect("lag task")
     }
 
-    /// A reader of `topic` from its beginning; each [`Reader::take`] returns what is new.
-    pub fn reader(&self, topic: &str) -> Reader {
+    /// A reader of the `partitions` of `topic` from their beginning; each
+    /// [`Reader::take`] returns what is new.
+    ///
+    /// The partitions are assigned, not subscribed to as a group member: a member dropped
+    /// while its group's assignment is arriving can block forever in librdkafka's close
+    /// (the rebalance it handles there waits on a queue nobody serves), which hung a test
+    /// after all its checks had passed.
+    pub fn reader(&self, topic: &str, partitions: i32) -> Reader {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .set("group.id", crate::unique("reader"))
-            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
             .create()
             .expect("reader consumer");
-        consumer.subscribe(&[topic]).expect("subscribe reader");
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..partitions {
+            assignment
+                .add_partition_offset(topic, p, Offset::Beginning)
+                .expect("reader offset");
+        }
+        consumer.assign(&assignment).expect("assign reader");
         Reader { consumer }
     }
 }

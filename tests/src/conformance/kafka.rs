@@ -33,7 +33,7 @@ impl Backend for Kafka {
         let dead_letter_topic = format!("{topic}-dlq");
         cluster.create_topic(&topic, PARTITIONS);
         cluster.create_topic(&dead_letter_topic, 1);
-        let dead = cluster.reader(&dead_letter_topic);
+        let dead = cluster.reader(&dead_letter_topic, 1);
         KafkaQueue {
             group: format!("{topic}-group"),
             cluster,
