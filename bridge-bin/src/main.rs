@@ -276,7 +276,9 @@ async fn run_routes(plan: Plan) -> Result<(), Failure> {
     let admin = admin::serve(plan.admin, state, shutdown.clone())
         .await
         .with_context(|| format!("admin.listen: cannot listen on {}", plan.admin))?;
-    info!(admin = %plan.admin, routes = ?names, "ferry started");
+    // The runtime's own count, so the log shows what `[runtime] worker_threads` gave.
+    let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
+    info!(admin = %plan.admin, routes = ?names, worker_threads, "ferry started");
 
     tokio::spawn(wait_for_signal(shutdown.clone()));
     // Each route runs on a worker thread, not on this one: tasks a route spawns then start

@@ -283,17 +283,7 @@ pub(crate) async fn wait_settled(queue: &impl TestQueue, bridge: &Ferry) {
 
 /// Polls [`TestQueue::remaining`] until it is 0 or `limit` passes (then the last count).
 async fn drained(queue: &impl TestQueue, limit: Duration) -> Result<(), u64> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let left = queue.remaining().await;
-        if left == 0 {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(left);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    crate::until_zero(limit, || queue.remaining()).await
 }
 
 /// Bodies accepted more than once.

@@ -80,7 +80,7 @@ impl Route<'_> {
     }
 
     /// The configuration file text, with `admin` appended to the `[admin]` section (it may
-    /// open `[admin.state]`).
+    /// open `[admin.state]` or another top-level section such as `[runtime]`).
     pub fn config_with(&self, admin_port: u16, admin: &str) -> String {
         format!(
             "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{admin}\n\n[routes.r.source]\n{}\n\

@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod sns;
 pub mod sqs;
 
+use std::future::Future;
 use std::time::Duration;
 
 pub use amqp::amqp_uri;
@@ -49,6 +50,24 @@ pub async fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> boo
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     check()
+}
+
+/// Polls `count` until it is 0 or `limit` passes; the last count when it never got there.
+pub async fn until_zero<F: Future<Output = u64>>(
+    limit: Duration,
+    mut count: impl FnMut() -> F,
+) -> Result<(), u64> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let left = count().await;
+        if left == 0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(left);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A free loopback port (bound then released) for a ferry admin server.

@@ -9,7 +9,7 @@ use ferry_e2e::amqp::Rabbit;
 use ferry_e2e::conformance::Outgoing;
 use ferry_e2e::ferry::Route;
 use ferry_e2e::proxy::Proxy;
-use ferry_e2e::{wait_until, Endpoint, Ferry, Reply};
+use ferry_e2e::{until_zero, wait_until, Endpoint, Ferry, Reply};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_from_a_lost_channel_are_taken_back_not_sent() {
@@ -174,15 +174,10 @@ async fn acks_held_behind_slow_deliveries_all_reach_the_broker() {
     })
     .await;
     assert!(done, "not everything arrived; log:\n{}", ferry.log());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut held = rabbit.held(&queue.name).await;
-    while held > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        held = rabbit.held(&queue.name).await;
-    }
+    let settled = until_zero(Duration::from_secs(30), || rabbit.held(&queue.name)).await;
     assert_eq!(
-        held,
-        0,
+        settled,
+        Ok(()),
         "messages still held by the broker; log:\n{}",
         ferry.log()
     );
@@ -197,4 +192,6 @@ async fn acks_held_behind_slow_deliveries_all_reach_the_broker() {
         "the channel failed; log:\n{}",
         ferry.log()
     );
+    drop(ferry);
+    rabbit.delete(&queue.name).await;
 }

@@ -322,3 +322,50 @@ async fn the_audit_trail_records_every_finished_message() {
             .is_some_and(|t| t.ends_with('Z')));
     }
 }
+
+/// `[runtime] worker_threads` is the number of threads that run the routes: one unless
+/// asked, and a route delivers either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_worker_threads_sets_the_threads_that_run_routes() {
+    let rabbit = Rabbit::connect().await;
+    let endpoint = Endpoint::start(|_| Reply::ok()).await;
+    for (runtime, threads) in [("", 1), ("[runtime]\nworker_threads = 3\n", 3)] {
+        let queue = rabbit.queue("threads").await;
+        let ferry = Ferry::start_with(
+            &Route {
+                source: amqp_source(&queue.name, ""),
+                sink_url: &endpoint.url(),
+                sink: "",
+                delivery: "",
+            },
+            runtime,
+        );
+        ferry.wait_ready(Duration::from_secs(30)).await;
+        let started = format!("worker_threads={threads}");
+        assert!(
+            ferry
+                .log()
+                .lines()
+                .any(|l| l.contains("ferry started") && l.contains(&started)),
+            "no {started} with {runtime:?}; log:\n{}",
+            ferry.log()
+        );
+        let body = unique("threads");
+        rabbit
+            .publish(
+                &queue.name,
+                &[ferry_e2e::conformance::Outgoing::plain(body.clone())],
+            )
+            .await;
+        assert!(
+            wait_until(Duration::from_secs(20), || endpoint
+                .delivered_set()
+                .contains(&body))
+            .await,
+            "nothing delivered with {runtime:?}; log:\n{}",
+            ferry.log()
+        );
+        drop(ferry);
+        rabbit.delete(&queue.name).await;
+    }
+}
