@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use ferry_core::{
     run_route, AuditTrail, DeliveryTracer, EngineError, Metrics, Route, RouteLabels, SourceContext,
+    SourceCounts,
 };
 use ferry_http::HttpSink;
 use tokio_util::sync::CancellationToken;
@@ -113,7 +114,8 @@ fn assemble<S: ferry_core::Source>(
         name.clone(),
         shutdown.child_token(),
         metrics.backlog.clone(),
-    );
+    )
+    .with_counts(SourceCounts::from(&metrics));
     let view = RouteView {
         name: name.clone(),
         source: kind,

@@ -69,6 +69,14 @@ pub trait Settle: Send + 'static {
     fn is_current(&self) -> bool {
         true
     }
+
+    /// True when the backend counts `ferry_deliveries_total{outcome="dead_lettered"}`
+    /// itself (through [`crate::SourceCounts`]) once the dead letter has landed, so that a
+    /// dead-letter send that failed is not reported as done; false lets the engine count
+    /// it when it decides.
+    fn counts_dead_letters(&self) -> bool {
+        false
+    }
 }
 
 /// Owns a message's settlement; settles as [`Settlement::Release`] when dropped unsettled.
@@ -95,6 +103,11 @@ impl AckHandle {
     /// See [`Settle::is_current`].
     pub fn is_current(&self) -> bool {
         self.0.as_ref().is_some_and(|s| s.is_current())
+    }
+
+    /// See [`Settle::counts_dead_letters`].
+    pub fn counts_dead_letters(&self) -> bool {
+        self.0.as_ref().is_some_and(|s| s.counts_dead_letters())
     }
 }
 

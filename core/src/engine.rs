@@ -570,8 +570,11 @@ fn dead_letter<K>(
         attempts: message.attempt,
     };
     warn!(route = %shared.route, id = %message.id, reason = %dl, "dead-lettering message");
+    // A backend that counts dead letters itself does so once the broker has taken it.
+    if !ack.counts_dead_letters() {
+        shared.metrics.dead_lettered.inc();
+    }
     ack.settle(Settlement::DeadLetter(dl));
-    shared.metrics.dead_lettered.inc();
     shared.audit(message, AuditOutcome::DeadLettered, status, began);
 }
 

@@ -28,10 +28,10 @@ pub use engine::{
 };
 pub use error::{EngineError, SourceError};
 pub use message::Message;
-pub use metrics::{Metrics, RouteLabels, RouteMetrics};
+pub use metrics::{BrokerErrors, Metrics, RouteLabels, RouteMetrics};
 pub use policy::{Action, ResponsePolicy, Verdict};
 pub use sink::{BatchResponse, Sink, SinkResponse};
-pub use source::{Delivery, Source, SourceContext};
+pub use source::{Delivery, Source, SourceContext, SourceCounts};
 pub use trace::{AttemptSpan, DeliveryTracer};
 
 // Re-exported so that backends written outside the workspace use the same types as the engine.

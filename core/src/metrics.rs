@@ -12,7 +12,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// The labels every ferry metric carries.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     /// Route name from the configuration.
     pub route: String,
@@ -38,6 +38,14 @@ struct ClassLabels {
     class: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    route: String,
+    source: String,
+    sink: String,
+    operation: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~65 s
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
@@ -56,6 +64,7 @@ pub struct Metrics {
     paused: Family<RouteLabels, Gauge>,
     backlog: Family<RouteLabels, Gauge>,
     end_to_end: Family<RouteLabels, Histogram>,
+    broker_errors: Family<OperationLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -71,6 +80,7 @@ impl Default for Metrics {
             paused: Family::default(),
             backlog: Family::default(),
             end_to_end: Family::new_with_constructor(latency_histogram),
+            broker_errors: Family::default(),
         }
     }
 }
@@ -129,6 +139,11 @@ impl Metrics {
             "From the broker's sent timestamp to the ack",
             m.end_to_end.clone(),
         );
+        registry.register(
+            "ferry_broker_errors",
+            "Broker calls that failed after their retries, by operation (delete, visibility, renew, ack, commit, dead_letter, ...)",
+            m.broker_errors.clone(),
+        );
         m
     }
 
@@ -168,7 +183,47 @@ impl Metrics {
             paused: self.paused.get_or_create(labels).clone(),
             backlog: self.backlog.get_or_create(labels).clone(),
             end_to_end: self.end_to_end.get_or_create(labels).clone(),
+            broker_errors: BrokerErrors {
+                family: self.broker_errors.clone(),
+                labels: labels.clone(),
+            },
         }
+    }
+}
+
+/// `ferry_broker_errors_total{operation}` of one route: broker calls that failed for good
+/// (a delete, a visibility change, an ack, a commit, a dead-letter send), so an operator can
+/// alert on settlements that did not reach the broker. Errors are rare, so the label set is
+/// resolved per error rather than up front.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerErrors {
+    family: Family<OperationLabels, Counter>,
+    labels: RouteLabels,
+}
+
+impl BrokerErrors {
+    /// Counts `n` failed broker calls (or entries of a batch call) of `operation`.
+    pub fn count(&self, operation: &'static str, n: u64) {
+        self.family
+            .get_or_create(&OperationLabels {
+                route: self.labels.route.clone(),
+                source: self.labels.source.clone(),
+                sink: self.labels.sink.clone(),
+                operation,
+            })
+            .inc_by(n);
+    }
+
+    /// How many failures of `operation` were counted (for `/routes` and tests).
+    pub fn get(&self, operation: &'static str) -> u64 {
+        self.family
+            .get_or_create(&OperationLabels {
+                route: self.labels.route.clone(),
+                source: self.labels.source.clone(),
+                sink: self.labels.sink.clone(),
+                operation,
+            })
+            .get()
     }
 }
 
@@ -203,6 +258,8 @@ pub struct RouteMetrics {
     pub backlog: Gauge,
     /// `ferry_end_to_end_seconds`
     pub end_to_end: Histogram,
+    /// `ferry_broker_errors_total{operation}`
+    pub broker_errors: BrokerErrors,
 }
 
 impl RouteMetrics {
@@ -237,6 +294,8 @@ mod tests {
         });
         route.received.inc();
         route.count_response("2xx");
+        route.broker_errors.count("delete", 2);
+        assert_eq!(route.broker_errors.get("delete"), 2);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
         for name in [
@@ -248,6 +307,7 @@ mod tests {
             "ferry_concurrency_limit",
             "ferry_source_backlog",
             "ferry_end_to_end_seconds_bucket",
+            "ferry_broker_errors_total",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ack::AckHandle;
 use crate::error::SourceError;
 use crate::message::Message;
+use crate::metrics::{BrokerErrors, RouteMetrics};
 
 /// A message and the handle that settles it on its broker.
 #[derive(Debug)]
@@ -30,6 +32,9 @@ pub struct SourceContext {
     pub shutdown: CancellationToken,
     /// The broker's backlog (`ferry_source_backlog`), kept current by the source.
     pub backlog: Gauge,
+    /// Counts what only the source knows happened: dead letters that landed, failed
+    /// broker calls. Detached counters unless [`SourceContext::with_counts`] set them.
+    pub counts: SourceCounts,
     connected: Arc<AtomicBool>,
     paused: Arc<watch::Sender<bool>>,
 }
@@ -41,9 +46,16 @@ impl SourceContext {
             route,
             shutdown,
             backlog,
+            counts: SourceCounts::default(),
             connected: Arc::new(AtomicBool::new(false)),
             paused: Arc::new(watch::Sender::new(false)),
         }
+    }
+
+    /// Counts into these counters (the route's own, when the engine's caller has them).
+    pub fn with_counts(mut self, counts: SourceCounts) -> Self {
+        self.counts = counts;
+        self
     }
 
     /// Pauses or resumes the route: while paused the engine hands nothing new to the
@@ -79,6 +91,26 @@ impl SourceContext {
     /// Whether the source last said it reaches its broker.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// The counters a source keeps itself, because only it knows when the broker call behind
+/// them succeeded.
+#[derive(Debug, Clone, Default)]
+pub struct SourceCounts {
+    /// `ferry_deliveries_total{outcome="dead_lettered"}`: a source whose handles say
+    /// [`crate::Settle::counts_dead_letters`] counts here once the dead letter has landed.
+    pub dead_lettered: Counter,
+    /// `ferry_broker_errors_total{operation}`.
+    pub broker_errors: BrokerErrors,
+}
+
+impl From<&RouteMetrics> for SourceCounts {
+    fn from(metrics: &RouteMetrics) -> Self {
+        Self {
+            dead_lettered: metrics.dead_lettered.clone(),
+            broker_errors: metrics.broker_errors.clone(),
+        }
     }
 }
 
