@@ -242,39 +242,29 @@ pub async fn run_route<S: Source, K: Sink>(
         while tasks.try_join_next().is_some() {}
     }
 
-    // Stop receiving: the source sees the closed channel (or the cancelled token) and
-    // stops. What it already handed over is leased to this replica; it is delivered within
-    // the grace like the deliveries in flight (handing it back would cost an SQS receive
-    // or mark it redelivered on RabbitMQ although no request was made), unless the route
-    // is paused or its endpoint down: then it goes back at once.
-    rx.close();
-    let mut unstarted = Vec::new();
-    while let Ok(d) = rx.try_recv() {
-        unstarted.push(d);
-    }
-    // Dropping the receiver also releases whatever a source still sends through permits
-    // it reserved before the close.
-    drop(rx);
+    // Stop receiving: the source stops asking the broker at the cancelled token. What the
+    // broker already handed out is leased to this replica; it is delivered within the
+    // grace like the deliveries in flight (handing it back would cost an SQS receive or
+    // mark it redelivered on RabbitMQ although no request was made), unless the route is
+    // paused or its endpoint down: then it goes back at once.
     let grace = shared.policy.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
     let drain = !switch.is_paused() && !shared.endpoint_down();
     let mut released = 0usize;
     if drain {
-        shared.metrics.received.inc_by(unstarted.len() as u64);
-        let held = unstarted.len();
-        let started = tokio::time::timeout_at(
-            deadline,
-            start_unstarted(&shared, &mut tasks, &mut unstarted),
-        )
-        .await;
-        if started.is_err() {
-            released = held - unstarted.len();
-        }
+        // Until the source has handed over its last message (it drops its sender).
+        let _ = tokio::time::timeout_at(deadline, drain_source(&shared, &mut tasks, &mut rx))
+            .await;
     }
-    for unstarted in unstarted {
+    // Whatever is left goes back: the source sees the closed channel.
+    rx.close();
+    while let Ok(unstarted) = rx.try_recv() {
         unstarted.ack.settle(Settlement::Release);
         released += 1;
     }
+    // Dropping the receiver also releases whatever a source still sends through permits
+    // it reserved before the close.
+    drop(rx);
     if !drain {
         // Messages queued behind their key have not started either.
         for queued in shared.lanes.take_all() {
@@ -348,25 +338,37 @@ fn dispatch<K: Sink>(
     }
 }
 
-/// At shutdown: starts what was received but not started, as slots come free; what is
-/// left in `unstarted` when the grace cuts this short goes back to the broker.
-async fn start_unstarted<K: Sink>(
+/// At shutdown: starts what the source still hands over, as slots come free, until it
+/// has handed over its last message.
+async fn drain_source<K: Sink>(
     shared: &Arc<Shared<K>>,
     tasks: &mut JoinSet<()>,
-    unstarted: &mut Vec<Delivery>,
+    rx: &mut mpsc::Receiver<Delivery>,
 ) {
-    unstarted.reverse();
     let batch = shared.policy.batch.map_or(1, |b| b.max_messages.max(1));
-    while !unstarted.is_empty() {
+    loop {
         let Ok(permit) = shared.limiter.acquire().await else {
             return;
         };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        shared.metrics.received.inc();
         if shared.policy.batch.is_some() {
-            let take = unstarted.len().min(batch);
-            let chunk: Vec<Delivery> = unstarted.drain(unstarted.len() - take..).rev().collect();
+            let mut chunk = vec![first];
+            while chunk.len() < batch {
+                match rx.try_recv() {
+                    Ok(d) => {
+                        shared.metrics.received.inc();
+                        chunk.push(d);
+                    }
+                    Err(_) => break,
+                }
+            }
             tasks.spawn(batch::deliver(shared.clone(), chunk, permit));
-        } else if let Some(delivery) = unstarted.pop() {
-            dispatch(shared, tasks, delivery, permit);
+        } else {
+            dispatch(shared, tasks, first, permit);
+            shared.lanes.has_room().await;
         }
         while tasks.try_join_next().is_some() {}
     }

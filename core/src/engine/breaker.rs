@@ -202,7 +202,9 @@ impl Breaker {
         let pass = self
             .wait(|state, health_checked, now| match state {
                 State::Closed { .. } => Wait::Ready(Pass::Normal),
-                State::Open { probe_taken: true, .. } => Wait::Until(None),
+                State::Open {
+                    probe_taken: true, ..
+                } => Wait::Until(None),
                 State::Open { .. } if health_checked => Wait::Until(None),
                 State::Open { until, .. } if now < *until => Wait::Until(Some(*until)),
                 State::Open { probe_taken, .. } => {
@@ -224,7 +226,9 @@ impl Breaker {
         let open_for = self.config.open_for;
         self.wait(|state, health_checked, now| match state {
             State::Closed { .. } => Wait::Ready(()),
-            State::Open { probe_taken: true, .. } => Wait::Until(None),
+            State::Open {
+                probe_taken: true, ..
+            } => Wait::Until(None),
             State::Open { .. } if health_checked => Wait::Until(None),
             State::Open { until, .. } if now < *until => Wait::Until(Some(*until)),
             State::Open {
@@ -404,7 +408,10 @@ mod tests {
         b.record(&status(503), Pass::Normal, first);
         tokio::time::advance(Duration::from_millis(10)).await;
         b.record(&SinkResponse::Timeout, Pass::Normal, Instant::now());
-        assert!(b.excuses(&status(503), first), "the circuit opened after it");
+        assert!(
+            b.excuses(&status(503), first),
+            "the circuit opened after it"
+        );
         assert!(!b.excuses(&status(500), first), "a 500 is the message's");
         tokio::time::advance(Duration::from_secs(2)).await;
         let (pass, turn) = b.pass_turn().await;
@@ -451,6 +458,10 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(2));
         // That message never asks for the probe (taken back, behind a busy key).
         b.receivable().await;
-        assert_eq!(started.elapsed(), Duration::from_secs(4), "another, one open_for later");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(4),
+            "another, one open_for later"
+        );
     }
 }

@@ -131,11 +131,17 @@ mod tests {
         assert!(lanes.enter("a", delivery("3")).is_none());
         let full = tokio::time::timeout(Duration::from_millis(50), lanes.has_room()).await;
         assert!(full.is_err(), "two wait: no room for a third");
-        assert!(lanes.enter("b", delivery("4")).is_some(), "a free key starts");
+        assert!(
+            lanes.enter("b", delivery("4")).is_some(),
+            "a free key starts"
+        );
         assert_eq!(lanes.next("a").map(|d| d.message.id), Some("2".into()));
         lanes.has_room().await;
         assert_eq!(lanes.next("a").map(|d| d.message.id), Some("3".into()));
         assert!(lanes.next("a").is_none());
-        assert!(lanes.enter("a", delivery("5")).is_some(), "the key is free again");
+        assert!(
+            lanes.enter("a", delivery("5")).is_some(),
+            "the key is free again"
+        );
     }
 }
