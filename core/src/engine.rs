@@ -253,8 +253,7 @@ pub async fn run_route<S: Source, K: Sink>(
     let mut released = 0usize;
     if drain {
         // Until the source has handed over its last message (it drops its sender).
-        let _ = tokio::time::timeout_at(deadline, drain_source(&shared, &mut tasks, &mut rx))
-            .await;
+        let _ = tokio::time::timeout_at(deadline, drain_source(&shared, &mut tasks, &mut rx)).await;
     }
     // Whatever is left goes back: the source sees the closed channel.
     rx.close();

@@ -85,6 +85,8 @@ type Behaviour = dyn Fn(&Seen) -> Reply + Send + Sync;
 
 struct Inner {
     seen: Mutex<Vec<Seen>>,
+    /// Every request as it arrived, also those whose client gave up before the answer.
+    arrived: Mutex<Vec<(String, u32)>>,
     behaviour: Box<Behaviour>,
     in_flight: AtomicUsize,
     peak: AtomicUsize,
@@ -111,6 +113,7 @@ impl Endpoint {
     ) -> Self {
         let inner = Arc::new(Inner {
             seen: Mutex::new(Vec::new()),
+            arrived: Mutex::new(Vec::new()),
             behaviour: Box::new(behaviour),
             in_flight: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
@@ -152,6 +155,12 @@ impl Endpoint {
     /// The most requests that were open at once.
     pub fn peak_in_flight(&self) -> usize {
         self.inner.peak.load(Ordering::SeqCst)
+    }
+
+    /// `(X-Ferry-Message-Id, X-Ferry-Attempt)` of every request as it arrived, also those
+    /// the client gave up on (a timeout) before the answer.
+    pub fn arrivals(&self) -> Vec<(String, u32)> {
+        self.inner.arrived.lock().expect("lock").clone()
     }
 
     /// Every request so far.
@@ -229,6 +238,11 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
         at: Instant::now(),
         open: now,
     };
+    inner
+        .arrived
+        .lock()
+        .expect("lock")
+        .push((seen.id.clone(), seen.attempt));
     let reply = (inner.behaviour)(&seen);
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
