@@ -589,13 +589,23 @@ async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, permit: Sl
         // A retry waits without its slot, so other messages (other keys) keep every
         // slot; while the endpoint is down it keeps it, so that nothing more is taken
         // from the broker that could not be delivered either.
+        // While the circuit is open the breaker's probe turns are the backoff: waiting
+        // for them (at the loop's top) is what lets delivery resume within `open_for` of
+        // the endpoint's return, however long the backoff has grown.
+        let delay = match &shared.breaker {
+            Some(breaker) if outage && breaker.is_open() => Duration::ZERO,
+            Some(breaker) if outage => delay.min(breaker.check_every()),
+            _ => delay,
+        };
         if !outage {
             permit = None;
         }
-        tokio::select! {
-            biased;
-            _ = shared.shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(delay) => {}
+        if !delay.is_zero() {
+            tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
         }
         if was_sent {
             message.attempt += 1;

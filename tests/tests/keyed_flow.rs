@@ -113,8 +113,9 @@ async fn an_open_circuit_costs_no_cpu_and_probes_within_open_for() {
         source: kafka_source(cluster.bootstrap(), &format!("{topic}-g"), &topic, &dead),
         sink_url: &url,
         sink: "connect_timeout = \"1s\"",
+        // Backoffs far longer than `open_for`: resuming must not wait for them.
         delivery: "concurrency = 8\nordering = \"key\"\nmax_attempts = 3\n\
-                   min_backoff = \"100ms\"\nmax_backoff = \"5s\"\n\
+                   min_backoff = \"1s\"\nmax_backoff = \"60s\"\n\
                    circuit_breaker = { failures = 5, open_for = \"2s\" }",
     });
     ferry.wait_ready(Duration::from_secs(30)).await;
