@@ -272,8 +272,12 @@ async fn run_routes(plan: Plan) -> Result<(), Failure> {
         routes: views,
         switches,
         token: plan.admin_token.clone(),
+        draining: shutdown.clone(),
     };
-    let admin = admin::serve(plan.admin, state, shutdown.clone())
+    // The admin server outlives the drain (it answers `/readyz` with 503 meanwhile, and
+    // `/metrics` still shows the last deliveries); it stops once every route has.
+    let admin_stop = CancellationToken::new();
+    let admin = admin::serve(plan.admin, state, admin_stop.clone())
         .await
         .with_context(|| format!("admin.listen: cannot listen on {}", plan.admin))?;
     // The runtime's own count, so the log shows what `[runtime] worker_threads` gave.
@@ -300,6 +304,7 @@ async fn run_routes(plan: Plan) -> Result<(), Failure> {
     }))
     .await;
     shutdown.cancel();
+    admin_stop.cancel();
     let _ = admin.await;
     // Every route has dropped its handle: the writer drains the queue and ends.
     drop(hooks);

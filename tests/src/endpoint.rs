@@ -198,6 +198,21 @@ impl Endpoint {
             .collect()
     }
 
+    /// Ids whose highest `X-Ferry-Attempt` is above the number of requests the endpoint
+    /// got for them (arrivals, answered or not): attempts burnt without a request. Unlike
+    /// [`Endpoint::untruthful_attempts`] it allows the copies of a message a broker handed
+    /// out twice at once to arrive in either order.
+    pub fn overcounted_attempts(&self) -> Vec<(String, Vec<u32>)> {
+        let mut by_id: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+        for (id, attempt) in self.arrivals() {
+            by_id.entry(id).or_default().push(attempt);
+        }
+        by_id
+            .into_iter()
+            .filter(|(_, a)| a.iter().max().is_some_and(|m| *m as usize > a.len()))
+            .collect()
+    }
+
     /// Ids accepted more than once where more than one of those copies claimed to be a
     /// first attempt: a duplicate the endpoint could not recognise as a redelivery.
     /// Brokers may hand a message out twice; ferry must then label the extra copy with
