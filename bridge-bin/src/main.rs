@@ -19,6 +19,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod admin;
 mod audit;
 mod config;
+mod fleet_rate;
 #[cfg(feature = "otlp")]
 mod otlp;
 mod pause;
@@ -242,7 +243,18 @@ async fn run_routes(plan: Plan) -> Result<(), Failure> {
 
     let mut views = Vec::new();
     let mut tasks = Vec::new();
-    for route in plan.routes {
+    for mut route in plan.routes {
+        if let (Some(limit), Some(state)) = (route.shared_rate, &plan.state) {
+            let rate = fleet_rate::RedisRate::start(
+                route.name.clone(),
+                &state.redis_url,
+                &state.prefix,
+                limit,
+                shutdown.clone(),
+            )
+            .map_err(|e| Failure::Config(vec![ConfigError::new("start", e)]))?;
+            route.policy.fleet_rate = Some(ferry_core::FleetRate(rate));
+        }
         match wiring::build(route, &metrics, hooks.clone(), &shutdown).await {
             Ok((view, task)) => {
                 views.push(view);

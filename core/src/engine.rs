@@ -31,7 +31,7 @@ use lanes::Lanes;
 pub use limit::Concurrency;
 use limit::{Limiter, Slot};
 use rate::Pace;
-pub use rate::RateLimit;
+pub use rate::{FleetRate, RateLimit, SharedRate};
 
 /// How a route delivers: the `[routes.x.delivery]` section, validated.
 #[derive(Debug, Clone)]
@@ -40,6 +40,9 @@ pub struct DeliveryPolicy {
     pub concurrency: Concurrency,
     /// Requests per second at most (retries included), if limited.
     pub rate_limit: Option<RateLimit>,
+    /// The limit shared by every replica, when `rate_limit` is `shared`: then it paces
+    /// the route instead of `rate_limit`'s own bucket.
+    pub fleet_rate: Option<FleetRate>,
     /// Stop receiving while the endpoint is down, if set.
     pub circuit_breaker: Option<CircuitBreaker>,
     /// Attempts before a retryable failure is dead-lettered.
@@ -74,6 +77,7 @@ impl Default for DeliveryPolicy {
         Self {
             concurrency: Concurrency::Fixed(10),
             rate_limit: None,
+            fleet_rate: None,
             circuit_breaker: Some(CircuitBreaker::default()),
             max_attempts: 10,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(60)),
@@ -158,7 +162,10 @@ pub async fn run_route<S: Source, K: Sink>(
         tracer,
     } = route;
     let limiter = Limiter::new(policy.concurrency, metrics.concurrency_limit.clone());
-    let pace = policy.rate_limit.map(Pace::new);
+    let pace = match (&policy.fleet_rate, policy.rate_limit) {
+        (Some(fleet), _) => Some(Pace::Fleet(fleet.0.clone())),
+        (None, limit) => limit.map(Pace::new),
+    };
     let breaker = policy
         .circuit_breaker
         .map(|c| Breaker::new(c, metrics.circuit_open.clone(), name.clone()));

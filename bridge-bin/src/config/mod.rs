@@ -559,6 +559,9 @@ pub struct RateLimitConfig {
     /// by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
+    /// One limit for every replica, kept in the `[admin.state]` Redis.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 /// `circuit_breaker = { failures = 10, open_for = "2s" }`; `failures = 0` turns it off.

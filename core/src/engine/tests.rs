@@ -210,6 +210,7 @@ fn policy(concurrency: usize, max_attempts: u32) -> DeliveryPolicy {
     DeliveryPolicy {
         concurrency: Concurrency::Fixed(concurrency),
         rate_limit: None,
+        fleet_rate: None,
         circuit_breaker: None,
         max_attempts,
         backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
