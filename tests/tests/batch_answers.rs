@@ -170,7 +170,10 @@ async fn broken_answer_retries_the_whole_batch(broken: Broken) {
         }
     }
     assert_eq!(
-        attempts.keys().cloned().collect::<std::collections::BTreeSet<_>>(),
+        attempts
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
         sent,
         "every message reached the endpoint"
     );

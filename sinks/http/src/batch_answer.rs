@@ -96,7 +96,10 @@ mod tests {
     #[test]
     fn the_documented_shape_and_what_else_counts() {
         let ids = |body: &str| failed_ids(body.as_bytes(), false);
-        assert_eq!(ids(r#"{"failed": ["a", "b"]}"#), Ok(vec!["a".into(), "b".into()]));
+        assert_eq!(
+            ids(r#"{"failed": ["a", "b"]}"#),
+            Ok(vec!["a".into(), "b".into()])
+        );
         assert_eq!(ids(r#"{"failed": []}"#), Ok(vec![]));
         assert_eq!(ids(""), Ok(vec![]));
         assert_eq!(ids("  \n"), Ok(vec![]));
@@ -107,6 +110,9 @@ mod tests {
         assert!(ids(r#"{"failed": "a"}"#).is_err());
         assert!(ids(r#"{"failed": null}"#).is_err());
         assert!(ids(r#"{"failed": ["a", "#).is_err(), "cut JSON");
-        assert!(failed_ids(b"OK", true).is_err(), "a JSON content type must parse");
+        assert!(
+            failed_ids(b"OK", true).is_err(),
+            "a JSON content type must parse"
+        );
     }
 }
