@@ -54,6 +54,8 @@ pub struct DeliveryPolicy {
     pub order: MessageOrder,
     /// Several messages per request, if set (then `order` does not apply).
     pub batch: Option<Batching>,
+    /// Larger messages are dead-lettered unsent; `None`: the source's own maximum.
+    pub max_message_bytes: Option<usize>,
 }
 
 /// The order in which a route's messages reach the endpoint.
@@ -81,6 +83,7 @@ impl Default for DeliveryPolicy {
             responses: ResponsePolicy::default(),
             order: MessageOrder::Unordered,
             batch: None,
+            max_message_bytes: None,
         }
     }
 }
@@ -147,11 +150,12 @@ pub async fn run_route<S: Source, K: Sink>(
         name,
         source,
         sink,
-        policy,
+        mut policy,
         metrics,
         audit,
         tracer,
     } = route;
+    policy.max_message_bytes = oversize::limit(policy.max_message_bytes, &source);
     let limiter = Limiter::new(policy.concurrency, metrics.concurrency_limit.clone());
     let pace = policy.rate_limit.map(Pace::new);
     let breaker = policy
@@ -392,6 +396,9 @@ async fn check_health<K: Sink>(shared: Arc<Shared<K>>) {
 /// Delivers one message: attempts until acked, dead-lettered or taken back.
 async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, mut permit: Slot) {
     let Delivery { mut message, ack } = delivery;
+    let Some(ack) = oversize::admit(&shared, &message, ack) else {
+        return;
+    };
     let began = Instant::now();
     let mut pass = Pass::Normal;
     // Attempts that failed because the endpoint was down (the circuit open) do not count
@@ -593,6 +600,7 @@ mod batch;
 mod breaker;
 mod lanes;
 mod limit;
+mod oversize;
 mod rate;
 #[cfg(test)]
 mod tests;

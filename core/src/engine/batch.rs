@@ -79,10 +79,13 @@ pub(super) async fn deliver<K: Sink>(shared: Arc<Shared<K>>, batch: Vec<Delivery
     let began = Instant::now();
     let first: Vec<Entry> = batch
         .into_iter()
-        .map(|d| Entry {
-            message: d.message,
-            ack: d.ack,
-            excused: 0,
+        .filter_map(|d| {
+            let ack = super::oversize::admit(&shared, &d.message, d.ack)?;
+            Some(Entry {
+                message: d.message,
+                ack,
+                excused: 0,
+            })
         })
         .collect();
     // Groups to send now, the next on top.
