@@ -108,10 +108,12 @@ pub(super) async fn deliver<K: Sink>(shared: Arc<Shared<K>>, batch: Vec<Delivery
             }
             let mut pass = Pass::Normal;
             if let Some(breaker) = &shared.breaker {
+                // A closed circuit passes at once, also during shutdown, which delivers
+                // what was received.
                 pass = tokio::select! {
                     biased;
-                    _ = shared.shutdown.cancelled() => return,
                     p = breaker.pass() => p,
+                    _ = shared.shutdown.cancelled() => return,
                 };
             }
             let messages: Vec<Message> = group.iter().map(|e| e.message.clone()).collect();
@@ -138,9 +140,12 @@ pub(super) async fn deliver<K: Sink>(shared: Arc<Shared<K>>, batch: Vec<Delivery
                 continue;
             }
             let failed: HashSet<&str> = failed.iter().map(String::as_str).collect();
+            // A request that never left (no connection) is no attempt: it raises no
+            // attempt number, exhausts nothing and its retry waits here.
+            let reached = response.was_sent();
             for entry in group {
                 let Entry {
-                    message,
+                    mut message,
                     ack: handle,
                     excused: spared,
                 } = entry;
@@ -157,7 +162,7 @@ pub(super) async fn deliver<K: Sink>(shared: Arc<Shared<K>>, batch: Vec<Delivery
                     }
                     Verdict::Retry { after } => *after,
                 };
-                if message.attempt.saturating_sub(spared) >= shared.policy.max_attempts {
+                if reached && message.attempt.saturating_sub(spared) >= shared.policy.max_attempts {
                     let why = if failed.contains(message.id.as_str()) {
                         "reported failed in the batch answer".to_owned()
                     } else {
@@ -169,11 +174,12 @@ pub(super) async fn deliver<K: Sink>(shared: Arc<Shared<K>>, batch: Vec<Delivery
                 }
                 shared.metrics.retried.inc();
                 let wait = retry_delay(&shared, &message, after);
-                if handle.holds_retries() {
+                if handle.holds_retries() && reached {
                     handle.settle(Settlement::Retry { delay: wait });
                     continue;
                 }
                 delay = delay.max(wait);
+                message.attempt += u32::from(reached);
                 waiting.push(Entry {
                     message,
                     ack: handle,
@@ -200,9 +206,6 @@ pub(super) async fn deliver<K: Sink>(shared: Arc<Shared<K>>, batch: Vec<Delivery
                 Err(_) => return,
             },
         };
-        for entry in &mut waiting {
-            entry.message.attempt += 1;
-        }
         ready.push(waiting);
     }
 }
