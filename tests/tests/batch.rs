@@ -110,15 +110,12 @@ async fn partial_batch_failures_retry_only_the_failed_messages() {
     assert!(average >= 5.0, "{} requests for {N} messages", seen.len());
 }
 
+const POISON: &str = "split-17";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_refused_whole_is_split_and_only_the_poison_message_dead_letters() {
-    const N: usize = 40;
-    const POISON: &str = "split-17";
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue("batch-split").await;
     // Too large for the endpoint beyond two messages; one message it refuses on its own.
-    let endpoint = Endpoint::start(|seen| {
-        let batch = envelopes(seen);
+    split_down_to_the_poison_message(|batch| {
         if batch.len() > 2 {
             Reply::status(413).body("request entity too large")
         } else if batch.iter().any(|(msg, _, _)| msg == POISON) {
@@ -128,6 +125,34 @@ async fn a_batch_refused_whole_is_split_and_only_the_poison_message_dead_letters
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferry_action_dead_letter_on_a_batch_splits_it_down_to_the_poison_message() {
+    // `Ferry-Action: dead-letter` to any request holding the poison, whatever its size,
+    // on a 409 (which alone would mean a retry, and which the endpoint does not count as
+    // an acceptance).
+    split_down_to_the_poison_message(|batch| {
+        if batch.iter().any(|(msg, _, _)| msg == POISON) {
+            let mut reply = Reply::status(409).body("poison");
+            reply.headers.push(("ferry-action", "dead-letter".into()));
+            reply
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+}
+
+/// Batches of ten that the endpoint refuses whole as `refuse` says: every good message is
+/// accepted exactly once, and only the poison one is dead-lettered.
+async fn split_down_to_the_poison_message(
+    refuse: impl Fn(&[(String, String, u64)]) -> Reply + Send + Sync + 'static,
+) {
+    const N: usize = 40;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("batch-split").await;
+    let endpoint = Endpoint::start(move |seen| refuse(&envelopes(seen))).await;
     let sent = rabbit.publish_numbered(&queue.name, "split", N).await;
     let ferry = Ferry::start(&Route {
         source: amqp_source(&queue.name, "prefetch = 50"),
