@@ -57,6 +57,8 @@ pub struct DeliveryPolicy {
     pub order: MessageOrder,
     /// Several messages per request, if set (then `order` does not apply).
     pub batch: Option<Batching>,
+    /// Larger messages are dead-lettered unsent; `None`: the source's own maximum.
+    pub max_message_bytes: Option<usize>,
 }
 
 /// The order in which a route's messages reach the endpoint.
@@ -85,6 +87,7 @@ impl Default for DeliveryPolicy {
             responses: ResponsePolicy::default(),
             order: MessageOrder::Unordered,
             batch: None,
+            max_message_bytes: None,
         }
     }
 }
@@ -156,11 +159,12 @@ pub async fn run_route<S: Source, K: Sink>(
         name,
         source,
         sink,
-        policy,
+        mut policy,
         metrics,
         audit,
         tracer,
     } = route;
+    policy.max_message_bytes = oversize::limit(policy.max_message_bytes, &source);
     let limiter = Limiter::new(policy.concurrency, metrics.concurrency_limit.clone());
     let pace = match (&policy.fleet_rate, policy.rate_limit) {
         (Some(fleet), _) => Some(Pace::Fleet(fleet.0.clone())),
@@ -489,6 +493,9 @@ async fn check_health<K: Sink>(shared: Arc<Shared<K>>) {
 /// counts receives (SQS) does not count them either.
 async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, permit: Slot) -> bool {
     let Delivery { mut message, ack } = delivery;
+    let Some(ack) = oversize::admit(&shared, &message, ack) else {
+        return true;
+    };
     let began = Instant::now();
     let mut permit = Some(permit);
     // When each failure that said "the endpoint is not there" was sent: whether it counts
@@ -727,6 +734,7 @@ mod batch;
 mod breaker;
 mod lanes;
 mod limit;
+mod oversize;
 mod rate;
 #[cfg(test)]
 mod tests;

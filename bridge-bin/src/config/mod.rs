@@ -537,6 +537,9 @@ pub struct DeliveryConfig {
     /// Several messages per request, when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<BatchConfig>,
+    /// Larger messages are dead-lettered unsent; unset: the broker's own maximum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<u64>,
 }
 
 /// `concurrency = 10` or `concurrency = "adaptive"`.
@@ -619,6 +622,7 @@ impl Default for DeliveryConfig {
             dead_letter_statuses: default_dead_letter_statuses(),
             ordering: None,
             batch: None,
+            max_message_bytes: None,
         }
     }
 }

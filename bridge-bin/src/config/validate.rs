@@ -823,6 +823,10 @@ fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy
                 max_wait: b.max_wait.0,
             })
         }),
+        max_message_bytes: d.max_message_bytes.map(|bytes| {
+            let at = format!("{at}.max_message_bytes");
+            usize::try_from(range(bytes, 1, 1 << 30, &at, errors)).unwrap_or(usize::MAX)
+        }),
     }
 }
 
@@ -1111,6 +1115,10 @@ mod tests {
             (
                 "[routes.orders.delivery]\nbatch = { max_messages = 0 }",
                 "routes.orders.delivery.batch.max_messages: 0 is out of range",
+            ),
+            (
+                "[routes.orders.delivery]\nmax_message_bytes = 0",
+                "routes.orders.delivery.max_message_bytes: 0 is out of range 1..=1073741824",
             ),
             (
                 "[audit]\npath = \"a.jsonl\"\nmax_file_mb = 0",

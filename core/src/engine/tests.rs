@@ -218,6 +218,7 @@ fn policy(concurrency: usize, max_attempts: u32) -> DeliveryPolicy {
         responses: ResponsePolicy::default(),
         order: MessageOrder::Unordered,
         batch: None,
+        max_message_bytes: None,
     }
 }
 

@@ -123,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
             MessageOrder::Unordered
         },
         batch: None,
+        max_message_bytes: None,
     };
 
     let shutdown = CancellationToken::new();

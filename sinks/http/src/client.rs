@@ -71,11 +71,24 @@ impl From<String> for Failure {
     }
 }
 
-/// A complete answer: the status, the headers and the first `keep` bytes of the body.
+/// An answer: the status, the headers, the first `keep` bytes of the body and whether the
+/// body was read to its end.
 pub(crate) struct Answer {
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
+    pub(crate) end: BodyEnd,
+}
+
+/// How reading an answer's body ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BodyEnd {
+    /// Read to its end, within the limit.
+    Complete,
+    /// Longer than [`crate::response::DRAIN_LIMIT`]: the rest was left unread.
+    TooLong,
+    /// The connection broke or the framing was wrong before the end (one line).
+    Cut(String),
 }
 
 /// The timeouts and pool size shared by every origin a sink talks to.
@@ -213,8 +226,9 @@ impl Origin {
         let (parts, mut incoming) = response.into_parts();
         let mut body = BytesMut::new();
         let mut seen = 0usize;
-        let mut complete = false;
-        while seen < crate::response::DRAIN_LIMIT {
+        // Past the limit the rest is not read: the answer is over-long.
+        let mut end = BodyEnd::TooLong;
+        while seen <= crate::response::DRAIN_LIMIT {
             match incoming.frame().await {
                 Some(Ok(frame)) => {
                     if let Ok(chunk) = frame.into_data() {
@@ -224,21 +238,26 @@ impl Origin {
                     }
                 }
                 None => {
-                    complete = true;
+                    end = BodyEnd::Complete;
                     break;
                 }
-                // The status is what counts; a body cut short does not change it.
-                Some(Err(_)) => break,
+                // For a single message the status is what counts; a batch answer's body
+                // says which messages failed, so there a cut body counts too.
+                Some(Err(e)) => {
+                    end = BodyEnd::Cut(describe("answer cut short", &e));
+                    break;
+                }
             }
         }
         // Only a connection whose answer was read to the end can carry the next request.
-        if complete {
+        if end == BodyEnd::Complete {
             self.checkin(sender);
         }
         Ok(Answer {
             status: parts.status,
             headers: parts.headers,
             body: body.freeze(),
+            end,
         })
     }
 
