@@ -50,7 +50,7 @@ RUN if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then \
       && apt-get install -y --no-install-recommends ca-certificates \
       && rm -rf /var/lib/apt/lists/*; \
     fi \
- && useradd --system --uid 10001 --user-group --home-dir /var/lib/ferry --shell /usr/sbin/nologin ferry \
+ && useradd --no-log-init --no-create-home --uid 10001 --user-group --home-dir /var/lib/ferry --shell /usr/sbin/nologin ferry \
  && install -d -o 10001 -g 10001 /var/lib/ferry /etc/ferry \
  && ln -s /etc/ferry /var/lib/ferry/config
 COPY --from=binary --chmod=0755 /out/ferry /usr/local/bin/ferry
