@@ -103,15 +103,19 @@ shutdown_grace = "20s"
 EOF2
 chmod 0644 "$WORK/config.toml"; chmod 0755 "$WORK"
 
-start_ferry() { # name: runs the image as built (its own user, its own CMD)
-  CTRS+=("$1")
-  podman run -d --name "$1" --runtime runc --network host --ulimit "nofile=$NOFILE" --ulimit "nproc=$NPROC" \
-    -v "$WORK/config.toml:/etc/ferry/config.toml:ro" "$IMAGE" >/dev/null
+start_ferry() { # name [podman run options -- ferry arguments]: the image's user, its CMD by default
+  local name="$1"; shift
+  local opts=() args=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done
+  [ $# -gt 0 ] && { shift; args=("$@"); }
+  CTRS+=("$name")
+  podman run -d --name "$name" --runtime runc --network host --ulimit "nofile=$NOFILE" --ulimit "nproc=$NPROC" \
+    -v "$WORK/config.toml:/etc/ferry/config.toml:ro" ${opts[@]+"${opts[@]}"} "$IMAGE" ${args[@]+"${args[@]}"} >/dev/null
   for _ in $(seq 100); do
     curl -sf "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null && return 0
     sleep 0.2
   done
-  podman logs "$1" >&2; echo "container-smoke: ferry in $1 never became ready" >&2; exit 1
+  podman logs "$name" >&2; echo "container-smoke: ferry in $name never became ready" >&2; exit 1
 }
 received() { [ -f "$WORK/received" ] && wc -l <"$WORK/received" || echo 0; }
 
@@ -140,11 +144,15 @@ echo "stop: SIGTERM with $before delivered; exited $code after ${took_ms} ms; de
 [ $((at_stop + left)) -eq "$TOTAL" ] \
   || { echo "container-smoke: after the stop $at_stop delivered + $left queued != $TOTAL sent" >&2; exit 1; }
 
-# A second container delivers the rest.
-start_ferry ferry-smoke-2
+# A second container delivers the rest, locked down as the Helm chart runs it: read-only
+# root, writable working directory and /tmp only, no capabilities, no privilege gain.
+start_ferry ferry-smoke-2 --read-only --tmpfs /var/lib/ferry --tmpfs /tmp --cap-drop ALL \
+  --security-opt no-new-privileges -- run --config-dir /etc/ferry --log-format json
 for _ in $(seq 600); do [ "$(received)" -ge "$TOTAL" ] && break; sleep 0.1; done
 sleep 1
 podman stop -t 30 ferry-smoke-2 >/dev/null
+code="$(podman inspect -f '{{.State.ExitCode}}' ferry-smoke-2)"
+[ "$code" = 0 ] || { podman logs ferry-smoke-2 >&2; echo "container-smoke: ferry exited $code on SIGTERM" >&2; exit 1; }
 sent="$TOTAL"
 delivered="$(received)"
 unique="$(sort -u "$WORK/received" | wc -l)"

@@ -167,6 +167,7 @@ def test_config_mounted_at_etc_ferry_with_layers_in_place(rendered):
     pod, container = ferry_container(docs)
     mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
     assert mount["mountPath"] == "/etc/ferry" and mount["readOnly"] is True
+    assert container["args"][:3] == ["run", "--config-dir", "/etc/ferry"]
     volume = next(v for v in pod["volumes"] if v["name"] == "config")["configMap"]
     if values["existingConfigMap"]:
         assert volume["name"] == values["existingConfigMap"]
