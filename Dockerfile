@@ -10,7 +10,8 @@
 # RUNTIME_IMAGE picks another Debian-based runtime (one without CA certificates gets them
 # from apt at build time).
 
-ARG RUST_IMAGE=rust:1.85-slim-bookworm
+# The current stable Rust on Debian bookworm (the runtime's glibc); pin a version for repeatable builds.
+ARG RUST_IMAGE=rust:1-slim-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 ARG FERRY_SOURCE=source
 
