@@ -32,6 +32,7 @@ ENDPOINT_PID=""
 cleanup() {
   for c in ${CTRS[@]+"${CTRS[@]}"}; do podman rm -f -t 0 "$c" >/dev/null 2>&1 || true; done
   [ -n "$ENDPOINT_PID" ] && kill "$ENDPOINT_PID" 2>/dev/null || true
+  podman rmi -f "$IMAGE" >/dev/null 2>&1 || true   # some 440 MB with a debug binary
   rm -rf "$WORK" dist/ferry
 }
 trap cleanup EXIT
