@@ -29,15 +29,24 @@ python3 -c 'import pika' 2>/dev/null || python3 -m pip install -q pika
 WORK="$(mktemp -d)"
 CTRS=()
 ENDPOINT_PID=""
+DANGLING_BEFORE=""
+BUILT=0
 cleanup() {
   for c in ${CTRS[@]+"${CTRS[@]}"}; do podman rm -f -t 0 "$c" >/dev/null 2>&1 || true; done
   [ -n "$ENDPOINT_PID" ] && kill "$ENDPOINT_PID" 2>/dev/null || true
-  podman rmi -f "$IMAGE" >/dev/null 2>&1 || true   # some 440 MB with a debug binary
+  # The image (some 440 MB with a debug binary) and the stage images this build left.
+  [ "$BUILT" = 1 ] || { rm -rf "$WORK" dist/ferry; return; }
+  podman rmi -f "$IMAGE" >/dev/null 2>&1 || true
+  for id in $(podman images -q --filter dangling=true); do
+    grep -qx "$id" <<<"$DANGLING_BEFORE" || podman rmi "$id" >/dev/null 2>&1 || true
+  done
   rm -rf "$WORK" dist/ferry
 }
 trap cleanup EXIT
 
 scripts/container-base.sh "$BASE"
+DANGLING_BEFORE="$(podman images -q --filter dangling=true)"
+BUILT=1
 mkdir -p dist
 ln -f "$BINARY" dist/ferry 2>/dev/null || cp "$BINARY" dist/ferry
 echo "building $IMAGE from $BINARY"
