@@ -83,8 +83,16 @@ impl Route<'_> {
     /// open `[admin.state]` or another top-level section such as `[runtime]`).
     pub fn config_with(&self, admin_port: u16, admin: &str) -> String {
         format!(
-            "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{admin}\n\n[routes.r.source]\n{}\n\
-             [routes.r.sink]\ntype = \"http\"\nurl = \"{}\"\n{}\n\n[routes.r.delivery]\n{}\n",
+            "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{admin}\n\n{}",
+            self.section("r")
+        )
+    }
+
+    /// This route's sections under the name `name`, for a file with several routes.
+    pub fn section(&self, name: &str) -> String {
+        format!(
+            "[routes.{name}.source]\n{}\n[routes.{name}.sink]\ntype = \"http\"\nurl = \"{}\"\n{}\n\n\
+             [routes.{name}.delivery]\n{}\n",
             self.source, self.sink_url, self.sink, self.delivery
         )
     }
@@ -118,10 +126,17 @@ impl Ferry {
 
     /// Starts `ferry run` with `route`, a fresh admin port and `admin` added to `[admin]`.
     pub fn start_with(route: &Route<'_>, admin: &str) -> Self {
+        Self::start_config(|admin_port| route.config_with(admin_port, admin))
+    }
+
+    /// Starts `ferry run` with the configuration `config(admin_port)` (several routes, say;
+    /// see [`Route::section`]) and a fresh admin port.
+    pub fn start_config(config: impl FnOnce(u16) -> String) -> Self {
         let admin_port = crate::free_port();
         let dir = scratch("ferry");
-        let config = dir.join("ferry.toml");
-        std::fs::write(&config, route.config_with(admin_port, admin)).expect("write config");
+        let file = dir.join("ferry.toml");
+        std::fs::write(&file, config(admin_port)).expect("write config");
+        let config = file;
         let log = dir.join("ferry.log");
         let child = command()
             .arg("run")
@@ -189,6 +204,28 @@ impl Ferry {
         // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name;
         // the kernel counts them in 100 Hz ticks on Linux.
         (ticks(11) + ticks(12)) / 100.0
+    }
+
+    /// Resident memory (`VmRSS`) in bytes and open sockets, from `/proc`.
+    pub fn rss_and_sockets(&self) -> (u64, usize) {
+        let pid = self.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss_kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let sockets = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.filter_map(Result::ok)
+                    .filter(|fd| {
+                        std::fs::read_link(fd.path())
+                            .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        (rss_kb * 1024, sockets)
     }
 
     /// Sends a signal by name (`TERM`, `KILL`, ...).
