@@ -84,8 +84,7 @@ impl Rabbit {
     /// Publishes each message persistent with a unique `message_id` and its ordering
     /// key in the `key` header, and waits for the broker's confirms.
     pub async fn publish(&self, queue: &str, messages: &[Outgoing]) {
-        let mut confirms = Vec::with_capacity(messages.len());
-        for message in messages {
+        let batch = messages.iter().map(|message| {
             let mut props = BasicProperties::default()
                 .with_message_id(ShortString::from(crate::unique(queue)))
                 .with_delivery_mode(2);
@@ -94,14 +93,38 @@ impl Rabbit {
                 headers.insert("key".into(), AMQPValue::LongString(key.as_str().into()));
                 props = props.with_headers(headers);
             }
-            let body = &message.body;
+            (props, message.body.as_bytes())
+        });
+        self.publish_confirmed(queue, batch).await;
+    }
+
+    /// Publishes each body persistent with `message_id` as given (`None`: no id at all,
+    /// as publishers that never set one do), and waits for the broker's confirms.
+    pub async fn publish_with_ids(&self, queue: &str, messages: &[(Option<&str>, String)]) {
+        let batch = messages.iter().map(|(id, body)| {
+            let mut props = BasicProperties::default().with_delivery_mode(2);
+            if let Some(id) = id {
+                props = props.with_message_id(ShortString::from(*id));
+            }
+            (props, body.as_bytes())
+        });
+        self.publish_confirmed(queue, batch).await;
+    }
+
+    async fn publish_confirmed<'a>(
+        &self,
+        queue: &str,
+        batch: impl Iterator<Item = (BasicProperties, &'a [u8])>,
+    ) {
+        let mut confirms = Vec::new();
+        for (props, body) in batch {
             let confirm = self
                 .channel
                 .basic_publish(
                     "".into(),
                     queue.into(),
                     BasicPublishOptions::default(),
-                    body.as_bytes(),
+                    body,
                     props,
                 )
                 .await
@@ -152,20 +175,8 @@ impl Rabbit {
             }
             props = props.with_headers(table);
         }
-        let confirmation = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                payload,
-                props,
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirmation.is_ack(), "broker refused a publish");
+        self.publish_confirmed(queue, std::iter::once((props, payload)))
+            .await;
     }
 
     /// Messages in a queue, ready or handed out and not yet acked. The AMQP protocol only

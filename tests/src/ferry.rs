@@ -101,7 +101,19 @@ pub struct Ferry {
 }
 
 fn command() -> Command {
-    let mut cmd = Command::new(binary());
+    command_in(&[])
+}
+
+/// The ferry binary, run by `wrapper` (e.g. `unshare --pid --fork`) when it is not empty.
+fn command_in(wrapper: &[&str]) -> Command {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(binary());
+            cmd
+        }
+        None => Command::new(binary()),
+    };
     cmd.env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")
@@ -118,12 +130,19 @@ impl Ferry {
 
     /// Starts `ferry run` with `route`, a fresh admin port and `admin` added to `[admin]`.
     pub fn start_with(route: &Route<'_>, admin: &str) -> Self {
+        Self::start_in(route, admin, &[])
+    }
+
+    /// Like [`Ferry::start_with`], with ferry run by `wrapper` (a command and its
+    /// arguments, such as `unshare --pid --fork --kill-child`); killing the wrapper must
+    /// end ferry.
+    pub fn start_in(route: &Route<'_>, admin: &str, wrapper: &[&str]) -> Self {
         let admin_port = crate::free_port();
         let dir = scratch("ferry");
         let config = dir.join("ferry.toml");
         std::fs::write(&config, route.config_with(admin_port, admin)).expect("write config");
         let log = dir.join("ferry.log");
-        let child = command()
+        let child = command_in(wrapper)
             .arg("run")
             .arg("--config")
             .arg(&config)
