@@ -1,11 +1,11 @@
 //! RabbitMQ through lapin: queues with a dead-letter queue, publishing with confirms, depth.
 
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::conformance::Outgoing;
 
@@ -242,6 +242,41 @@ impl Rabbit {
         out
     }
 
+    /// Declares a durable direct exchange and a queue bound to it with `routing_key`.
+    pub async fn bound_exchange(&self, exchange: &str, queue: &str, routing_key: &str) {
+        self.channel
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare exchange");
+        self.declare(queue, FieldTable::default()).await;
+        self.channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind queue");
+    }
+
+    /// Deletes an exchange (its bindings go with it).
+    pub async fn delete_exchange(&self, exchange: &str) {
+        self.channel
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await
+            .expect("delete exchange");
+    }
+
     /// Deletes a queue.
     pub async fn delete(&self, queue: &str) {
         let _ = self
@@ -249,4 +284,17 @@ impl Rabbit {
             .queue_delete(queue.into(), QueueDeleteOptions::default())
             .await;
     }
+}
+
+/// A header's value as text (strings and integers), for checking what ferry added.
+pub fn header_text(headers: &FieldTable, name: &str) -> Option<String> {
+    Some(match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        other => format!("{other:?}"),
+    })
 }

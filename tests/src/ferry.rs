@@ -55,10 +55,17 @@ pub fn sqs_source(queue_url: &str, dead_letter_queue_url: Option<&str>, extra: &
     )
 }
 
-/// A RabbitMQ source on the local broker.
+/// A RabbitMQ source on the local broker. Unless `extra` says where dead letters go,
+/// they are rejected to the queue's own dead-letter exchange (`dead_letters = "queue"`),
+/// which the queues of [`crate::amqp::Rabbit::queue`] have.
 pub fn amqp_source(queue: &str, extra: &str) -> String {
+    let dead_letters = if extra.contains("dead_letter") {
+        ""
+    } else {
+        "dead_letters = \"queue\"\n"
+    };
     format!(
-        "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{queue}\"\n{extra}\n",
+        "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{queue}\"\n{dead_letters}{extra}\n",
         crate::amqp_uri()
     )
 }

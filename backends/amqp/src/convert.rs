@@ -8,6 +8,7 @@ use ferry_core::message::plausible_since_epoch;
 use ferry_core::Message;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
+use lapin::BasicProperties;
 use tracing::debug;
 
 /// The header quorum queues use to count earlier deliveries.
@@ -61,12 +62,13 @@ fn is_header_value(id: &str) -> bool {
 
 /// Builds the message; `group_header` names the header that carries the ordering key
 /// (the routing key when absent).
-/// Takes the delivery: its body becomes the payload without a copy.
+/// Takes the delivery: its body becomes the payload without a copy, and its properties
+/// come back as they are (a dead letter is published with them).
 pub(crate) fn convert(
     mut delivery: Delivery,
     source: &Arc<str>,
     group_header: Option<&str>,
-) -> Message {
+) -> (Message, BasicProperties) {
     let props = &delivery.properties;
     // Publishers should set message_id: it is the only id that survives redelivery.
     let id = match props.message_id() {
@@ -108,7 +110,7 @@ pub(crate) fn convert(
         Some(h) => message.attributes.get(h).cloned(),
         None => Some(delivery.routing_key.as_str().to_owned()).filter(|k| !k.is_empty()),
     };
-    message
+    (message, delivery.properties)
 }
 
 #[cfg(test)]

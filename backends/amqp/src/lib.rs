@@ -1,14 +1,19 @@
 //! The RabbitMQ (AMQP 0-9-1) source of ferry.
 //!
 //! One consumer per route with `prefetch` unacked deliveries at most. Acks are coalesced
-//! into `multiple` acks where the order allows; dead-letters are rejected without requeue
-//! so the queue's dead-letter exchange takes them; retries wait in ferry (the broker has no
-//! delayed redelivery), never in a hot requeue loop. A lost connection is re-established
-//! with backoff while the route, its state and its metrics carry on.
+//! into `multiple` acks where the order allows; dead letters are published by ferry to the
+//! configured dead-letter exchange with publisher confirms and acked only once confirmed
+//! (or, by explicit choice, rejected to the queue's own dead-letter exchange, or dropped);
+//! retries wait in ferry (the broker has no delayed redelivery), never in a hot requeue
+//! loop. A lost connection is re-established with backoff while the route, its state and
+//! its metrics carry on.
 
 mod convert;
+mod dead_letter;
 mod redrive;
 mod settle;
+
+pub use dead_letter::DEAD_LETTER_HEADERS;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +39,42 @@ pub struct AmqpConfig {
     pub declare: bool,
     /// Header that carries the ordering key; the routing key when `None`.
     pub ordering_header: Option<String>,
+    /// Where dead letters go.
+    pub dead_letters: DeadLetters,
+}
+
+/// Where a dead-lettered message goes. There is no default: RabbitMQ discards a message
+/// rejected on a queue without a dead-letter exchange, so dropping must be a choice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetters {
+    /// ferry publishes it to `exchange` with `routing_key` on a channel with publisher
+    /// confirms, with ferry's headers added, and acks the original only once confirmed.
+    Exchange {
+        /// The exchange (`""` is the default exchange: the routing key names the queue).
+        exchange: String,
+        /// The routing key of the dead letters.
+        routing_key: String,
+    },
+    /// `basic.reject(requeue = false)`: the queue's own `x-dead-letter-exchange` takes it
+    /// (the broker discards it when the queue has none).
+    Queue,
+    /// Acked and discarded.
+    Drop,
+}
+
+impl AmqpConfig {
+    /// The queue `declare = true` binds to the dead-letter exchange: `<queue>.dead-letter`,
+    /// or with the default exchange the queue the routing key names.
+    pub fn dead_letter_queue(&self) -> Option<String> {
+        match &self.dead_letters {
+            DeadLetters::Exchange {
+                exchange,
+                routing_key,
+            } if exchange.is_empty() => Some(routing_key.clone()),
+            DeadLetters::Exchange { .. } => Some(format!("{}.dead-letter", self.queue)),
+            DeadLetters::Queue | DeadLetters::Drop => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for AmqpConfig {
@@ -44,6 +85,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("prefetch", &self.prefetch)
             .field("declare", &self.declare)
             .field("ordering_header", &self.ordering_header)
+            .field("dead_letters", &self.dead_letters)
             .finish()
     }
 }
@@ -84,6 +126,15 @@ pub enum AmqpError {
         /// What the broker said.
         detail: String,
     },
+    /// The dead-letter exchange does not exist (and `declare` is off) or could not be
+    /// declared, bound or used.
+    #[error("dead_letter_exchange: {exchange:?}: {detail}")]
+    DeadLetterExchange {
+        /// The exchange name.
+        exchange: String,
+        /// What the broker said.
+        detail: String,
+    },
 }
 
 impl AmqpError {
@@ -91,7 +142,7 @@ impl AmqpError {
     pub fn is_config(&self) -> bool {
         match self {
             AmqpError::Connect { refused, .. } => *refused,
-            AmqpError::Queue { .. } => true,
+            AmqpError::Queue { .. } | AmqpError::DeadLetterExchange { .. } => true,
         }
     }
 }
@@ -100,14 +151,14 @@ impl AmqpError {
 pub struct AmqpSource {
     config: Arc<AmqpConfig>,
     queue_name: Arc<str>,
-    connection: Option<(Connection, Channel)>,
+    connection: Option<(Arc<Connection>, Channel)>,
 }
 
 fn one_line(e: &lapin::Error) -> String {
     e.to_string().replace('\n', " ")
 }
 
-async fn open(config: &AmqpConfig) -> Result<(Connection, Channel), AmqpError> {
+async fn open(config: &AmqpConfig) -> Result<(Arc<Connection>, Channel), AmqpError> {
     // After the login, a failure is the broker's or the network's, not the credentials'.
     let unavailable = |e: lapin::Error| AmqpError::Connect {
         uri: redact(&config.uri),
@@ -143,17 +194,25 @@ async fn open(config: &AmqpConfig) -> Result<(Connection, Channel), AmqpError> {
             queue: config.queue.clone(),
             detail: one_line(&e),
         })?;
+    if config.declare {
+        dead_letter::declare(&channel, config).await?;
+    }
     channel
         .basic_qos(config.prefetch, BasicQosOptions::default())
         .await
         .map_err(unavailable)?;
-    Ok((connection, channel))
+    Ok((Arc::new(connection), channel))
 }
 
 impl AmqpSource {
     /// Connects and checks the queue, so a wrong queue or login is reported at start.
     pub async fn connect(config: AmqpConfig) -> Result<Self, AmqpError> {
         let connection = open(&config).await?;
+        // A dead-letter exchange that is not there is a configuration error at start;
+        // later (it was deleted) publishes to it are retried until it is back.
+        if !config.declare {
+            dead_letter::check(&connection.0, &config).await?;
+        }
         Ok(Self {
             queue_name: Arc::from(config.queue.as_str()),
             config: Arc::new(config),
@@ -182,7 +241,7 @@ impl Source for AmqpSource {
     ) -> Result<(), SourceError> {
         let mut failures = 0u32;
         let mut settlers = tokio::task::JoinSet::new();
-        let mut last: Option<(Connection, Channel)> = None;
+        let mut last: Option<(Arc<Connection>, Channel)> = None;
         'connect: loop {
             let (connection, channel) = match self.connection.take() {
                 Some(c) => c,
@@ -230,7 +289,12 @@ impl Source for AmqpSource {
             ctx.set_connected(true);
             info!(route = %ctx.route, queue = %self.queue_name, prefetch = self.config.prefetch, "consuming");
             let (settle_tx, settle_rx) = mpsc::unbounded_channel();
-            settlers.spawn(settle::run(channel.clone(), settle_rx, ctx.route.clone()));
+            settlers.spawn(settle::run(
+                channel.clone(),
+                settle_rx,
+                ctx.route.clone(),
+                ctx.counts.broker_errors.clone(),
+            ));
             let backlog = tokio::spawn(poll_backlog(
                 channel.clone(),
                 self.config.queue.clone(),
@@ -240,6 +304,29 @@ impl Source for AmqpSource {
             // One handle shared by every delivery of this channel: a `Channel` clone is a
             // dozen reference counts, bumped and dropped once per message otherwise.
             let current = Arc::new(channel.clone());
+            let dead_letters = match &self.config.dead_letters {
+                DeadLetters::Exchange {
+                    exchange,
+                    routing_key,
+                } => {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    settlers.spawn(
+                        dead_letter::Publisher {
+                            connection: connection.clone(),
+                            consumer: current.clone(),
+                            exchange: exchange.clone(),
+                            routing_key: routing_key.clone(),
+                            settle: settle_tx.clone(),
+                            ctx: ctx.clone(),
+                        }
+                        .run(rx),
+                    );
+                    settle::DeadLetterPath::Publish(tx)
+                }
+                DeadLetters::Queue => settle::DeadLetterPath::Reject,
+                DeadLetters::Drop => settle::DeadLetterPath::Drop,
+            };
+            let keep_original = matches!(dead_letters, settle::DeadLetterPath::Publish(_));
             loop {
                 let permit = tokio::select! {
                     biased;
@@ -269,13 +356,23 @@ impl Source for AmqpSource {
                 match next {
                     Some(Ok(delivery)) => {
                         let tag = delivery.delivery_tag;
-                        let message = convert::convert(delivery, &self.queue_name, group_header);
+                        let (message, properties) =
+                            convert::convert(delivery, &self.queue_name, group_header);
+                        // Only a dead letter ferry publishes needs the original again.
+                        let original = keep_original.then(|| {
+                            Box::new(dead_letter::Original {
+                                payload: message.payload.clone(),
+                                properties,
+                            })
+                        });
                         permit.send(Delivery {
                             message,
                             ack: AckHandle::new(settle::AmqpAck {
                                 tag,
                                 settle: settle_tx.clone(),
                                 channel: current.clone(),
+                                dead_letters: dead_letters.clone(),
+                                original,
                             }),
                         });
                     }
@@ -347,7 +444,8 @@ mod tests {
                 queue: "q".into(),
                 prefetch: 1,
                 declare: false,
-                ordering_header: None
+                ordering_header: None,
+                dead_letters: DeadLetters::Drop,
             }
         )
         .contains("p4ss"));

@@ -8,12 +8,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use ferry_core::{Settle, Settlement};
+use ferry_core::{BrokerErrors, Settle, Settlement};
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::Channel;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, warn};
+
+use crate::dead_letter;
 
 /// How long an ack may wait for the deliveries below it before it is sent on its own.
 const HOLD: Duration = Duration::from_millis(20);
@@ -27,23 +29,59 @@ const GATHER: Duration = Duration::from_millis(5);
 /// One delivery settled: its tag and the engine's word.
 pub(crate) type Op = (u64, Settlement);
 
+/// What a dead letter becomes, as configured (`dead_letters`).
+#[derive(Clone)]
+pub(crate) enum DeadLetterPath {
+    /// Published by the channel's dead-letter publisher, acked once confirmed.
+    Publish(mpsc::UnboundedSender<dead_letter::Op>),
+    /// Rejected without requeue: the queue's own dead-letter exchange takes it.
+    Reject,
+    /// Acked and discarded.
+    Drop,
+}
+
 /// The settlement of one AMQP delivery.
 pub(crate) struct AmqpAck {
     pub(crate) tag: u64,
     pub(crate) settle: mpsc::UnboundedSender<Op>,
     /// The channel it came on: once that is gone, the broker has put the message back.
     pub(crate) channel: std::sync::Arc<Channel>,
+    pub(crate) dead_letters: DeadLetterPath,
+    /// Payload and properties, kept only when ferry publishes the dead letters itself.
+    pub(crate) original: Option<Box<dead_letter::Original>>,
 }
 
 impl Settle for AmqpAck {
     fn settle(self: Box<Self>, settlement: Settlement) {
+        let this = *self;
+        let settlement = match (settlement, this.dead_letters, this.original) {
+            (Settlement::DeadLetter(why), DeadLetterPath::Publish(publisher), Some(original)) => {
+                // Acked by the publisher once the broker confirmed the dead letter; until
+                // then the delivery stays open (unacked) on its channel.
+                let _ = publisher.send(dead_letter::Op {
+                    tag: this.tag,
+                    original,
+                    why,
+                });
+                return;
+            }
+            (Settlement::DeadLetter(why), DeadLetterPath::Drop, _) => {
+                debug!(tag = this.tag, reason = %why, "dead letter dropped (dead_letters = \"drop\")");
+                Settlement::Ack
+            }
+            (settlement, _, _) => settlement,
+        };
         // If the channel's settler is gone the channel is gone too, and the broker has
         // already put the message back.
-        let _ = self.settle.send((self.tag, settlement));
+        let _ = this.settle.send((this.tag, settlement));
     }
 
     fn is_current(&self) -> bool {
         self.channel.status().connected()
+    }
+
+    fn counts_dead_letters(&self) -> bool {
+        matches!(self.dead_letters, DeadLetterPath::Publish(_))
     }
 }
 
@@ -140,6 +178,7 @@ pub(crate) async fn run(
     channel: Channel,
     mut rx: mpsc::UnboundedReceiver<Op>,
     route: std::sync::Arc<str>,
+    errors: BrokerErrors,
 ) {
     let mut window = AckWindow::default();
     let mut failed = false;
@@ -152,6 +191,7 @@ pub(crate) async fn run(
                         &channel,
                         window.flush(Instant::now(), false),
                         &route,
+                        &errors,
                         &mut failed,
                     )
                     .await;
@@ -186,7 +226,7 @@ pub(crate) async fn run(
             }
         }
         frames.extend(window.flush(Instant::now(), false));
-        send(&channel, frames, &route, &mut failed).await;
+        send(&channel, frames, &route, &errors, &mut failed).await;
         if closed {
             break;
         }
@@ -195,6 +235,7 @@ pub(crate) async fn run(
         &channel,
         window.flush(Instant::now(), true),
         &route,
+        &errors,
         &mut failed,
     )
     .await;
@@ -208,15 +249,21 @@ pub(crate) async fn run(
 /// they are handed to lapin together and leave in one write, instead of one round trip
 /// through its I/O thread each — many single acks come at once when a slow delivery
 /// has held the acks above it past `HOLD`.
-async fn send(channel: &Channel, frames: Vec<Frame>, route: &str, failed: &mut bool) {
+async fn send(
+    channel: &Channel,
+    frames: Vec<Frame>,
+    route: &str,
+    errors: &BrokerErrors,
+    failed: &mut bool,
+) {
     let (acks, others): (Vec<Frame>, Vec<Frame>) = frames
         .into_iter()
         .partition(|f| matches!(f, Frame::Ack(..)));
     for frame in others {
-        report(one(channel, frame).await, route, failed);
+        report(one(channel, frame).await, route, errors, failed);
     }
     for result in futures::future::join_all(acks.into_iter().map(|f| one(channel, f))).await {
-        report(result, route, failed);
+        report(result, route, errors, failed);
     }
 }
 
@@ -242,8 +289,9 @@ async fn one(channel: &Channel, frame: Frame) -> lapin::Result<()> {
     }
 }
 
-fn report(result: lapin::Result<()>, route: &str, failed: &mut bool) {
+fn report(result: lapin::Result<()>, route: &str, errors: &BrokerErrors, failed: &mut bool) {
     if let Err(e) = result {
+        errors.count("ack", 1);
         // The channel is gone: the broker requeues everything unacked on it, so the
         // messages come back (duplicates, never losses). Say so once per channel.
         if !*failed {
