@@ -1,8 +1,9 @@
 //! RabbitMQ through lapin: queues with a dead-letter queue, publishing with confirms, depth.
 
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -19,6 +20,23 @@ pub fn amqp_uri() -> String {
 pub struct Rabbit {
     _connection: Connection,
     channel: Channel,
+}
+
+/// An exclusive consumer of a queue; [`ExclusiveHolder::release`] lets others consume
+/// (what it held unacked goes back to the queue).
+pub struct ExclusiveHolder {
+    connection: Connection,
+    _consumer: lapin::Consumer,
+}
+
+impl ExclusiveHolder {
+    /// Closes its connection.
+    pub async fn release(self) {
+        self.connection
+            .close(200, "released".into())
+            .await
+            .expect("close the holder");
+    }
 }
 
 /// A test queue and its dead-letter queue.
@@ -275,6 +293,35 @@ impl Rabbit {
             .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
             .await
             .expect("delete exchange");
+    }
+
+    /// Consumes `queue` exclusively on a connection of its own (one unacked message at
+    /// most), so that nobody else can consume it until the holder is released.
+    pub async fn hold_exclusively(queue: &str) -> ExclusiveHolder {
+        let connection = Connection::connect(&amqp_uri(), ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .basic_qos(1, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                "exclusive-holder".into(),
+                BasicConsumeOptions {
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("exclusive consume");
+        ExclusiveHolder {
+            connection,
+            _consumer: consumer,
+        }
     }
 
     /// Deletes a queue.

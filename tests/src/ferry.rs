@@ -191,6 +191,25 @@ impl Ferry {
         }
     }
 
+    /// The process id (of the wrapper, for [`Ferry::start_in`]).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The resident memory of the process now, in KiB (`VmRSS` in /proc).
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+            })
+            .expect("VmRSS of a running ferry")
+    }
+
     /// Sends a signal by name (`TERM`, `KILL`, ...).
     pub fn signal(&self, signal: &str) {
         let pid = self.child.id();

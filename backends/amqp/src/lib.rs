@@ -221,6 +221,18 @@ impl AmqpSource {
     }
 }
 
+/// Why a route is not consuming, so each change is logged once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Down {
+    /// The connection or the channel could not be opened.
+    Unreachable,
+    /// Connected, but `basic.consume` was refused.
+    CannotConsume,
+    /// Consuming stopped (connection lost, consumer cancelled).
+    Lost,
+}
+
+/// The wait before retry number `failures`: 200 ms doubling up to 10 s.
 fn backoff(failures: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << failures.min(7))).min(Duration::from_secs(10))
 }
@@ -240,6 +252,8 @@ impl Source for AmqpSource {
         ctx: SourceContext,
     ) -> Result<(), SourceError> {
         let mut failures = 0u32;
+        // What is wrong while not consuming; logged when it changes, not on every retry.
+        let mut down: Option<Down> = None;
         let mut settlers = tokio::task::JoinSet::new();
         let mut last: Option<(Arc<Connection>, Channel)> = None;
         'connect: loop {
@@ -251,14 +265,12 @@ impl Source for AmqpSource {
                         r = open(&self.config) => r,
                     };
                     match attempt {
-                        Ok(c) => {
-                            info!(route = %ctx.route, queue = %self.queue_name, "reconnected to the broker");
-                            c
-                        }
+                        Ok(c) => c,
                         Err(e) => {
                             failures += 1;
-                            if failures == 1 {
+                            if down != Some(Down::Unreachable) {
                                 warn!(route = %ctx.route, error = %e, "cannot reach the broker; retrying with backoff");
+                                down = Some(Down::Unreachable);
                             }
                             tokio::select! {
                                 _ = ctx.shutdown.cancelled() => break 'connect,
@@ -269,7 +281,6 @@ impl Source for AmqpSource {
                     }
                 }
             };
-            failures = 0;
             let consumer = channel
                 .basic_consume(
                     self.config.queue.as_str().into(),
@@ -281,13 +292,34 @@ impl Source for AmqpSource {
             let mut consumer = match consumer {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(route = %ctx.route, error = %one_line(&e), "cannot consume; reconnecting");
+                    // The queue is held by an exclusive consumer, a quorum queue has no
+                    // leader, ...: retrying at once would only hammer the broker.
+                    failures += 1;
+                    ctx.counts.broker_errors.count("consume", 1);
+                    if down != Some(Down::CannotConsume) {
+                        warn!(route = %ctx.route, queue = %self.queue_name, error = %one_line(&e),
+                            "cannot consume from the queue; retrying with backoff");
+                        down = Some(Down::CannotConsume);
+                    }
                     ctx.set_connected(false);
+                    let _ = connection.close(320, "ferry retrying".into()).await;
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => break 'connect,
+                        _ = tokio::time::sleep(backoff(failures)) => {}
+                    }
                     continue 'connect;
                 }
             };
+            failures = 0;
             ctx.set_connected(true);
-            info!(route = %ctx.route, queue = %self.queue_name, prefetch = self.config.prefetch, "consuming");
+            match down.take() {
+                Some(_) => {
+                    info!(route = %ctx.route, queue = %self.queue_name, prefetch = self.config.prefetch, "consuming again")
+                }
+                None => {
+                    info!(route = %ctx.route, queue = %self.queue_name, prefetch = self.config.prefetch, "consuming")
+                }
+            }
             let (settle_tx, settle_rx) = mpsc::unbounded_channel();
             settlers.spawn(settle::run(
                 channel.clone(),
@@ -378,10 +410,12 @@ impl Source for AmqpSource {
                     }
                     Some(Err(e)) => {
                         warn!(route = %ctx.route, error = %one_line(&e), "connection to the broker lost; reconnecting");
+                        down = Some(Down::Lost);
                         break;
                     }
                     None => {
                         warn!(route = %ctx.route, "the broker ended the consumer; reconnecting");
+                        down = Some(Down::Lost);
                         break;
                     }
                 }

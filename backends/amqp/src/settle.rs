@@ -5,7 +5,7 @@
 //! in flight wait a moment for it and are then sent one by one, so a slow message never
 //! holds the prefetch window hostage.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ferry_core::{BrokerErrors, Settle, Settlement};
@@ -94,7 +94,7 @@ pub(crate) struct AckWindow {
     /// Every tag below this one is settled.
     floor: u64,
     /// Settled tags above `floor` (it moves up once the gap below them closes).
-    settled: BTreeSet<u64>,
+    settled: Runs,
     /// Acked by the engine, not yet sent, with when.
     acked: BTreeMap<u64, Instant>,
 }
@@ -103,9 +103,54 @@ impl Default for AckWindow {
     fn default() -> Self {
         Self {
             floor: 1,
-            settled: BTreeSet::new(),
+            settled: Runs::default(),
             acked: BTreeMap::new(),
         }
+    }
+}
+
+/// A set of tags kept as disjoint, non-adjacent runs `start..=end`, keyed by start.
+///
+/// While one delivery stays open for minutes (retrying in ferry) every later tag settles
+/// above it; one entry per tag grew by the message rate the whole time. Runs grow only
+/// with the gaps between settled tags: deliveries still open, at most `prefetch`.
+#[derive(Debug, Default)]
+struct Runs(BTreeMap<u64, u64>);
+
+impl Runs {
+    fn contains(&self, tag: u64) -> bool {
+        self.0
+            .range(..=tag)
+            .next_back()
+            .is_some_and(|(_, &end)| end >= tag)
+    }
+
+    /// Adds `tag`, merging it with the runs it touches; false if it was there.
+    fn insert(&mut self, tag: u64) -> bool {
+        if self.contains(tag) {
+            return false;
+        }
+        let before = self
+            .0
+            .range(..tag)
+            .next_back()
+            .filter(|(_, &end)| end + 1 == tag)
+            .map(|(&start, _)| start);
+        let after = self.0.remove(&(tag + 1));
+        let start = before.unwrap_or(tag);
+        self.0.insert(start, after.unwrap_or(tag));
+        true
+    }
+
+    /// Removes the run that starts at `tag` and returns where it ends.
+    fn take_run_at(&mut self, tag: u64) -> Option<u64> {
+        self.0.remove(&tag)
+    }
+
+    /// Runs held (not tags).
+    #[cfg(test)]
+    fn runs(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -130,9 +175,9 @@ impl AckWindow {
         if tag < self.floor || !self.settled.insert(tag) {
             return None;
         }
-        while self.settled.first() == Some(&self.floor) {
-            self.settled.pop_first();
-            self.floor += 1;
+        // Runs never touch, so at most one starts at the floor.
+        if let Some(end) = self.settled.take_run_at(self.floor) {
+            self.floor = end + 1;
         }
         match settlement {
             Settlement::Ack => {
@@ -320,6 +365,48 @@ mod tests {
         assert_eq!(w.settle(4, &Settlement::Ack, now), None);
         assert_eq!(w.flush(now, false), vec![Frame::Ack(5, true)]);
         assert!(!w.has_waiting_acks());
+    }
+
+    #[test]
+    fn runs_merge_and_refuse_repeats() {
+        let mut r = Runs::default();
+        for t in [5, 7, 6, 1, 3] {
+            assert!(r.insert(t));
+        }
+        assert!(!r.insert(6));
+        assert_eq!(r.runs(), 3, "{r:?}"); // 1, 3, 5..=7
+        assert!(r.insert(2));
+        assert!(r.insert(4));
+        assert_eq!(r.runs(), 1, "{r:?}");
+        assert!(r.contains(4) && !r.contains(8));
+        assert_eq!(r.take_run_at(1), Some(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_million_settled_tags_above_an_open_one_take_one_run() {
+        let mut w = AckWindow::default();
+        let mut now = Instant::now();
+        let mut sent = 0usize;
+        for t in 2..=1_000_001u64 {
+            assert_eq!(w.settle(t, &Settlement::Ack, now), None);
+            if t % 1000 == 0 {
+                now += HOLD;
+                sent += w.flush(now, false).len();
+            }
+        }
+        sent += w.flush(now + HOLD, false).len();
+        assert_eq!(
+            sent, 1_000_000,
+            "every ack above the open tag goes out on its own"
+        );
+        assert_eq!(w.settled.runs(), 1);
+        assert!(!w.has_waiting_acks());
+        assert_eq!(w.floor, 1);
+        // The open one settles: the floor jumps past all of them at once.
+        assert_eq!(w.settle(1, &Settlement::Ack, now), None);
+        assert_eq!(w.floor, 1_000_002);
+        assert_eq!(w.settled.runs(), 0);
+        assert_eq!(w.flush(now, false), vec![Frame::Ack(1, false)]);
     }
 
     #[tokio::test(start_paused = true)]
