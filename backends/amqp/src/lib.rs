@@ -63,16 +63,19 @@ pub enum DeadLetters {
 }
 
 impl AmqpConfig {
-    /// The queue `declare = true` binds to the dead-letter exchange: `<queue>.dead-letter`,
-    /// or with the default exchange the queue the routing key names.
+    /// The queue dead letters land in, where ferry knows it: the one the routing key names
+    /// on the default exchange, or the `<queue>.dead-letter` that `declare = true` binds to
+    /// the exchange. Elsewhere the exchange's bindings decide, which AMQP does not tell.
     pub fn dead_letter_queue(&self) -> Option<String> {
         match &self.dead_letters {
             DeadLetters::Exchange {
                 exchange,
                 routing_key,
             } if exchange.is_empty() => Some(routing_key.clone()),
-            DeadLetters::Exchange { .. } => Some(format!("{}.dead-letter", self.queue)),
-            DeadLetters::Queue | DeadLetters::Drop => None,
+            DeadLetters::Exchange { .. } if self.declare => {
+                Some(format!("{}.dead-letter", self.queue))
+            }
+            DeadLetters::Exchange { .. } | DeadLetters::Queue | DeadLetters::Drop => None,
         }
     }
 }
