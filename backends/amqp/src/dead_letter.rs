@@ -67,16 +67,7 @@ pub(crate) async fn declare(channel: &Channel, config: &AmqpConfig) -> Result<()
     };
     let queue = config.dead_letter_queue().unwrap_or_default();
     if !exchange.is_empty() {
-        channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        declare_exchange(channel, exchange, false)
             .await
             .map_err(failed)?;
     }
@@ -120,20 +111,27 @@ pub(crate) async fn check(connection: &Connection, config: &AmqpConfig) -> Resul
         detail: one_line(&e),
     };
     let channel = connection.create_channel().await.map_err(failed)?;
+    declare_exchange(&channel, exchange, true)
+        .await
+        .map_err(failed)?;
+    let _ = channel.close(200, "checked".into()).await;
+    Ok(())
+}
+
+/// Declares the exchange durable and direct, or with `passive` only checks that it exists.
+async fn declare_exchange(channel: &Channel, exchange: &str, passive: bool) -> lapin::Result<()> {
     channel
         .exchange_declare(
-            exchange.as_str().into(),
+            exchange.into(),
             ExchangeKind::Direct,
             ExchangeDeclareOptions {
-                passive: true,
+                passive,
+                durable: true,
                 ..ExchangeDeclareOptions::default()
             },
             FieldTable::default(),
         )
         .await
-        .map_err(failed)?;
-    let _ = channel.close(200, "checked".into()).await;
-    Ok(())
 }
 
 /// Publishes the dead letters of one consuming channel.
