@@ -262,6 +262,22 @@ impl Rabbit {
 
     /// Declares a durable direct exchange and a queue bound to it with `routing_key`.
     pub async fn bound_exchange(&self, exchange: &str, queue: &str, routing_key: &str) {
+        self.exchange(exchange).await;
+        self.declare(queue, FieldTable::default()).await;
+        self.channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind queue");
+    }
+
+    /// Declares a durable direct exchange, bound to nothing.
+    pub async fn exchange(&self, exchange: &str) {
         self.channel
             .exchange_declare(
                 exchange.into(),
@@ -274,17 +290,6 @@ impl Rabbit {
             )
             .await
             .expect("declare exchange");
-        self.declare(queue, FieldTable::default()).await;
-        self.channel
-            .queue_bind(
-                queue.into(),
-                exchange.into(),
-                routing_key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind queue");
     }
 
     /// Deletes an exchange (its bindings go with it).

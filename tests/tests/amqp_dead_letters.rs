@@ -110,6 +110,13 @@ fn print_row(
     );
 }
 
+async fn dead_letter_failures(ferry: &Ferry) -> f64 {
+    ferry
+        .metric(r#"ferry_broker_errors_total{route="r",source="amqp",sink="http",operation="dead_letter"}"#)
+        .await
+        .unwrap_or(0.0)
+}
+
 async fn dead_lettered(ferry: &Ferry) -> f64 {
     ferry
         .metric(
@@ -170,7 +177,7 @@ async fn declared_dead_letter_exchange_gets_each_dead_letter_once_with_its_reaso
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_dead_letter_exchange_keeps_the_original_until_it_is_back() {
+async fn a_missing_or_unbound_dead_letter_exchange_keeps_the_original_until_it_is_back() {
     let rabbit = Rabbit::connect().await;
     let queue = rabbit.queue("dlx-missing").await;
     let exchange = format!("{}.dlx", queue.name);
@@ -213,10 +220,7 @@ async fn a_missing_dead_letter_exchange_keeps_the_original_until_it_is_back() {
     );
     assert_eq!(rabbit.depth(&queue.dead_letter).await, 0);
     assert_eq!(dead_lettered(&ferry).await, 0.0);
-    let failures = ferry
-        .metric(r#"ferry_broker_errors_total{route="r",source="amqp",sink="http",operation="dead_letter"}"#)
-        .await
-        .unwrap_or(0.0);
+    let failures = dead_letter_failures(&ferry).await;
     assert!(failures >= 1.0, "no dead_letter broker errors counted");
     let warnings = ferry.log().matches("cannot publish a dead letter").count();
     assert_eq!(
@@ -225,6 +229,27 @@ async fn a_missing_dead_letter_exchange_keeps_the_original_until_it_is_back() {
         "one warning per change of state; log:\n{}",
         ferry.log()
     );
+
+    // Back but bound to nothing: the broker would drop what it cannot route, so ferry
+    // publishes `mandatory` and keeps the originals while they come back unroutable.
+    rabbit.exchange(&exchange).await;
+    let before = dead_letter_failures(&ferry).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while dead_letter_failures(&ferry).await <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no publish to the unbound exchange was tried; log:\n{}",
+            ferry.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        rabbit.held(&queue.name).await,
+        bad as u64,
+        "log:\n{}",
+        ferry.log()
+    );
+    assert_eq!(dead_lettered(&ferry).await, 0.0);
 
     rabbit
         .bound_exchange(&exchange, &dead_letter_queue, "dead")
