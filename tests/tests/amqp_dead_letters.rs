@@ -267,7 +267,7 @@ async fn a_missing_or_unbound_dead_letter_exchange_keeps_the_original_until_it_i
         .log()
         .contains("dead letters land on the dead-letter exchange again"));
     print_row(
-        "dead-letter exchange deleted mid-run, then back",
+        "dead-letter exchange deleted mid-run, then unbound, then bound again",
         &sent,
         &endpoint,
         &found,
