@@ -33,6 +33,9 @@ pub struct AdminState {
     pub switches: Arc<Switches>,
     /// Required as `Authorization: Bearer <token>` on state-changing calls, when set.
     pub token: Option<String>,
+    /// Cancelled when ferry starts to drain: from then on `/readyz` answers 503, so a
+    /// load balancer or Kubernetes stops counting this replica while it finishes.
+    pub draining: CancellationToken,
 }
 
 /// Binds the admin address (so a taken port is a start error) and returns the server task.
@@ -65,6 +68,9 @@ pub async fn serve(
 type Shared = State<Arc<AdminState>>;
 
 async fn readyz(State(state): Shared) -> impl IntoResponse {
+    if state.draining.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining".to_owned());
+    }
     let waiting: Vec<&str> = state
         .routes
         .iter()

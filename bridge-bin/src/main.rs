@@ -19,6 +19,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod admin;
 mod audit;
 mod config;
+mod fleet_rate;
 #[cfg(feature = "otlp")]
 mod otlp;
 mod pause;
@@ -242,7 +243,18 @@ async fn run_routes(plan: Plan) -> Result<(), Failure> {
 
     let mut views = Vec::new();
     let mut tasks = Vec::new();
-    for route in plan.routes {
+    for mut route in plan.routes {
+        if let (Some(limit), Some(state)) = (route.shared_rate, &plan.state) {
+            let rate = fleet_rate::RedisRate::start(
+                route.name.clone(),
+                &state.redis_url,
+                &state.prefix,
+                limit,
+                shutdown.clone(),
+            )
+            .map_err(|e| Failure::Config(vec![ConfigError::new("start", e)]))?;
+            route.policy.fleet_rate = Some(ferry_core::FleetRate(rate));
+        }
         match wiring::build(route, &metrics, hooks.clone(), &shutdown).await {
             Ok((view, task)) => {
                 views.push(view);
@@ -272,8 +284,12 @@ async fn run_routes(plan: Plan) -> Result<(), Failure> {
         routes: views,
         switches,
         token: plan.admin_token.clone(),
+        draining: shutdown.clone(),
     };
-    let admin = admin::serve(plan.admin, state, shutdown.clone())
+    // The admin server outlives the drain (it answers `/readyz` with 503 meanwhile, and
+    // `/metrics` still shows the last deliveries); it stops once every route has.
+    let admin_stop = CancellationToken::new();
+    let admin = admin::serve(plan.admin, state, admin_stop.clone())
         .await
         .with_context(|| format!("admin.listen: cannot listen on {}", plan.admin))?;
     // The runtime's own count, so the log shows what `[runtime] worker_threads` gave.
@@ -300,6 +316,7 @@ async fn run_routes(plan: Plan) -> Result<(), Failure> {
     }))
     .await;
     shutdown.cancel();
+    admin_stop.cancel();
     let _ = admin.await;
     // Every route has dropped its handle: the writer drains the queue and ends.
     drop(hooks);

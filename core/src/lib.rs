@@ -23,8 +23,8 @@ pub use ack::{AckHandle, DeadLetter, Settle, Settlement};
 pub use audit::{AuditOutcome, AuditRecord, AuditTrail};
 pub use backoff::Backoff;
 pub use engine::{
-    run_route, Batching, CircuitBreaker, Concurrency, DeliveryPolicy, MessageOrder, RateLimit,
-    Route,
+    run_route, Batching, CircuitBreaker, Concurrency, DeliveryPolicy, FleetRate, MessageOrder,
+    RateLimit, Route, SharedRate,
 };
 pub use error::{EngineError, SourceError};
 pub use message::Message;

@@ -131,6 +131,13 @@ pub trait Source: Send + 'static {
         16
     }
 
+    /// The largest message the broker carries, in bytes: the default of a route's
+    /// `max_message_bytes`, beyond which a message is dead-lettered before any request.
+    /// `None`: no limit unless the route sets one.
+    fn max_message_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// Receives until shutdown; see the trait documentation.
     fn run(
         self,

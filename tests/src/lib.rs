@@ -8,6 +8,7 @@ pub mod conformance;
 pub mod endpoint;
 pub mod faults;
 pub mod ferry;
+pub mod fleet;
 pub mod kafka;
 pub mod proxy;
 pub mod sns;

@@ -109,3 +109,115 @@ async fn partial_batch_failures_retry_only_the_failed_messages() {
     let average = (N + retried) as f64 / seen.len() as f64;
     assert!(average >= 5.0, "{} requests for {N} messages", seen.len());
 }
+
+const POISON: &str = "split-17";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_refused_whole_is_split_and_only_the_poison_message_dead_letters() {
+    // Too large for the endpoint beyond two messages; one message it refuses on its own.
+    split_down_to_the_poison_message(|batch| {
+        if batch.len() > 2 {
+            Reply::status(413).body("request entity too large")
+        } else if batch.iter().any(|(msg, _, _)| msg == POISON) {
+            Reply::status(400).body("poison")
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferry_action_dead_letter_on_a_batch_splits_it_down_to_the_poison_message() {
+    // `Ferry-Action: dead-letter` to any request holding the poison, whatever its size,
+    // on a 409 (which alone would mean a retry, and which the endpoint does not count as
+    // an acceptance).
+    split_down_to_the_poison_message(|batch| {
+        if batch.iter().any(|(msg, _, _)| msg == POISON) {
+            let mut reply = Reply::status(409).body("poison");
+            reply.headers.push(("ferry-action", "dead-letter".into()));
+            reply
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+}
+
+/// Batches of ten that the endpoint refuses whole as `refuse` says: every good message is
+/// accepted exactly once, and only the poison one is dead-lettered.
+async fn split_down_to_the_poison_message(
+    refuse: impl Fn(&[(String, String, u64)]) -> Reply + Send + Sync + 'static,
+) {
+    const N: usize = 40;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("batch-split").await;
+    let endpoint = Endpoint::start(move |seen| refuse(&envelopes(seen))).await;
+    let sent = rabbit.publish_numbered(&queue.name, "split", N).await;
+    let ferry = Ferry::start(&Route {
+        source: amqp_source(&queue.name, "prefetch = 50"),
+        sink_url: &endpoint.url(),
+        sink: "",
+        delivery: "concurrency = 2\nmax_attempts = 2\nmin_backoff = \"10ms\"\n\
+                   max_backoff = \"50ms\"\nbatch = { max_messages = 10, max_wait = \"50ms\" }",
+    });
+    ferry.wait_ready(Duration::from_secs(30)).await;
+    let delivered =
+        r#"ferry_deliveries_total{route="r",source="amqp",sink="http",outcome="delivered"}"#;
+    let settled = ferry_e2e::wait_until(Duration::from_secs(30), || {
+        accepted_msgs(&endpoint).len() >= N - 1
+    })
+    .await;
+    assert!(
+        settled,
+        "accepted: {}, dead-lettered: {}",
+        accepted_msgs(&endpoint).len(),
+        rabbit.depth(&queue.dead_letter).await
+    );
+    for _ in 0..100 {
+        if rabbit.depth(&queue.dead_letter).await > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let anything wrongly still in flight land before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ferry.metric(delivered).await, Some((N - 1) as f64));
+    assert_eq!(rabbit.depth(&queue.name).await, 0, "left in the queue");
+    let dead: Vec<String> = rabbit
+        .drain(&queue.dead_letter)
+        .await
+        .into_iter()
+        .map(|(body, _)| body)
+        .collect();
+    assert_eq!(dead, vec![POISON.to_owned()], "dead-lettered");
+
+    let mut accepted: BTreeMap<String, usize> = BTreeMap::new();
+    for request in endpoint.delivered() {
+        for (msg, _, _) in envelopes(&request) {
+            *accepted.entry(msg).or_default() += 1;
+        }
+    }
+    let good: BTreeSet<String> = sent.into_iter().filter(|m| m != POISON).collect();
+    assert_eq!(
+        accepted.keys().cloned().collect::<BTreeSet<_>>(),
+        good,
+        "every good message accepted"
+    );
+    let twice: Vec<_> = accepted.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "accepted more than once: {twice:?}");
+    assert!(
+        endpoint.seen().iter().all(|s| envelopes(s).len() <= 10),
+        "no batch beyond max_messages"
+    );
+}
+
+/// The distinct messages the endpoint has accepted.
+fn accepted_msgs(endpoint: &Endpoint) -> BTreeSet<String> {
+    endpoint
+        .delivered()
+        .iter()
+        .flat_map(envelopes)
+        .map(|(msg, _, _)| msg)
+        .collect()
+}

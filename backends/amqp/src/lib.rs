@@ -245,6 +245,11 @@ impl Source for AmqpSource {
         "amqp"
     }
 
+    /// RabbitMQ's largest message (`max_message_size`, 128 MiB).
+    fn max_message_bytes(&self) -> Option<usize> {
+        Some(128 * 1024 * 1024)
+    }
+
     fn buffer(&self) -> usize {
         usize::from(self.config.prefetch.max(1))
     }

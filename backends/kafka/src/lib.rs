@@ -205,6 +205,11 @@ impl Source for KafkaSource {
         "kafka"
     }
 
+    /// Kafka's default largest record batch (`message.max.bytes`, about 1 MiB).
+    fn max_message_bytes(&self) -> Option<usize> {
+        Some(1024 * 1024)
+    }
+
     async fn run(self, out: mpsc::Sender<Delivery>, ctx: SourceContext) -> Result<(), SourceError> {
         let offsets = Arc::new(Offsets::default());
         let context = FerryContext {

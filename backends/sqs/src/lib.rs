@@ -171,6 +171,11 @@ impl Source for SqsSource {
         "sqs"
     }
 
+    /// SQS carries at most 256 KiB, body and attributes.
+    fn max_message_bytes(&self) -> Option<usize> {
+        Some(256 * 1024)
+    }
+
     fn buffer(&self) -> usize {
         self.config.receivers.max(1) * self.config.batch_size.clamp(1, 10) as usize
     }

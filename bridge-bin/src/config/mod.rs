@@ -559,6 +559,9 @@ pub struct DeliveryConfig {
     /// Several messages per request, when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<BatchConfig>,
+    /// Larger messages are dead-lettered unsent; unset: the broker's own maximum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<u64>,
 }
 
 /// `concurrency = 10` or `concurrency = "adaptive"`.
@@ -581,6 +584,9 @@ pub struct RateLimitConfig {
     /// by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
+    /// One limit for every replica, kept in the `[admin.state]` Redis.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 /// `circuit_breaker = { failures = 10, open_for = "2s" }`; `failures = 0` turns it off.
@@ -638,6 +644,7 @@ impl Default for DeliveryConfig {
             dead_letter_statuses: default_dead_letter_statuses(),
             ordering: None,
             batch: None,
+            max_message_bytes: None,
         }
     }
 }

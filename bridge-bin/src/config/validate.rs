@@ -29,6 +29,8 @@ pub struct RoutePlan {
     pub sink: ferry_http::HttpSinkConfig,
     /// Validated delivery policy.
     pub policy: DeliveryPolicy,
+    /// `rate_limit` with `shared = true`: the fleet's limit, kept in `[admin.state]`.
+    pub shared_rate: Option<RateLimit>,
 }
 
 /// A validated source, one variant per backend built in.
@@ -74,6 +76,8 @@ const MAX_WORKER_THREADS: usize = 256;
 pub struct StatePlan {
     /// The Redis URL.
     pub redis_url: String,
+    /// What every key ferry keeps there starts with.
+    pub prefix: String,
     /// The Redis hash that holds every route's state.
     pub key: String,
     /// How often each replica reads it.
@@ -238,12 +242,25 @@ pub fn validate(config: &Config) -> Result<Plan, Vec<ConfigError>> {
             ),
             _ => {}
         }
+        let shared_rate = match route.delivery.rate_limit {
+            Some(r) if r.shared => {
+                if config.admin.state.is_none() {
+                    errors.push(
+                        format!("{at}.delivery.rate_limit.shared"),
+                        "needs [admin.state] redis_url, where the replicas keep the limit",
+                    );
+                }
+                policy.rate_limit
+            }
+            _ => None,
+        };
         if let (Some(source), Some(sink)) = (source, sink) {
             routes.push(RoutePlan {
                 name: Arc::from(name.as_str()),
                 source,
                 sink,
                 policy,
+                shared_rate,
             });
         }
     }
@@ -359,6 +376,7 @@ fn state_plan(state: &super::StateConfig, errors: &mut Errors) -> Option<StatePl
     }
     ok.then(|| StatePlan {
         redis_url: state.redis_url.clone(),
+        prefix: state.key_prefix.clone(),
         key: format!("{}:paused", state.key_prefix),
         poll_interval: state.poll_interval.0,
     })
@@ -849,6 +867,7 @@ fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy
     DeliveryPolicy {
         concurrency,
         rate_limit,
+        fleet_rate: None,
         circuit_breaker: (breaker.failures > 0).then_some(CircuitBreaker {
             failures: breaker.failures,
             open_for: breaker.open_for.0,
@@ -880,6 +899,10 @@ fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy
                 max_messages: b.max_messages,
                 max_wait: b.max_wait.0,
             })
+        }),
+        max_message_bytes: d.max_message_bytes.map(|bytes| {
+            let at = format!("{at}.max_message_bytes");
+            usize::try_from(range(bytes, 1, 1 << 30, &at, errors)).unwrap_or(usize::MAX)
         }),
     }
 }
@@ -1169,6 +1192,10 @@ mod tests {
             (
                 "[routes.orders.delivery]\nbatch = { max_messages = 0 }",
                 "routes.orders.delivery.batch.max_messages: 0 is out of range",
+            ),
+            (
+                "[routes.orders.delivery]\nmax_message_bytes = 0",
+                "routes.orders.delivery.max_message_bytes: 0 is out of range 1..=1073741824",
             ),
             (
                 "[audit]\npath = \"a.jsonl\"\nmax_file_mb = 0",

@@ -58,81 +58,134 @@ pub(super) async fn collect(
     batch
 }
 
+/// A message of a batch on its way, with the attempts that do not count toward
+/// `max_attempts` (the endpoint was down, or refused the batch as a whole).
+struct Entry {
+    message: Message,
+    ack: AckHandle,
+    excused: u32,
+}
+
 /// Delivers one batch: attempts until every message is acked, dead-lettered, handed back to
 /// the broker for a retry, or taken back.
+///
+/// A batch refused as a whole with a dead-letter answer (a status of
+/// `dead_letter_statuses` such as 413 or 400, or `Ferry-Action: dead-letter`) says nothing
+/// about any one of its messages: it is split in halves that go out at once, and only a
+/// single message is dead-lettered for such an answer. The split attempts count in
+/// `X-Ferry-Attempt` but not toward `max_attempts`, so that splitting down to one message
+/// never exhausts a good message.
 pub(super) async fn deliver<K: Sink>(shared: Arc<Shared<K>>, batch: Vec<Delivery>, permit: Slot) {
     let began = Instant::now();
-    let (mut messages, mut acks): (Vec<Message>, Vec<AckHandle>) =
-        batch.into_iter().map(|d| (d.message, d.ack)).unzip();
+    let first: Vec<Entry> = batch
+        .into_iter()
+        .filter_map(|d| {
+            let ack = super::oversize::admit(&shared, &d.message, d.ack)?;
+            Some(Entry {
+                message: d.message,
+                ack,
+                excused: 0,
+            })
+        })
+        .collect();
+    // Groups to send now, the next on top.
+    let mut ready = vec![first];
     let mut permit = Some(permit);
-    let mut excused = 0u32;
     loop {
-        // What the broker took back meanwhile is not sent here.
-        let mut i = 0;
-        while i < acks.len() {
-            if acks[i].is_current() {
-                i += 1;
-            } else {
-                shared.metrics.stale.inc();
-                messages.swap_remove(i);
-                acks.swap_remove(i);
-            }
-        }
-        if messages.is_empty() {
-            return;
-        }
-        let mut pass = Pass::Normal;
-        if let Some(breaker) = &shared.breaker {
-            pass = tokio::select! {
-                biased;
-                _ = shared.shutdown.cancelled() => return,
-                p = breaker.pass() => p,
-            };
-        }
-        let sent = tokio::time::Instant::now();
-        let BatchResponse { response, failed } =
-            timed(&shared, Box::pin(shared.sink.deliver_batch(&messages))).await;
-        if let Some(breaker) = &shared.breaker {
-            breaker.record(&response, pass, sent);
-            if breaker.excuses(&response, sent) {
-                excused += 1;
-            }
-        }
-        let verdict = shared.policy.responses.classify(&response);
-        let failed: HashSet<&str> = failed.iter().map(String::as_str).collect();
         let mut waiting = Vec::new();
         let mut delay = Duration::ZERO;
-        for (message, handle) in messages.drain(..).zip(acks.drain(..)) {
-            let after = match &verdict {
-                Verdict::Ack if !failed.contains(message.id.as_str()) => {
-                    ack(&shared, &message, handle, &response, began);
-                    continue;
+        while let Some(mut group) = ready.pop() {
+            // What the broker took back meanwhile is not sent here.
+            group.retain(|entry| {
+                let current = entry.ack.is_current();
+                if !current {
+                    shared.metrics.stale.inc();
                 }
-                Verdict::Ack => None,
-                Verdict::DeadLetter { reason } => {
-                    dead_letter(&shared, &message, handle, &response, reason.clone(), began);
-                    continue;
-                }
-                Verdict::Retry { after } => *after,
-            };
-            if message.attempt.saturating_sub(excused) >= shared.policy.max_attempts {
-                let why = if failed.contains(message.id.as_str()) {
-                    "reported failed in the batch answer".to_owned()
-                } else {
-                    describe(&response)
+                current
+            });
+            if group.is_empty() {
+                continue;
+            }
+            let mut pass = Pass::Normal;
+            if let Some(breaker) = &shared.breaker {
+                // A closed circuit passes at once, also during shutdown, which delivers
+                // what was received.
+                pass = tokio::select! {
+                    biased;
+                    p = breaker.pass() => p,
+                    _ = shared.shutdown.cancelled() => return,
                 };
-                let reason = format!("attempts exhausted: {why}");
-                dead_letter(&shared, &message, handle, &response, reason, began);
+            }
+            let messages: Vec<Message> = group.iter().map(|e| e.message.clone()).collect();
+            let sent = tokio::time::Instant::now();
+            let BatchResponse { response, failed } =
+                timed(&shared, Box::pin(shared.sink.deliver_batch(&messages))).await;
+            drop(messages);
+            let mut excused = false;
+            if let Some(breaker) = &shared.breaker {
+                breaker.record(&response, pass, sent);
+                excused = breaker.excuses(&response, sent);
+            }
+            let verdict = shared.policy.responses.classify(&response);
+            if let (Verdict::DeadLetter { .. }, 2..) = (&verdict, group.len()) {
+                debug!(route = %shared.route, messages = group.len(), outcome = %describe(&response), "batch refused whole; splitting it");
+                for entry in &mut group {
+                    entry.message.attempt += 1;
+                    entry.excused += 1;
+                    shared.metrics.retried.inc();
+                }
+                let second = group.split_off(group.len() / 2);
+                ready.push(second);
+                ready.push(group);
                 continue;
             }
-            shared.metrics.retried.inc();
-            let wait = retry_delay(&shared, &message, after);
-            if handle.holds_retries() {
-                handle.settle(Settlement::Retry { delay: wait });
-                continue;
+            let failed: HashSet<&str> = failed.iter().map(String::as_str).collect();
+            // A request that never left (no connection) is no attempt: it raises no
+            // attempt number, exhausts nothing and its retry waits here.
+            let reached = response.was_sent();
+            for entry in group {
+                let Entry {
+                    mut message,
+                    ack: handle,
+                    excused: spared,
+                } = entry;
+                let spared = spared + u32::from(excused);
+                let after = match &verdict {
+                    Verdict::Ack if !failed.contains(message.id.as_str()) => {
+                        ack(&shared, &message, handle, &response, began);
+                        continue;
+                    }
+                    Verdict::Ack => None,
+                    Verdict::DeadLetter { reason } => {
+                        dead_letter(&shared, &message, handle, &response, reason.clone(), began);
+                        continue;
+                    }
+                    Verdict::Retry { after } => *after,
+                };
+                if reached && message.attempt.saturating_sub(spared) >= shared.policy.max_attempts {
+                    let why = if failed.contains(message.id.as_str()) {
+                        "reported failed in the batch answer".to_owned()
+                    } else {
+                        describe(&response)
+                    };
+                    let reason = format!("attempts exhausted: {why}");
+                    dead_letter(&shared, &message, handle, &response, reason, began);
+                    continue;
+                }
+                shared.metrics.retried.inc();
+                let wait = retry_delay(&shared, &message, after);
+                if handle.holds_retries() && reached {
+                    handle.settle(Settlement::Retry { delay: wait });
+                    continue;
+                }
+                delay = delay.max(wait);
+                message.attempt += u32::from(reached);
+                waiting.push(Entry {
+                    message,
+                    ack: handle,
+                    excused: spared,
+                });
             }
-            delay = delay.max(wait);
-            waiting.push((message, handle));
         }
         if waiting.is_empty() {
             return;
@@ -153,10 +206,6 @@ pub(super) async fn deliver<K: Sink>(shared: Arc<Shared<K>>, batch: Vec<Delivery
                 Err(_) => return,
             },
         };
-        for (mut message, handle) in waiting {
-            message.attempt += 1;
-            messages.push(message);
-            acks.push(handle);
-        }
+        ready.push(waiting);
     }
 }

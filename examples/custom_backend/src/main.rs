@@ -108,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
     let policy = DeliveryPolicy {
         concurrency: Concurrency::Fixed(args.concurrency),
         rate_limit: None,
+        fleet_rate: None,
         circuit_breaker: None,
         max_attempts: args.max_attempts,
         backoff: Backoff::new(
@@ -122,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
             MessageOrder::Unordered
         },
         batch: None,
+        max_message_bytes: None,
     };
 
     let shutdown = CancellationToken::new();

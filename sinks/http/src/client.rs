@@ -61,6 +61,8 @@ pub(crate) enum Failure {
     Timeout,
     /// One line, without the URL (it may carry secrets).
     Error(String),
+    /// No connection could be made: the request never left (same form as `Error`).
+    Unreachable(String),
 }
 
 impl From<String> for Failure {
@@ -69,11 +71,24 @@ impl From<String> for Failure {
     }
 }
 
-/// A complete answer: the status, the headers and the first `keep` bytes of the body.
+/// An answer: the status, the headers, the first `keep` bytes of the body and whether the
+/// body was read to its end.
 pub(crate) struct Answer {
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
+    pub(crate) end: BodyEnd,
+}
+
+/// How reading an answer's body ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BodyEnd {
+    /// Read to its end, within the limit.
+    Complete,
+    /// Longer than [`crate::response::DRAIN_LIMIT`]: the rest was left unread.
+    TooLong,
+    /// The connection broke or the framing was wrong before the end (one line).
+    Cut(String),
 }
 
 /// The timeouts and pool size shared by every origin a sink talks to.
@@ -188,13 +203,22 @@ impl Origin {
                 if reused {
                     continue;
                 }
-                return Err(Failure::Error("connection failed: closed at once".into()));
+                return Err(Failure::Unreachable(
+                    "connection failed: closed at once".into(),
+                ));
             }
             match sender.try_send_request(request).await {
                 Ok(response) => break (response, sender),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => request = unsent,
-                    _ => return Err(Failure::Error(describe("request failed", e.error()))),
+                    // Handed back unsent on a new connection: it never reached the endpoint.
+                    Some(_) => {
+                        return Err(Failure::Unreachable(describe(
+                            "connection failed",
+                            e.error(),
+                        )))
+                    }
+                    None => return Err(Failure::Error(describe("request failed", e.error()))),
                 },
             }
         };
@@ -202,8 +226,9 @@ impl Origin {
         let (parts, mut incoming) = response.into_parts();
         let mut body = BytesMut::new();
         let mut seen = 0usize;
-        let mut complete = false;
-        while seen < crate::response::DRAIN_LIMIT {
+        // Past the limit the rest is not read: the answer is over-long.
+        let mut end = BodyEnd::TooLong;
+        while seen <= crate::response::DRAIN_LIMIT {
             match incoming.frame().await {
                 Some(Ok(frame)) => {
                     if let Ok(chunk) = frame.into_data() {
@@ -213,21 +238,26 @@ impl Origin {
                     }
                 }
                 None => {
-                    complete = true;
+                    end = BodyEnd::Complete;
                     break;
                 }
-                // The status is what counts; a body cut short does not change it.
-                Some(Err(_)) => break,
+                // For a single message the status is what counts; a batch answer's body
+                // says which messages failed, so there a cut body counts too.
+                Some(Err(e)) => {
+                    end = BodyEnd::Cut(describe("answer cut short", &e));
+                    break;
+                }
             }
         }
         // Only a connection whose answer was read to the end can carry the next request.
-        if complete {
+        if end == BodyEnd::Complete {
             self.checkin(sender);
         }
         Ok(Answer {
             status: parts.status,
             headers: parts.headers,
             body: body.freeze(),
+            end,
         })
     }
 
@@ -257,6 +287,7 @@ impl Origin {
         }
     }
 
+    /// Opens a connection; every failure here is [`Failure::Unreachable`]: nothing was sent.
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, Failure> {
         let connecting = async {
             let tcp = TcpStream::connect((self.host.as_str(), self.port))
@@ -276,8 +307,13 @@ impl Origin {
             }
         };
         match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Ok(connected) => connected,
-            Err(_) => Err(Failure::Error("connection failed: connect timeout".into())),
+            Ok(connected) => connected.map_err(|failure| match failure {
+                Failure::Error(line) => Failure::Unreachable(line),
+                other => other,
+            }),
+            Err(_) => Err(Failure::Unreachable(
+                "connection failed: connect timeout".into(),
+            )),
         }
     }
 }

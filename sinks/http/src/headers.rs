@@ -14,13 +14,25 @@ const FIRST_RECEIVED_AT: HeaderName = HeaderName::from_static("x-ferry-first-rec
 const GROUP: HeaderName = HeaderName::from_static("x-ferry-group");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const ATTRIBUTES_OMITTED: HeaderName = HeaderName::from_static("x-ferry-attributes-omitted");
+
+/// At most this many `X-Ferry-Attr-*` headers per request, and at most this many bytes of
+/// them (names and values): servers refuse requests with more than about 100 headers
+/// (hyper) or 8 to 16 KiB of them (nginx, Node) with a 431, which no retry would change.
+/// The attributes left out travel only in the envelope body.
+pub const MAX_ATTRIBUTE_HEADERS: usize = 64;
+/// See [`MAX_ATTRIBUTE_HEADERS`].
+pub const MAX_ATTRIBUTE_HEADER_BYTES: usize = 8 * 1024;
 
 /// Adds the contract's per-message headers to `headers`.
 ///
 /// A value that cannot travel in a header (non-visible characters) is left out of the
-/// headers rather than mangled; the body still carries every attribute.
+/// headers rather than mangled; the body still carries every attribute. Attributes beyond
+/// [`MAX_ATTRIBUTE_HEADERS`] or [`MAX_ATTRIBUTE_HEADER_BYTES`] are left out too (in name
+/// order, each one that still fits is sent), and `X-Ferry-Attributes-Omitted` says how
+/// many were.
 pub fn message_headers(message: &Message, route: &HeaderValue, headers: &mut HeaderMap) {
-    headers.reserve(8 + message.attributes.len());
+    headers.reserve(9 + message.attributes.len().min(MAX_ATTRIBUTE_HEADERS));
     if let Ok(id) = HeaderValue::from_str(&message.id) {
         headers.insert(IDEMPOTENCY_KEY, id.clone());
         headers.insert(MESSAGE_ID, id);
@@ -45,13 +57,24 @@ pub fn message_headers(message: &Message, route: &HeaderValue, headers: &mut Hea
             put(headers, TRACESTATE, state);
         }
     }
+    let (mut sent, mut bytes, mut omitted) = (0usize, 0usize, 0usize);
     for (name, value) in &message.attributes {
+        let size = "x-ferry-attr-".len() + name.len() + value.len();
+        if sent == MAX_ATTRIBUTE_HEADERS || bytes + size > MAX_ATTRIBUTE_HEADER_BYTES {
+            omitted += 1;
+            continue;
+        }
         let Ok(name) = HeaderName::from_bytes(format!("x-ferry-attr-{name}").as_bytes()) else {
             continue;
         };
         if let Ok(value) = HeaderValue::from_str(value) {
             headers.append(name, value);
+            sent += 1;
+            bytes += size;
         }
+    }
+    if omitted > 0 {
+        headers.insert(ATTRIBUTES_OMITTED, HeaderValue::from(omitted));
     }
 }
 
@@ -86,6 +109,44 @@ mod tests {
         assert!(!h.contains_key("x-ferry-attr-newline"));
         assert!(!h.contains_key("x-ferry-first-received-at"));
         assert!(!h.contains_key("traceparent"));
+        assert!(!h.contains_key("x-ferry-attributes-omitted"));
+    }
+
+    #[test]
+    fn attribute_headers_are_capped_in_number_and_bytes() {
+        let mut m = Message::new("abc", "x", Arc::from("q"));
+        for i in 0..500 {
+            m.attributes.insert(format!("a{i:03}"), "v".into());
+        }
+        let mut h = HeaderMap::new();
+        message_headers(&m, &HeaderValue::from_static("r"), &mut h);
+        let attrs = |h: &HeaderMap| {
+            h.keys()
+                .filter(|k| k.as_str().starts_with("x-ferry-attr-"))
+                .count()
+        };
+        assert_eq!(attrs(&h), MAX_ATTRIBUTE_HEADERS);
+        assert_eq!(h["x-ferry-attr-a000"], "v", "the first names in order");
+        assert_eq!(h["x-ferry-attributes-omitted"], "436");
+
+        let mut m = Message::new("abc", "x", Arc::from("q"));
+        for i in 0..16 {
+            m.attributes.insert(format!("big{i:02}"), "x".repeat(4096));
+        }
+        m.attributes.insert("small".into(), "s".into());
+        let mut h = HeaderMap::new();
+        message_headers(&m, &HeaderValue::from_static("r"), &mut h);
+        let bytes: usize = h
+            .iter()
+            .filter(|(k, _)| k.as_str().starts_with("x-ferry-attr-"))
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum();
+        assert!(bytes <= MAX_ATTRIBUTE_HEADER_BYTES, "{bytes} bytes");
+        assert_eq!(
+            h["x-ferry-attr-small"], "s",
+            "a later one that fits is sent"
+        );
+        assert_eq!(h["x-ferry-attributes-omitted"], "15");
     }
 
     #[test]

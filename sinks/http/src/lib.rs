@@ -4,6 +4,7 @@
 //! The sink makes exactly one request per [`Sink::deliver`] call and turns whatever
 //! happened into a [`SinkResponse`]; retries, backoff and dead-lettering are the engine's.
 
+mod batch_answer;
 mod client;
 mod cloudevents;
 mod envelope;
@@ -213,6 +214,7 @@ impl HttpSink {
             .map_err(|failure| match failure {
                 Failure::Timeout => SinkResponse::Timeout,
                 Failure::Error(e) => SinkResponse::Error(e),
+                Failure::Unreachable(e) => SinkResponse::Unreachable(e),
             })
     }
 
@@ -276,7 +278,7 @@ impl Sink for HttpSink {
             sign(key, &format!("batch_{}", first.id), &body, &mut headers);
         }
         match self.post(headers, body, response::DRAIN_LIMIT).await {
-            Ok(answer) => response::read_batch(&answer),
+            Ok(answer) => batch_answer::read(&answer),
             Err(response) => BatchResponse {
                 response,
                 failed: Vec::new(),

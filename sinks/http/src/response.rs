@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use ferry_core::{Action, BatchResponse, SinkResponse};
+use ferry_core::{Action, SinkResponse};
 use hyper::header::RETRY_AFTER;
 
 use crate::client::Answer;
@@ -36,25 +36,6 @@ pub(crate) fn read(answer: &Answer) -> SinkResponse {
         action,
         detail,
     }
-}
-
-/// A batch's answer: the response, and the ids a 2xx body reports as failed
-/// (`{"failed": ["<id>", ...]}`); any other 2xx body means every message succeeded.
-pub(crate) fn read_batch(answer: &Answer) -> BatchResponse {
-    let response = read(answer);
-    #[derive(serde::Deserialize)]
-    struct Partial {
-        failed: Vec<String>,
-    }
-    let failed = match &response {
-        SinkResponse::Status { status, .. } if (200..300).contains(status) => {
-            serde_json::from_slice::<Partial>(&answer.body)
-                .map(|p| p.failed)
-                .unwrap_or_default()
-        }
-        _ => Vec::new(),
-    };
-    BatchResponse { response, failed }
 }
 
 /// `Retry-After` as seconds or an HTTP date.
