@@ -26,7 +26,8 @@ use tracing::{debug, info, warn};
 use crate::{backoff, one_line, AmqpConfig, AmqpError, DeadLetters};
 
 /// The headers ferry adds to a dead letter: why (the endpoint's answer or the engine's
-/// reason, cut to 1 KB), the last HTTP status, the attempts made and the route. A redrive
+/// reason, cut to 1 KB), the last HTTP status (or `timeout`, `error`, ... when there was
+/// none), the attempts made and the route. A redrive
 /// removes them again.
 pub const DEAD_LETTER_HEADERS: [&str; 4] = [
     "ferry_reason",
@@ -253,9 +254,11 @@ fn with_reasons(properties: &BasicProperties, why: &DeadLetter, route: &str) -> 
     }
     let [reason_key, status_key, attempts_key, route_key] = DEAD_LETTER_HEADERS;
     headers.insert(reason_key.into(), AMQPValue::LongString(reason.into()));
-    if let Some(status) = why.status {
-        headers.insert(status_key.into(), AMQPValue::ShortUInt(status));
-    }
+    // The status, or what the last attempt came to (`timeout`, `error`) without one.
+    headers.insert(
+        status_key.into(),
+        AMQPValue::LongString(why.last_status().into()),
+    );
     headers.insert(attempts_key.into(), AMQPValue::LongUInt(why.attempts));
     headers.insert(route_key.into(), AMQPValue::LongString(route.into()));
     properties.clone().with_headers(headers)
@@ -277,6 +280,7 @@ mod tests {
         let why = DeadLetter {
             reason: "x".repeat(2000),
             status: Some(422),
+            last_class: "4xx",
             attempts: 3,
         };
         let props = with_reasons(&original, &why, "orders");
@@ -285,7 +289,10 @@ mod tests {
         let headers = props.headers().clone().unwrap_or_default();
         let get = |k: &str| headers.inner().get(k).cloned();
         assert_eq!(get("tenant"), Some(AMQPValue::LongString("t1".into())));
-        assert_eq!(get("ferry_status"), Some(AMQPValue::ShortUInt(422)));
+        assert_eq!(
+            get("ferry_status"),
+            Some(AMQPValue::LongString("422".into()))
+        );
         assert_eq!(get("ferry_attempts"), Some(AMQPValue::LongUInt(3)));
         assert_eq!(
             get("ferry_route"),
@@ -295,5 +302,17 @@ mod tests {
             Some(AMQPValue::LongString(s)) => assert_eq!(s.as_bytes().len(), 1024),
             other => panic!("ferry_reason: {other:?}"),
         }
+        let timed_out = DeadLetter {
+            reason: "timeout".into(),
+            status: None,
+            last_class: "timeout",
+            attempts: 10,
+        };
+        let props = with_reasons(&original, &timed_out, "orders");
+        let headers = props.headers().clone().unwrap_or_default();
+        assert_eq!(
+            headers.inner().get("ferry_status"),
+            Some(&AMQPValue::LongString("timeout".into()))
+        );
     }
 }
