@@ -142,7 +142,7 @@ impl Rabbit {
 /// ferry's source section for `queue`.
 fn source(args: &Args, queue: &str) -> String {
     format!(
-        "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{queue}\"\nprefetch = {}\n",
+        "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{queue}\"\nprefetch = {}\ndead_letters = \"drop\"\n",
         args.amqp_uri, args.prefetch
     )
 }

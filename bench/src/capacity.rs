@@ -99,7 +99,7 @@ pub async fn run(args: &Args, capacity: usize) -> Result<()> {
         let counts = Arc::new(Counts::default());
         let sink = capacity_sink(counts.clone(), capacity, latency).await?;
         let source = format!(
-            "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{queue}\"\nprefetch = {}\n",
+            "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{queue}\"\nprefetch = {}\ndead_letters = \"drop\"\n",
             args.amqp_uri, args.prefetch
         );
         let delivery = format!(

@@ -89,7 +89,7 @@ pub async fn run(route: RoutePlan, ask: Redrive) -> anyhow::Result<()> {
         }
         #[cfg(feature = "amqp")]
         SourcePlan::Amqp(config) => {
-            let Some(from) = ask.from.clone() else {
+            let Some(from) = ask.from.clone().or_else(|| config.dead_letter_queue()) else {
                 bail!(
                     "--from: name the dead-letter queue to move from (RabbitMQ does not say \
                      over AMQP where a queue dead-letters to)"

@@ -1,11 +1,12 @@
 //! RabbitMQ through lapin: queues with a dead-letter queue, publishing with confirms, depth.
 
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::conformance::Outgoing;
 
@@ -19,6 +20,23 @@ pub fn amqp_uri() -> String {
 pub struct Rabbit {
     _connection: Connection,
     channel: Channel,
+}
+
+/// An exclusive consumer of a queue; [`ExclusiveHolder::release`] lets others consume
+/// (what it held unacked goes back to the queue).
+pub struct ExclusiveHolder {
+    connection: Connection,
+    _consumer: lapin::Consumer,
+}
+
+impl ExclusiveHolder {
+    /// Closes its connection.
+    pub async fn release(self) {
+        self.connection
+            .close(200, "released".into())
+            .await
+            .expect("close the holder");
+    }
 }
 
 /// A test queue and its dead-letter queue.
@@ -84,8 +102,7 @@ impl Rabbit {
     /// Publishes each message persistent with a unique `message_id` and its ordering
     /// key in the `key` header, and waits for the broker's confirms.
     pub async fn publish(&self, queue: &str, messages: &[Outgoing]) {
-        let mut confirms = Vec::with_capacity(messages.len());
-        for message in messages {
+        let batch = messages.iter().map(|message| {
             let mut props = BasicProperties::default()
                 .with_message_id(ShortString::from(crate::unique(queue)))
                 .with_delivery_mode(2);
@@ -94,14 +111,38 @@ impl Rabbit {
                 headers.insert("key".into(), AMQPValue::LongString(key.as_str().into()));
                 props = props.with_headers(headers);
             }
-            let body = &message.body;
+            (props, message.body.as_bytes())
+        });
+        self.publish_confirmed(queue, batch).await;
+    }
+
+    /// Publishes each body persistent with `message_id` as given (`None`: no id at all,
+    /// as publishers that never set one do), and waits for the broker's confirms.
+    pub async fn publish_with_ids(&self, queue: &str, messages: &[(Option<&str>, String)]) {
+        let batch = messages.iter().map(|(id, body)| {
+            let mut props = BasicProperties::default().with_delivery_mode(2);
+            if let Some(id) = id {
+                props = props.with_message_id(ShortString::from(*id));
+            }
+            (props, body.as_bytes())
+        });
+        self.publish_confirmed(queue, batch).await;
+    }
+
+    async fn publish_confirmed<'a>(
+        &self,
+        queue: &str,
+        batch: impl Iterator<Item = (BasicProperties, &'a [u8])>,
+    ) {
+        let mut confirms = Vec::new();
+        for (props, body) in batch {
             let confirm = self
                 .channel
                 .basic_publish(
                     "".into(),
                     queue.into(),
                     BasicPublishOptions::default(),
-                    body.as_bytes(),
+                    body,
                     props,
                 )
                 .await
@@ -152,20 +193,8 @@ impl Rabbit {
             }
             props = props.with_headers(table);
         }
-        let confirmation = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                payload,
-                props,
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirmation.is_ack(), "broker refused a publish");
+        self.publish_confirmed(queue, std::iter::once((props, payload)))
+            .await;
     }
 
     /// Messages in a queue, ready or handed out and not yet acked. The AMQP protocol only
@@ -231,6 +260,75 @@ impl Rabbit {
         out
     }
 
+    /// Declares a durable direct exchange and a queue bound to it with `routing_key`.
+    pub async fn bound_exchange(&self, exchange: &str, queue: &str, routing_key: &str) {
+        self.exchange(exchange).await;
+        self.declare(queue, FieldTable::default()).await;
+        self.channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind queue");
+    }
+
+    /// Declares a durable direct exchange, bound to nothing.
+    pub async fn exchange(&self, exchange: &str) {
+        self.channel
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare exchange");
+    }
+
+    /// Deletes an exchange (its bindings go with it).
+    pub async fn delete_exchange(&self, exchange: &str) {
+        self.channel
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await
+            .expect("delete exchange");
+    }
+
+    /// Consumes `queue` exclusively on a connection of its own (one unacked message at
+    /// most), so that nobody else can consume it until the holder is released.
+    pub async fn hold_exclusively(queue: &str) -> ExclusiveHolder {
+        let connection = Connection::connect(&amqp_uri(), ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .basic_qos(1, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                "exclusive-holder".into(),
+                BasicConsumeOptions {
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("exclusive consume");
+        ExclusiveHolder {
+            connection,
+            _consumer: consumer,
+        }
+    }
+
     /// Deletes a queue.
     pub async fn delete(&self, queue: &str) {
         let _ = self
@@ -238,4 +336,17 @@ impl Rabbit {
             .queue_delete(queue.into(), QueueDeleteOptions::default())
             .await;
     }
+}
+
+/// A header's value as text (strings and integers), for checking what ferry added.
+pub fn header_text(headers: &FieldTable, name: &str) -> Option<String> {
+    Some(match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        other => format!("{other:?}"),
+    })
 }

@@ -55,10 +55,17 @@ pub fn sqs_source(queue_url: &str, dead_letter_queue_url: Option<&str>, extra: &
     )
 }
 
-/// A RabbitMQ source on the local broker.
+/// A RabbitMQ source on the local broker. Unless `extra` says where dead letters go,
+/// they are rejected to the queue's own dead-letter exchange (`dead_letters = "queue"`),
+/// which the queues of [`crate::amqp::Rabbit::queue`] have.
 pub fn amqp_source(queue: &str, extra: &str) -> String {
+    let dead_letters = if extra.contains("dead_letter") {
+        ""
+    } else {
+        "dead_letters = \"queue\"\n"
+    };
     format!(
-        "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{queue}\"\n{extra}\n",
+        "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{queue}\"\n{dead_letters}{extra}\n",
         crate::amqp_uri()
     )
 }
@@ -109,7 +116,19 @@ pub struct Ferry {
 }
 
 fn command() -> Command {
-    let mut cmd = Command::new(binary());
+    command_in(&[])
+}
+
+/// The ferry binary, run by `wrapper` (e.g. `unshare --pid --fork`) when it is not empty.
+fn command_in(wrapper: &[&str]) -> Command {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(binary());
+            cmd
+        }
+        None => Command::new(binary()),
+    };
     cmd.env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")
@@ -126,19 +145,30 @@ impl Ferry {
 
     /// Starts `ferry run` with `route`, a fresh admin port and `admin` added to `[admin]`.
     pub fn start_with(route: &Route<'_>, admin: &str) -> Self {
-        Self::start_config(|admin_port| route.config_with(admin_port, admin))
+        Self::start_in(route, admin, &[])
+    }
+
+    /// Like [`Ferry::start_with`], with ferry run by `wrapper` (a command and its
+    /// arguments, such as `unshare --pid --fork --kill-child`); killing the wrapper must
+    /// end ferry.
+    pub fn start_in(route: &Route<'_>, admin: &str, wrapper: &[&str]) -> Self {
+        Self::start_config_in(|admin_port| route.config_with(admin_port, admin), wrapper)
     }
 
     /// Starts `ferry run` with the configuration `config(admin_port)` (several routes, say;
     /// see [`Route::section`]) and a fresh admin port.
     pub fn start_config(config: impl FnOnce(u16) -> String) -> Self {
+        Self::start_config_in(config, &[])
+    }
+
+    fn start_config_in(config: impl FnOnce(u16) -> String, wrapper: &[&str]) -> Self {
         let admin_port = crate::free_port();
         let dir = scratch("ferry");
         let file = dir.join("ferry.toml");
         std::fs::write(&file, config(admin_port)).expect("write config");
         let config = file;
         let log = dir.join("ferry.log");
-        let child = command()
+        let child = command_in(wrapper)
             .arg("run")
             .arg("--config")
             .arg(&config)
@@ -180,9 +210,23 @@ impl Ferry {
         }
     }
 
-    /// The process id.
+    /// The process id (of the wrapper, for [`Ferry::start_in`]).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The resident memory of the process now, in KiB (`VmRSS` in /proc).
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+            })
+            .expect("VmRSS of a running ferry")
     }
 
     /// CPU seconds the process has used so far (user + system, from `/proc`).

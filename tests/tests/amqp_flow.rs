@@ -23,7 +23,7 @@ async fn messages_from_a_lost_channel_are_taken_back_not_sent() {
     rabbit.publish(&queue.name, &messages).await;
     let ferry = Ferry::start(&Route {
         source: format!(
-            "type = \"amqp\"\nuri = \"amqp://guest:guest@{}/%2f\"\nqueue = \"{}\"\nprefetch = 200\n",
+            "type = \"amqp\"\nuri = \"amqp://guest:guest@{}/%2f\"\nqueue = \"{}\"\nprefetch = 200\ndead_letters = \"queue\"\n",
             proxy.addr(),
             queue.name
         ),
@@ -160,7 +160,7 @@ async fn acks_held_behind_slow_deliveries_all_reach_the_broker() {
     rabbit.publish(&queue.name, &messages).await;
     let ferry = Ferry::start(&Route {
         source: format!(
-            "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{}\"\nprefetch = 200\n",
+            "type = \"amqp\"\nuri = \"{}\"\nqueue = \"{}\"\nprefetch = 200\ndead_letters = \"queue\"\n",
             ferry_e2e::amqp::amqp_uri(),
             queue.name
         ),

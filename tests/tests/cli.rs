@@ -194,6 +194,7 @@ listen = "127.0.0.1:0"
 type = "amqp"
 uri = "{uri}"
 queue = "{queue}"
+dead_letters = "queue"
 [routes.events.sink]
 type = "http"
 url = "http://127.0.0.1:9/x"

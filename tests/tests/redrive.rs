@@ -125,6 +125,57 @@ async fn rabbitmq_dead_letters_go_back_to_the_queue() {
     }
 }
 
+/// Dead letters ferry published to the exchange it declared go back from
+/// `<queue>.dead-letter` without `--from`, and without ferry's headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_dead_letters_from_the_declared_exchange_go_back_without_ferry_headers() {
+    let rabbit = Rabbit::connect().await;
+    let queue = ferry_e2e::unique("redrive-dlx");
+    let exchange = format!("{queue}.dlx");
+    let dead_letter_queue = format!("{queue}.dead-letter");
+    let endpoint = Endpoint::start(|_| Reply::status(400)).await;
+    let route = Route {
+        source: amqp_source(
+            &queue,
+            &format!("declare = true\ndead_letter_exchange = \"{exchange}\""),
+        ),
+        sink_url: &endpoint.url(),
+        sink: "",
+        delivery: "",
+    };
+    // A first run declares the queues; the messages go in before the one that dead-letters.
+    let (code, _, err) = redrive(&route, &["--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    let sent = bodies("dlx");
+    let outgoing: Vec<_> = sent
+        .iter()
+        .map(|b| ferry_e2e::conformance::Outgoing::plain(b.clone()))
+        .collect();
+    rabbit.publish(&queue, &outgoing).await;
+    dead_letter_all(&route).await;
+    assert_eq!(rabbit.depth(&dead_letter_queue).await, N as u32);
+
+    let (code, out, err) = redrive(&route, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with(&format!("moved {N} message(s)")), "{out}");
+    let back = rabbit.drain(&queue).await;
+    let got: BTreeSet<String> = back.iter().map(|(b, _)| b.clone()).collect();
+    assert_eq!(back.len(), N, "no duplicates");
+    assert_eq!(got, sent.into_iter().collect());
+    for (body, headers) in &back {
+        let marks: Vec<&str> = headers
+            .inner()
+            .keys()
+            .map(|k| k.as_str())
+            .filter(|k| k.starts_with("ferry_") || k.starts_with("x-death"))
+            .collect();
+        assert!(marks.is_empty(), "{body} still carries {marks:?}");
+    }
+    rabbit.delete(&queue).await;
+    rabbit.delete(&dead_letter_queue).await;
+    rabbit.delete_exchange(&exchange).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqs_dead_letters_go_back_without_their_marks() {
     let client = sqs::client().await;

@@ -1,14 +1,19 @@
 //! The RabbitMQ (AMQP 0-9-1) source of ferry.
 //!
 //! One consumer per route with `prefetch` unacked deliveries at most. Acks are coalesced
-//! into `multiple` acks where the order allows; dead-letters are rejected without requeue
-//! so the queue's dead-letter exchange takes them; retries wait in ferry (the broker has no
-//! delayed redelivery), never in a hot requeue loop. A lost connection is re-established
-//! with backoff while the route, its state and its metrics carry on.
+//! into `multiple` acks where the order allows; dead letters are published by ferry to the
+//! configured dead-letter exchange with publisher confirms and acked only once confirmed
+//! (or, by explicit choice, rejected to the queue's own dead-letter exchange, or dropped);
+//! retries wait in ferry (the broker has no delayed redelivery), never in a hot requeue
+//! loop. A lost connection is re-established with backoff while the route, its state and
+//! its metrics carry on.
 
 mod convert;
+mod dead_letter;
 mod redrive;
 mod settle;
+
+pub use dead_letter::DEAD_LETTER_HEADERS;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +39,45 @@ pub struct AmqpConfig {
     pub declare: bool,
     /// Header that carries the ordering key; the routing key when `None`.
     pub ordering_header: Option<String>,
+    /// Where dead letters go.
+    pub dead_letters: DeadLetters,
+}
+
+/// Where a dead-lettered message goes. There is no default: RabbitMQ discards a message
+/// rejected on a queue without a dead-letter exchange, so dropping must be a choice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetters {
+    /// ferry publishes it to `exchange` with `routing_key` on a channel with publisher
+    /// confirms, with ferry's headers added, and acks the original only once confirmed.
+    Exchange {
+        /// The exchange (`""` is the default exchange: the routing key names the queue).
+        exchange: String,
+        /// The routing key of the dead letters.
+        routing_key: String,
+    },
+    /// `basic.reject(requeue = false)`: the queue's own `x-dead-letter-exchange` takes it
+    /// (the broker discards it when the queue has none).
+    Queue,
+    /// Acked and discarded.
+    Drop,
+}
+
+impl AmqpConfig {
+    /// The queue dead letters land in, where ferry knows it: the one the routing key names
+    /// on the default exchange, or the `<queue>.dead-letter` that `declare = true` binds to
+    /// the exchange. Elsewhere the exchange's bindings decide, which AMQP does not tell.
+    pub fn dead_letter_queue(&self) -> Option<String> {
+        match &self.dead_letters {
+            DeadLetters::Exchange {
+                exchange,
+                routing_key,
+            } if exchange.is_empty() => Some(routing_key.clone()),
+            DeadLetters::Exchange { .. } if self.declare => {
+                Some(format!("{}.dead-letter", self.queue))
+            }
+            DeadLetters::Exchange { .. } | DeadLetters::Queue | DeadLetters::Drop => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for AmqpConfig {
@@ -44,6 +88,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("prefetch", &self.prefetch)
             .field("declare", &self.declare)
             .field("ordering_header", &self.ordering_header)
+            .field("dead_letters", &self.dead_letters)
             .finish()
     }
 }
@@ -84,6 +129,15 @@ pub enum AmqpError {
         /// What the broker said.
         detail: String,
     },
+    /// The dead-letter exchange does not exist (and `declare` is off) or could not be
+    /// declared, bound or used.
+    #[error("dead_letter_exchange: {exchange:?}: {detail}")]
+    DeadLetterExchange {
+        /// The exchange name.
+        exchange: String,
+        /// What the broker said.
+        detail: String,
+    },
 }
 
 impl AmqpError {
@@ -91,7 +145,7 @@ impl AmqpError {
     pub fn is_config(&self) -> bool {
         match self {
             AmqpError::Connect { refused, .. } => *refused,
-            AmqpError::Queue { .. } => true,
+            AmqpError::Queue { .. } | AmqpError::DeadLetterExchange { .. } => true,
         }
     }
 }
@@ -100,14 +154,14 @@ impl AmqpError {
 pub struct AmqpSource {
     config: Arc<AmqpConfig>,
     queue_name: Arc<str>,
-    connection: Option<(Connection, Channel)>,
+    connection: Option<(Arc<Connection>, Channel)>,
 }
 
 fn one_line(e: &lapin::Error) -> String {
     e.to_string().replace('\n', " ")
 }
 
-async fn open(config: &AmqpConfig) -> Result<(Connection, Channel), AmqpError> {
+async fn open(config: &AmqpConfig) -> Result<(Arc<Connection>, Channel), AmqpError> {
     // After the login, a failure is the broker's or the network's, not the credentials'.
     let unavailable = |e: lapin::Error| AmqpError::Connect {
         uri: redact(&config.uri),
@@ -143,17 +197,25 @@ async fn open(config: &AmqpConfig) -> Result<(Connection, Channel), AmqpError> {
             queue: config.queue.clone(),
             detail: one_line(&e),
         })?;
+    if config.declare {
+        dead_letter::declare(&channel, config).await?;
+    }
     channel
         .basic_qos(config.prefetch, BasicQosOptions::default())
         .await
         .map_err(unavailable)?;
-    Ok((connection, channel))
+    Ok((Arc::new(connection), channel))
 }
 
 impl AmqpSource {
     /// Connects and checks the queue, so a wrong queue or login is reported at start.
     pub async fn connect(config: AmqpConfig) -> Result<Self, AmqpError> {
         let connection = open(&config).await?;
+        // A dead-letter exchange that is not there is a configuration error at start;
+        // later (it was deleted) publishes to it are retried until it is back.
+        if !config.declare {
+            dead_letter::check(&connection.0, &config).await?;
+        }
         Ok(Self {
             queue_name: Arc::from(config.queue.as_str()),
             config: Arc::new(config),
@@ -162,6 +224,18 @@ impl AmqpSource {
     }
 }
 
+/// Why a route is not consuming, so each change is logged once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Down {
+    /// The connection or the channel could not be opened.
+    Unreachable,
+    /// Connected, but `basic.consume` was refused.
+    CannotConsume,
+    /// Consuming stopped (connection lost, consumer cancelled).
+    Lost,
+}
+
+/// The wait before retry number `failures`: 200 ms doubling up to 10 s.
 fn backoff(failures: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << failures.min(7))).min(Duration::from_secs(10))
 }
@@ -186,8 +260,10 @@ impl Source for AmqpSource {
         ctx: SourceContext,
     ) -> Result<(), SourceError> {
         let mut failures = 0u32;
+        // What is wrong while not consuming; logged when it changes, not on every retry.
+        let mut down: Option<Down> = None;
         let mut settlers = tokio::task::JoinSet::new();
-        let mut last: Option<(Connection, Channel)> = None;
+        let mut last: Option<(Arc<Connection>, Channel)> = None;
         'connect: loop {
             let (connection, channel) = match self.connection.take() {
                 Some(c) => c,
@@ -197,14 +273,12 @@ impl Source for AmqpSource {
                         r = open(&self.config) => r,
                     };
                     match attempt {
-                        Ok(c) => {
-                            info!(route = %ctx.route, queue = %self.queue_name, "reconnected to the broker");
-                            c
-                        }
+                        Ok(c) => c,
                         Err(e) => {
                             failures += 1;
-                            if failures == 1 {
+                            if down != Some(Down::Unreachable) {
                                 warn!(route = %ctx.route, error = %e, "cannot reach the broker; retrying with backoff");
+                                down = Some(Down::Unreachable);
                             }
                             tokio::select! {
                                 _ = ctx.shutdown.cancelled() => break 'connect,
@@ -215,7 +289,6 @@ impl Source for AmqpSource {
                     }
                 }
             };
-            failures = 0;
             let consumer = channel
                 .basic_consume(
                     self.config.queue.as_str().into(),
@@ -227,15 +300,41 @@ impl Source for AmqpSource {
             let mut consumer = match consumer {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(route = %ctx.route, error = %one_line(&e), "cannot consume; reconnecting");
+                    // The queue is held by an exclusive consumer, a quorum queue has no
+                    // leader, ...: retrying at once would only hammer the broker.
+                    failures += 1;
+                    ctx.counts.broker_errors.count("consume", 1);
+                    if down != Some(Down::CannotConsume) {
+                        warn!(route = %ctx.route, queue = %self.queue_name, error = %one_line(&e),
+                            "cannot consume from the queue; retrying with backoff");
+                        down = Some(Down::CannotConsume);
+                    }
                     ctx.set_connected(false);
+                    let _ = connection.close(320, "ferry retrying".into()).await;
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => break 'connect,
+                        _ = tokio::time::sleep(backoff(failures)) => {}
+                    }
                     continue 'connect;
                 }
             };
+            failures = 0;
             ctx.set_connected(true);
-            info!(route = %ctx.route, queue = %self.queue_name, prefetch = self.config.prefetch, "consuming");
+            match down.take() {
+                Some(_) => {
+                    info!(route = %ctx.route, queue = %self.queue_name, prefetch = self.config.prefetch, "consuming again")
+                }
+                None => {
+                    info!(route = %ctx.route, queue = %self.queue_name, prefetch = self.config.prefetch, "consuming")
+                }
+            }
             let (settle_tx, settle_rx) = mpsc::unbounded_channel();
-            settlers.spawn(settle::run(channel.clone(), settle_rx, ctx.route.clone()));
+            settlers.spawn(settle::run(
+                channel.clone(),
+                settle_rx,
+                ctx.route.clone(),
+                ctx.counts.broker_errors.clone(),
+            ));
             let backlog = tokio::spawn(poll_backlog(
                 channel.clone(),
                 self.config.queue.clone(),
@@ -245,6 +344,29 @@ impl Source for AmqpSource {
             // One handle shared by every delivery of this channel: a `Channel` clone is a
             // dozen reference counts, bumped and dropped once per message otherwise.
             let current = Arc::new(channel.clone());
+            let dead_letters = match &self.config.dead_letters {
+                DeadLetters::Exchange {
+                    exchange,
+                    routing_key,
+                } => {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    settlers.spawn(
+                        dead_letter::Publisher {
+                            connection: connection.clone(),
+                            consumer: current.clone(),
+                            exchange: exchange.clone(),
+                            routing_key: routing_key.clone(),
+                            settle: settle_tx.clone(),
+                            ctx: ctx.clone(),
+                        }
+                        .run(rx),
+                    );
+                    settle::DeadLetterPath::Publish(tx)
+                }
+                DeadLetters::Queue => settle::DeadLetterPath::Reject,
+                DeadLetters::Drop => settle::DeadLetterPath::Drop,
+            };
+            let keep_original = matches!(dead_letters, settle::DeadLetterPath::Publish(_));
             loop {
                 let permit = tokio::select! {
                     biased;
@@ -274,22 +396,34 @@ impl Source for AmqpSource {
                 match next {
                     Some(Ok(delivery)) => {
                         let tag = delivery.delivery_tag;
-                        let message = convert::convert(delivery, &self.queue_name, group_header);
+                        let (message, properties) =
+                            convert::convert(delivery, &self.queue_name, group_header);
+                        // Only a dead letter ferry publishes needs the original again.
+                        let original = keep_original.then(|| {
+                            Box::new(dead_letter::Original {
+                                payload: message.payload.clone(),
+                                properties,
+                            })
+                        });
                         permit.send(Delivery {
                             message,
                             ack: AckHandle::new(settle::AmqpAck {
                                 tag,
                                 settle: settle_tx.clone(),
                                 channel: current.clone(),
+                                dead_letters: dead_letters.clone(),
+                                original,
                             }),
                         });
                     }
                     Some(Err(e)) => {
                         warn!(route = %ctx.route, error = %one_line(&e), "connection to the broker lost; reconnecting");
+                        down = Some(Down::Lost);
                         break;
                     }
                     None => {
                         warn!(route = %ctx.route, "the broker ended the consumer; reconnecting");
+                        down = Some(Down::Lost);
                         break;
                     }
                 }
@@ -352,7 +486,8 @@ mod tests {
                 queue: "q".into(),
                 prefetch: 1,
                 declare: false,
-                ordering_header: None
+                ordering_header: None,
+                dead_letters: DeadLetters::Drop,
             }
         )
         .contains("p4ss"));

@@ -1,8 +1,9 @@
 //! Redrive: moving messages from a dead-letter queue back to the route's queue once the
 //! cause is fixed (`ferry redrive`).
 //!
-//! RabbitMQ dead-letters through the queue's dead-letter exchange, whose target ferry
-//! cannot read over AMQP, so the caller names the queue to move from. Each message is
+//! AMQP does not say where a queue's own dead-letter exchange leads, so the caller names
+//! the queue to move from (with `declare = true` and a `dead_letter_exchange`, ferry's
+//! `<queue>.dead-letter`). Each message is
 //! published to the route's queue and acked on the dead-letter queue only after the broker
 //! confirmed the publish: an interruption leaves a copy in both, never none.
 
@@ -15,10 +16,13 @@ use lapin::Channel;
 
 use crate::{one_line, AmqpError, AmqpSource};
 
-/// Headers the broker adds when it dead-letters a message; a redriven message goes back
-/// without them, as it was first published.
+/// Headers the broker or ferry add when they dead-letter a message; a redriven message
+/// goes back without them, as it was first published.
 fn is_death_header(name: &str) -> bool {
-    name == "x-death" || name.starts_with("x-first-death-") || name.starts_with("x-last-death-")
+    name == "x-death"
+        || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
+        || crate::DEAD_LETTER_HEADERS.contains(&name)
 }
 
 impl AmqpSource {

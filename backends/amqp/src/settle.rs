@@ -5,15 +5,17 @@
 //! in flight wait a moment for it and are then sent one by one, so a slow message never
 //! holds the prefetch window hostage.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ferry_core::{Settle, Settlement};
+use ferry_core::{BrokerErrors, Settle, Settlement};
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::Channel;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, warn};
+
+use crate::dead_letter;
 
 /// How long an ack may wait for the deliveries below it before it is sent on its own.
 const HOLD: Duration = Duration::from_millis(20);
@@ -27,23 +29,59 @@ const GATHER: Duration = Duration::from_millis(5);
 /// One delivery settled: its tag and the engine's word.
 pub(crate) type Op = (u64, Settlement);
 
+/// What a dead letter becomes, as configured (`dead_letters`).
+#[derive(Clone)]
+pub(crate) enum DeadLetterPath {
+    /// Published by the channel's dead-letter publisher, acked once confirmed.
+    Publish(mpsc::UnboundedSender<dead_letter::Op>),
+    /// Rejected without requeue: the queue's own dead-letter exchange takes it.
+    Reject,
+    /// Acked and discarded.
+    Drop,
+}
+
 /// The settlement of one AMQP delivery.
 pub(crate) struct AmqpAck {
     pub(crate) tag: u64,
     pub(crate) settle: mpsc::UnboundedSender<Op>,
     /// The channel it came on: once that is gone, the broker has put the message back.
     pub(crate) channel: std::sync::Arc<Channel>,
+    pub(crate) dead_letters: DeadLetterPath,
+    /// Payload and properties, kept only when ferry publishes the dead letters itself.
+    pub(crate) original: Option<Box<dead_letter::Original>>,
 }
 
 impl Settle for AmqpAck {
     fn settle(self: Box<Self>, settlement: Settlement) {
+        let this = *self;
+        let settlement = match (settlement, this.dead_letters, this.original) {
+            (Settlement::DeadLetter(why), DeadLetterPath::Publish(publisher), Some(original)) => {
+                // Acked by the publisher once the broker confirmed the dead letter; until
+                // then the delivery stays open (unacked) on its channel.
+                let _ = publisher.send(dead_letter::Op {
+                    tag: this.tag,
+                    original,
+                    why,
+                });
+                return;
+            }
+            (Settlement::DeadLetter(why), DeadLetterPath::Drop, _) => {
+                debug!(tag = this.tag, reason = %why, "dead letter dropped (dead_letters = \"drop\")");
+                Settlement::Ack
+            }
+            (settlement, _, _) => settlement,
+        };
         // If the channel's settler is gone the channel is gone too, and the broker has
         // already put the message back.
-        let _ = self.settle.send((self.tag, settlement));
+        let _ = this.settle.send((this.tag, settlement));
     }
 
     fn is_current(&self) -> bool {
         self.channel.status().connected()
+    }
+
+    fn counts_dead_letters(&self) -> bool {
+        matches!(self.dead_letters, DeadLetterPath::Publish(_))
     }
 }
 
@@ -56,7 +94,7 @@ pub(crate) struct AckWindow {
     /// Every tag below this one is settled.
     floor: u64,
     /// Settled tags above `floor` (it moves up once the gap below them closes).
-    settled: BTreeSet<u64>,
+    settled: Runs,
     /// Acked by the engine, not yet sent, with when.
     acked: BTreeMap<u64, Instant>,
 }
@@ -65,9 +103,54 @@ impl Default for AckWindow {
     fn default() -> Self {
         Self {
             floor: 1,
-            settled: BTreeSet::new(),
+            settled: Runs::default(),
             acked: BTreeMap::new(),
         }
+    }
+}
+
+/// A set of tags kept as disjoint, non-adjacent runs `start..=end`, keyed by start.
+///
+/// While one delivery stays open for minutes (retrying in ferry) every later tag settles
+/// above it; one entry per tag grew by the message rate the whole time. Runs grow only
+/// with the gaps between settled tags: deliveries still open, at most `prefetch`.
+#[derive(Debug, Default)]
+struct Runs(BTreeMap<u64, u64>);
+
+impl Runs {
+    fn contains(&self, tag: u64) -> bool {
+        self.0
+            .range(..=tag)
+            .next_back()
+            .is_some_and(|(_, &end)| end >= tag)
+    }
+
+    /// Adds `tag`, merging it with the runs it touches; false if it was there.
+    fn insert(&mut self, tag: u64) -> bool {
+        if self.contains(tag) {
+            return false;
+        }
+        let before = self
+            .0
+            .range(..tag)
+            .next_back()
+            .filter(|(_, &end)| end + 1 == tag)
+            .map(|(&start, _)| start);
+        let after = self.0.remove(&(tag + 1));
+        let start = before.unwrap_or(tag);
+        self.0.insert(start, after.unwrap_or(tag));
+        true
+    }
+
+    /// Removes the run that starts at `tag` and returns where it ends.
+    fn take_run_at(&mut self, tag: u64) -> Option<u64> {
+        self.0.remove(&tag)
+    }
+
+    /// Runs held (not tags).
+    #[cfg(test)]
+    fn runs(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -92,9 +175,9 @@ impl AckWindow {
         if tag < self.floor || !self.settled.insert(tag) {
             return None;
         }
-        while self.settled.first() == Some(&self.floor) {
-            self.settled.pop_first();
-            self.floor += 1;
+        // Runs never touch, so at most one starts at the floor.
+        if let Some(end) = self.settled.take_run_at(self.floor) {
+            self.floor = end + 1;
         }
         match settlement {
             Settlement::Ack => {
@@ -140,6 +223,7 @@ pub(crate) async fn run(
     channel: Channel,
     mut rx: mpsc::UnboundedReceiver<Op>,
     route: std::sync::Arc<str>,
+    errors: BrokerErrors,
 ) {
     let mut window = AckWindow::default();
     let mut failed = false;
@@ -152,6 +236,7 @@ pub(crate) async fn run(
                         &channel,
                         window.flush(Instant::now(), false),
                         &route,
+                        &errors,
                         &mut failed,
                     )
                     .await;
@@ -186,7 +271,7 @@ pub(crate) async fn run(
             }
         }
         frames.extend(window.flush(Instant::now(), false));
-        send(&channel, frames, &route, &mut failed).await;
+        send(&channel, frames, &route, &errors, &mut failed).await;
         if closed {
             break;
         }
@@ -195,6 +280,7 @@ pub(crate) async fn run(
         &channel,
         window.flush(Instant::now(), true),
         &route,
+        &errors,
         &mut failed,
     )
     .await;
@@ -208,15 +294,21 @@ pub(crate) async fn run(
 /// they are handed to lapin together and leave in one write, instead of one round trip
 /// through its I/O thread each — many single acks come at once when a slow delivery
 /// has held the acks above it past `HOLD`.
-async fn send(channel: &Channel, frames: Vec<Frame>, route: &str, failed: &mut bool) {
+async fn send(
+    channel: &Channel,
+    frames: Vec<Frame>,
+    route: &str,
+    errors: &BrokerErrors,
+    failed: &mut bool,
+) {
     let (acks, others): (Vec<Frame>, Vec<Frame>) = frames
         .into_iter()
         .partition(|f| matches!(f, Frame::Ack(..)));
     for frame in others {
-        report(one(channel, frame).await, route, failed);
+        report(one(channel, frame).await, route, errors, failed);
     }
     for result in futures::future::join_all(acks.into_iter().map(|f| one(channel, f))).await {
-        report(result, route, failed);
+        report(result, route, errors, failed);
     }
 }
 
@@ -242,8 +334,9 @@ async fn one(channel: &Channel, frame: Frame) -> lapin::Result<()> {
     }
 }
 
-fn report(result: lapin::Result<()>, route: &str, failed: &mut bool) {
+fn report(result: lapin::Result<()>, route: &str, errors: &BrokerErrors, failed: &mut bool) {
     if let Err(e) = result {
+        errors.count("ack", 1);
         // The channel is gone: the broker requeues everything unacked on it, so the
         // messages come back (duplicates, never losses). Say so once per channel.
         if !*failed {
@@ -272,6 +365,48 @@ mod tests {
         assert_eq!(w.settle(4, &Settlement::Ack, now), None);
         assert_eq!(w.flush(now, false), vec![Frame::Ack(5, true)]);
         assert!(!w.has_waiting_acks());
+    }
+
+    #[test]
+    fn runs_merge_and_refuse_repeats() {
+        let mut r = Runs::default();
+        for t in [5, 7, 6, 1, 3] {
+            assert!(r.insert(t));
+        }
+        assert!(!r.insert(6));
+        assert_eq!(r.runs(), 3, "{r:?}"); // 1, 3, 5..=7
+        assert!(r.insert(2));
+        assert!(r.insert(4));
+        assert_eq!(r.runs(), 1, "{r:?}");
+        assert!(r.contains(4) && !r.contains(8));
+        assert_eq!(r.take_run_at(1), Some(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_million_settled_tags_above_an_open_one_take_one_run() {
+        let mut w = AckWindow::default();
+        let mut now = Instant::now();
+        let mut sent = 0usize;
+        for t in 2..=1_000_001u64 {
+            assert_eq!(w.settle(t, &Settlement::Ack, now), None);
+            if t % 1000 == 0 {
+                now += HOLD;
+                sent += w.flush(now, false).len();
+            }
+        }
+        sent += w.flush(now + HOLD, false).len();
+        assert_eq!(
+            sent, 1_000_000,
+            "every ack above the open tag goes out on its own"
+        );
+        assert_eq!(w.settled.runs(), 1);
+        assert!(!w.has_waiting_acks());
+        assert_eq!(w.floor, 1);
+        // The open one settles: the floor jumps past all of them at once.
+        assert_eq!(w.settle(1, &Settlement::Ack, now), None);
+        assert_eq!(w.floor, 1_000_002);
+        assert_eq!(w.settled.runs(), 0);
+        assert_eq!(w.flush(now, false), vec![Frame::Ack(1, false)]);
     }
 
     #[tokio::test(start_paused = true)]

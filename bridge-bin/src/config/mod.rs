@@ -347,6 +347,28 @@ pub struct AmqpSourceConfig {
     /// Header carrying the ordering key; the routing key when absent.
     #[serde(default)]
     pub ordering_header: Option<String>,
+    /// The exchange ferry publishes dead letters to (with confirms) before acking them.
+    #[serde(default)]
+    pub dead_letter_exchange: Option<String>,
+    /// Their routing key; the queue name when absent.
+    #[serde(default)]
+    pub dead_letter_routing_key: Option<String>,
+    /// `exchange` (implied by `dead_letter_exchange`), `queue` (reject to the queue's own
+    /// dead-letter exchange) or `drop`; one of them must be chosen.
+    #[serde(default)]
+    pub dead_letters: Option<AmqpDeadLetters>,
+}
+
+/// `dead_letters` of an `amqp` source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AmqpDeadLetters {
+    /// Published by ferry to `dead_letter_exchange`.
+    Exchange,
+    /// Rejected without requeue: the queue's `x-dead-letter-exchange` takes them.
+    Queue,
+    /// Acked and discarded.
+    Drop,
 }
 
 fn default_prefetch() -> u16 {

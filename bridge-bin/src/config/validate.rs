@@ -14,8 +14,8 @@ use ferry_core::{
 use url::Url;
 
 use super::{
-    key, ConcurrencySetting, Config, ConfigError, DeliveryConfig, HttpSinkConfig, Ordering,
-    RateLimitConfig, SinkConfig, SinkMode, SourceConfig,
+    key, AmqpDeadLetters, AmqpSourceConfig, ConcurrencySetting, Config, ConfigError,
+    DeliveryConfig, HttpSinkConfig, Ordering, RateLimitConfig, SinkConfig, SinkMode, SourceConfig,
 };
 
 /// A route ready to be built.
@@ -424,6 +424,72 @@ fn missing_feature(at: &str, kind: &str, errors: &mut Errors) -> Option<SourcePl
     None
 }
 
+/// Where an `amqp` route's dead letters go, checked.
+#[cfg_attr(not(feature = "amqp"), allow(dead_code))]
+enum AmqpDeadLetterPlan {
+    /// Exchange and routing key.
+    Exchange(String, String),
+    Queue,
+    Drop,
+}
+
+/// Checks `dead_letters`, `dead_letter_exchange` and `dead_letter_routing_key`: one
+/// choice must be made (RabbitMQ silently discards what is rejected on a queue without a
+/// dead-letter exchange, so that is never a default).
+fn amqp_dead_letters(amqp: &AmqpSourceConfig, at: &str, errors: &mut Errors) -> AmqpDeadLetterPlan {
+    if amqp.dead_letter_routing_key.is_some() && amqp.dead_letter_exchange.is_none() {
+        errors.push(
+            format!("{at}.dead_letter_routing_key"),
+            "only applies with dead_letter_exchange",
+        );
+    }
+    match (amqp.dead_letters, &amqp.dead_letter_exchange) {
+        (None | Some(AmqpDeadLetters::Exchange), Some(exchange)) => {
+            let routing_key = amqp
+                .dead_letter_routing_key
+                .clone()
+                .unwrap_or_else(|| amqp.queue.clone());
+            if exchange.is_empty() && routing_key == amqp.queue {
+                errors.push(
+                    format!("{at}.dead_letter_routing_key"),
+                    "with the default exchange (\"\") the routing key names the dead-letter \
+                     queue; it must not be the route's own queue",
+                );
+            }
+            AmqpDeadLetterPlan::Exchange(exchange.clone(), routing_key)
+        }
+        (Some(AmqpDeadLetters::Exchange), None) => {
+            errors.push(
+                format!("{at}.dead_letter_exchange"),
+                "must be set when dead_letters = \"exchange\"",
+            );
+            AmqpDeadLetterPlan::Drop
+        }
+        (Some(choice @ (AmqpDeadLetters::Queue | AmqpDeadLetters::Drop)), exchange) => {
+            if exchange.is_some() {
+                errors.push(
+                    format!("{at}.dead_letters"),
+                    "dead_letter_exchange is set too: drop one of them",
+                );
+            }
+            match choice {
+                AmqpDeadLetters::Queue => AmqpDeadLetterPlan::Queue,
+                _ => AmqpDeadLetterPlan::Drop,
+            }
+        }
+        (None, None) => {
+            errors.push(
+                at,
+                "say where dead letters go: dead_letter_exchange = \"...\" (ferry publishes them \
+                 there, confirmed, then acks), dead_letters = \"queue\" (rejected to the queue's \
+                 own x-dead-letter-exchange; RabbitMQ discards them if it has none) or \
+                 dead_letters = \"drop\"",
+            );
+            AmqpDeadLetterPlan::Drop
+        }
+    }
+}
+
 #[cfg_attr(
     not(all(feature = "sqs", feature = "amqp", feature = "kafka")),
     allow(unused_variables)
@@ -485,6 +551,7 @@ fn source_plan(
             if amqp.prefetch == 0 {
                 errors.push(format!("{at}.prefetch"), "must be at least 1");
             }
+            let dead_letters = amqp_dead_letters(amqp, at, errors);
             #[cfg(feature = "amqp")]
             {
                 Some(SourcePlan::Amqp(ferry_amqp::AmqpConfig {
@@ -493,6 +560,16 @@ fn source_plan(
                     prefetch: amqp.prefetch,
                     declare: amqp.declare,
                     ordering_header: amqp.ordering_header.clone(),
+                    dead_letters: match dead_letters {
+                        AmqpDeadLetterPlan::Exchange(exchange, routing_key) => {
+                            ferry_amqp::DeadLetters::Exchange {
+                                exchange,
+                                routing_key,
+                            }
+                        }
+                        AmqpDeadLetterPlan::Queue => ferry_amqp::DeadLetters::Queue,
+                        AmqpDeadLetterPlan::Drop => ferry_amqp::DeadLetters::Drop,
+                    },
                 }))
             }
             #[cfg(not(feature = "amqp"))]

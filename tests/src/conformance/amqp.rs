@@ -45,7 +45,7 @@ impl TestQueue for AmqpQueue {
     fn bridge(&self) -> Bridge {
         Bridge::Ferry {
             source: format!(
-                "type = \"amqp\"\nuri = \"amqp://guest:guest@{}/%2f\"\nqueue = \"{}\"\nprefetch = {PREFETCH}\nordering_header = \"key\"\n",
+                "type = \"amqp\"\nuri = \"amqp://guest:guest@{}/%2f\"\nqueue = \"{}\"\nprefetch = {PREFETCH}\nordering_header = \"key\"\ndead_letters = \"queue\"\n",
                 self.proxy.addr(),
                 self.queue.name
             ),
