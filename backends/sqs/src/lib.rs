@@ -191,6 +191,8 @@ impl Source for SqsSource {
             lease::Visibility {
                 client: self.client.clone(),
                 queue_url: self.config.queue_url.clone(),
+                route: ctx.route.clone(),
+                errors: ctx.counts.broker_errors.clone(),
             },
             lease_stop.clone(),
         ));

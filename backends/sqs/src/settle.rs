@@ -41,9 +41,19 @@ pub(crate) struct SqsAck {
 
 impl Settle for SqsAck {
     fn settle(self: Box<Self>, settlement: Settlement) {
+        let lapsed = !self.leases.is_current(self.key);
         let Some(receipt) = self.leases.release(self.key) else {
             return;
         };
+        if lapsed && settlement != Settlement::Ack {
+            // The visibility ended before a renewal landed: SQS may have handed the message
+            // to another consumer, whose hold a visibility change or a dead-letter copy here
+            // would spoil. It is delivered again, as a later attempt.
+            debug!("lease lapsed; the message is left to the queue");
+            return;
+        }
+        // An ack after a lapse still tries the delete: it removes the message unless SQS
+        // handed it out again meanwhile, and does nothing worse than fail otherwise.
         let op = match settlement {
             Settlement::Ack => Op::Delete(receipt),
             Settlement::Retry { delay } => {
@@ -64,6 +74,10 @@ impl Settle for SqsAck {
 
     fn holds_retries(&self) -> bool {
         true
+    }
+
+    fn is_current(&self) -> bool {
+        self.leases.is_current(self.key)
     }
 
     /// With a dead-letter queue, ferry sends the copy itself and counts it once it landed
