@@ -8,6 +8,7 @@ use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName as Sy
 use bytes::Bytes;
 use ferry_core::message::{plausible_since_epoch, plausible_time};
 use ferry_core::Message;
+use tracing::debug;
 
 use crate::sns;
 
@@ -26,6 +27,15 @@ pub(crate) struct Received {
     pub(crate) original: Option<Box<Original>>,
 }
 
+/// Whether `id` goes into an HTTP header unchanged: visible ASCII, inner spaces allowed.
+/// Anything else would be refused by the HTTP client, or cut or changed on the way.
+fn usable_as_key(id: &str) -> bool {
+    !id.is_empty()
+        && !id.starts_with(' ')
+        && !id.ends_with(' ')
+        && id.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+}
+
 fn epoch_millis(v: &str) -> Option<SystemTime> {
     v.parse::<u64>()
         .ok()
@@ -34,8 +44,10 @@ fn epoch_millis(v: &str) -> Option<SystemTime> {
 
 /// The ferry [`Message`] one received SQS message becomes: an SNS `Notification` body is
 /// unwrapped (the SNS `MessageId` is the id, its `Message` the payload), any other body is
-/// the payload as it is under the SQS `MessageId`. `None` when SQS left out the id or the
-/// receipt handle.
+/// the payload as it is under the SQS `MessageId`. An SNS `MessageId` that is empty or
+/// could not be sent as the `Idempotency-Key` header (control characters such as CR/LF,
+/// non-ASCII, surrounding spaces) gives way to the SQS `MessageId`, stable across
+/// redeliveries too. `None` when SQS left out the id or the receipt handle.
 ///
 /// Public because this is where untrusted bytes (anyone who may send to the queue or publish
 /// to the topic) enter ferry: fuzz targets and programs that embed the source decode exactly
@@ -58,7 +70,14 @@ pub(crate) fn convert(
 
     let mut message = match sns::unwrap(&body) {
         Some(n) => {
-            let mut message = Message::new(n.id, Bytes::from(n.message), source.clone());
+            let id = if usable_as_key(&n.id) {
+                n.id
+            } else {
+                debug!(sqs_id = %sqs_id, sns_id = ?n.id,
+                    "SNS MessageId is empty or not a valid header value; the SQS MessageId stands in");
+                sqs_id
+            };
+            let mut message = Message::new(id, Bytes::from(n.message), source.clone());
             if let Some(ts) = n
                 .timestamp
                 .and_then(|t| humantime::parse_rfc3339_weak(&t).ok())
@@ -163,6 +182,29 @@ mod tests {
         let r = convert(sqs_message(body), &source, false).expect("converted");
         assert_eq!(r.message.id, "sns-id");
         assert!(r.message.timestamp <= tomorrow);
+    }
+
+    #[test]
+    fn an_sns_id_unfit_for_a_header_gives_way_to_the_sqs_id() {
+        let source: Arc<str> = Arc::from("q");
+        for id in [
+            "",
+            " ",
+            "a\\r\\nb",
+            "a\\nb",
+            "tab\\there",
+            "caf\\u00e9",
+            " lead",
+            "trail ",
+        ] {
+            let body = format!(r#"{{"Type":"Notification","MessageId":"{id}","Message":"hi"}}"#);
+            let r = convert(sqs_message(&body), &source, false).expect("converted");
+            assert_eq!(r.message.id, "sqs-id", "{id:?}");
+            assert_eq!(&r.message.payload[..], b"hi");
+        }
+        let body = r#"{"Type":"Notification","MessageId":"an id/with:odd=chars","Message":"hi"}"#;
+        let r = convert(sqs_message(body), &source, false).expect("converted");
+        assert_eq!(r.message.id, "an id/with:odd=chars");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! visibility is extended so that no other consumer receives it.
 
 mod convert;
+mod dead_letter;
 mod lease;
 mod receive;
 mod redrive;
@@ -15,6 +16,7 @@ mod settle;
 pub mod sns;
 
 pub use convert::decode;
+pub use dead_letter::ORIGINAL_ATTRIBUTES;
 pub use redrive::{Redriven, DEAD_LETTER_ATTRIBUTES};
 
 use std::sync::Arc;
@@ -182,14 +184,20 @@ impl Source for SqsSource {
 
     async fn run(self, out: mpsc::Sender<Delivery>, ctx: SourceContext) -> Result<(), SourceError> {
         let leases = Arc::new(lease::Leases::new(self.config.visibility_timeout));
-        let (settler, settle_tx) =
-            settle::spawn(self.client.clone(), self.config.clone(), ctx.route.clone());
+        let (settler, settle_tx) = settle::spawn(
+            self.client.clone(),
+            self.config.clone(),
+            ctx.route.clone(),
+            ctx.counts.clone(),
+        );
         let lease_stop = tokio_util::sync::CancellationToken::new();
         let lease_task = tokio::spawn(ferry_core::lease::keep_renewed(
             leases.clone(),
             lease::Visibility {
                 client: self.client.clone(),
                 queue_url: self.config.queue_url.clone(),
+                route: ctx.route.clone(),
+                errors: ctx.counts.broker_errors.clone(),
             },
             lease_stop.clone(),
         ));

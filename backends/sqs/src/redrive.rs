@@ -9,16 +9,20 @@ use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
     SendMessageBatchRequestEntry,
 };
+use tracing::warn;
 
+use crate::dead_letter::{self, ORIGINAL_ATTRIBUTES};
 use crate::{describe, SqsError, SqsSource};
 
 /// The attributes ferry adds when it dead-letters a message: a redriven message goes back
-/// as it was first published.
-pub const DEAD_LETTER_ATTRIBUTES: [&str; 4] = [
-    "ferry_dead_letter_reason",
-    "ferry_last_status",
-    "ferry_attempts",
-    "ferry_route",
+/// as it was first published; the original attributes that did not fit next to them were packed into
+/// [`ORIGINAL_ATTRIBUTES`]: redrive unpacks them again.
+pub const DEAD_LETTER_ATTRIBUTES: [&str; 5] = [
+    dead_letter::REASON,
+    dead_letter::LAST_STATUS,
+    dead_letter::ATTEMPTS,
+    dead_letter::ROUTE,
+    ORIGINAL_ATTRIBUTES,
 ];
 
 /// How long a received dead letter stays hidden while it is being moved.
@@ -94,10 +98,22 @@ impl SqsSource {
                 let mut entry = SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
                     .message_body(m.body().unwrap_or_default());
-                for (name, value) in m.message_attributes().into_iter().flatten() {
-                    if !DEAD_LETTER_ATTRIBUTES.contains(&name.as_str()) {
-                        entry = entry.message_attributes(name, value.clone());
-                    }
+                let stored = m.message_attributes.clone().unwrap_or_default();
+                let restored = dead_letter::restore(&stored).unwrap_or_else(|e| {
+                    // Kept packed as it is rather than lost.
+                    warn!(id = m.message_id().unwrap_or_default(), error = %e,
+                        "the packed original attributes cannot be unpacked; sent back packed");
+                    stored
+                        .iter()
+                        .filter(|(name, _)| {
+                            name.as_str() == ORIGINAL_ATTRIBUTES
+                                || !DEAD_LETTER_ATTRIBUTES.contains(&name.as_str())
+                        })
+                        .map(|(n, v)| (n.clone(), v.clone()))
+                        .collect()
+                });
+                for (name, value) in restored {
+                    entry = entry.message_attributes(name, value);
                 }
                 if fifo {
                     let group = m

@@ -4,15 +4,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::{
-    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, MessageAttributeValue,
+    BatchResultErrorEntry, ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
 };
 use aws_sdk_sqs::Client;
-use ferry_core::{DeadLetter, Settle, Settlement};
+use ferry_core::{DeadLetter, Settle, Settlement, SourceCounts};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, warn};
 
 use crate::convert::Original;
+use crate::dead_letter;
 use crate::lease::Leases;
 use crate::SqsConfig;
 
@@ -40,9 +41,19 @@ pub(crate) struct SqsAck {
 
 impl Settle for SqsAck {
     fn settle(self: Box<Self>, settlement: Settlement) {
+        let lapsed = !self.leases.is_current(self.key);
         let Some(receipt) = self.leases.release(self.key) else {
             return;
         };
+        if lapsed && settlement != Settlement::Ack {
+            // The visibility ended before a renewal landed: SQS may have handed the message
+            // to another consumer, whose hold a visibility change or a dead-letter copy here
+            // would spoil. It is delivered again, as a later attempt.
+            debug!("lease lapsed; the message is left to the queue");
+            return;
+        }
+        // An ack after a lapse still tries the delete: it removes the message unless SQS
+        // handed it out again meanwhile, and does nothing worse than fail otherwise.
         let op = match settlement {
             Settlement::Ack => Op::Delete(receipt),
             Settlement::Retry { delay } => {
@@ -64,6 +75,16 @@ impl Settle for SqsAck {
     fn holds_retries(&self) -> bool {
         true
     }
+
+    fn is_current(&self) -> bool {
+        self.leases.is_current(self.key)
+    }
+
+    /// With a dead-letter queue, ferry sends the copy itself and counts it once it landed
+    /// and the original is deleted; without one, the queue's redrive policy moves it.
+    fn counts_dead_letters(&self) -> bool {
+        self.original.is_some()
+    }
 }
 
 /// Starts the settler; it ends when every sender has been dropped and its calls are done.
@@ -71,6 +92,7 @@ pub(crate) fn spawn(
     client: Client,
     config: Arc<SqsConfig>,
     route: Arc<str>,
+    counts: SourceCounts,
 ) -> (JoinHandle<()>, mpsc::UnboundedSender<Op>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(run(
@@ -78,6 +100,7 @@ pub(crate) fn spawn(
             client,
             config,
             route,
+            counts,
         },
         rx,
     ));
@@ -89,6 +112,7 @@ struct Settler {
     client: Client,
     config: Arc<SqsConfig>,
     route: Arc<str>,
+    counts: SourceCounts,
 }
 
 async fn run(settler: Settler, mut rx: mpsc::UnboundedReceiver<Op>) {
@@ -131,9 +155,7 @@ async fn run(settler: Settler, mut rx: mpsc::UnboundedReceiver<Op>) {
             let _permit = permit;
             s.delete(deletes).await;
             s.change_visibility(visibility).await;
-            for (receipt, original, dl) in dead {
-                s.dead_letter(receipt, *original, dl).await;
-            }
+            s.dead_letter(dead).await;
         });
         while calls.try_join_next().is_some() {}
     }
@@ -141,9 +163,10 @@ async fn run(settler: Settler, mut rx: mpsc::UnboundedReceiver<Op>) {
 }
 
 impl Settler {
-    async fn delete(&self, receipts: Vec<String>) {
+    /// Deletes `receipts` (at most 10); returns how many SQS confirmed.
+    async fn delete(&self, receipts: Vec<String>) -> usize {
         if receipts.is_empty() {
-            return;
+            return 0;
         }
         for attempt in 1..=3u32 {
             let entries = receipts.iter().enumerate().filter_map(|(i, r)| {
@@ -162,22 +185,27 @@ impl Settler {
                 .await;
             match result {
                 Ok(resp) => {
-                    for failed in resp.failed {
-                        warn!(route = %self.route, code = %failed.code, message = failed.message.as_deref().unwrap_or(""),
-                            "delete refused; the message will be delivered again");
-                    }
-                    return;
+                    self.refused(
+                        "delete",
+                        &resp.failed,
+                        "delete refused; the message will be delivered again",
+                    );
+                    return resp.successful.len();
                 }
                 Err(e) if attempt < 3 => {
                     debug!(route = %self.route, error = %crate::describe(&e), "delete failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
                 }
                 Err(e) => {
+                    self.counts
+                        .broker_errors
+                        .count("delete", receipts.len() as u64);
                     warn!(route = %self.route, count = receipts.len(), error = %crate::describe(&e),
                         "delete failed; these messages will be delivered again");
                 }
             }
         }
+        0
     }
 
     async fn change_visibility(&self, entries: Vec<(String, i32)>) {
@@ -200,63 +228,73 @@ impl Settler {
             .send()
             .await;
         // A failure only means the message comes back when its current visibility ends.
-        if let Err(e) = result {
-            warn!(route = %self.route, count = entries.len(), error = %crate::describe(&e),
-                "visibility change failed; messages return when their visibility ends");
-        }
-    }
-
-    async fn dead_letter(&self, receipt: String, original: Original, dl: DeadLetter) {
-        let Some(dlq) = &self.config.dead_letter_queue_url else {
-            return;
-        };
-        let mut reason: String = dl.reason.chars().take(1024).collect();
-        if reason.is_empty() {
-            reason.push('-');
-        }
-        let mut send = self
-            .client
-            .send_message()
-            .queue_url(dlq)
-            .message_body(original.body)
-            .message_attributes("ferry_dead_letter_reason", string_attr(reason))
-            .message_attributes("ferry_attempts", number_attr(dl.attempts.to_string()))
-            .message_attributes("ferry_route", string_attr(self.route.to_string()));
-        if let Some(status) = dl.status {
-            send = send.message_attributes("ferry_last_status", number_attr(status.to_string()));
-        }
-        // SQS allows 10 attributes per message; ferry's own come first.
-        for (name, value) in original.attributes.into_iter().take(6) {
-            send = send.message_attributes(name, value);
-        }
-        if dlq.ends_with(".fifo") {
-            send = send
-                .message_group_id(original.group.unwrap_or_else(|| "ferry".to_owned()))
-                .message_deduplication_id(receipt.chars().rev().take(128).collect::<String>());
-        }
-        match send.send().await {
-            Ok(_) => self.delete(vec![receipt]).await,
+        match result {
+            Ok(resp) => self.refused(
+                "visibility",
+                &resp.failed,
+                "visibility change refused; the message returns when its visibility ends",
+            ),
             Err(e) => {
-                // Not deleted: the message returns after its visibility and is tried again.
-                warn!(route = %self.route, error = %crate::describe(&e),
-                    "sending to the dead-letter queue failed; the message stays on its queue");
+                self.counts
+                    .broker_errors
+                    .count("visibility", entries.len() as u64);
+                warn!(route = %self.route, count = entries.len(), error = %crate::describe(&e),
+                    "visibility change failed; messages return when their visibility ends");
             }
         }
     }
-}
 
-fn string_attr(value: String) -> MessageAttributeValue {
-    attr("String", value)
-}
+    /// Sends each copy to the dead-letter queue, then deletes the originals that landed
+    /// there; a dead letter counts once both happened. One that did not land stays on its
+    /// queue and comes back when its visibility ends.
+    async fn dead_letter(&self, dead: Vec<(String, Box<Original>, DeadLetter)>) {
+        let Some(dlq) = &self.config.dead_letter_queue_url else {
+            return;
+        };
+        let mut landed = Vec::with_capacity(dead.len());
+        for (receipt, original, dl) in dead {
+            let group = original.group.clone();
+            let copy = dead_letter::copy(*original, &dl, &self.route);
+            if !copy.dropped.is_empty() {
+                warn!(route = %self.route, dropped = ?copy.dropped,
+                    "dead letter over the SQS size limit; sent without these attributes");
+            }
+            let mut send = self
+                .client
+                .send_message()
+                .queue_url(dlq)
+                .message_body(copy.body);
+            for (name, value) in copy.attributes {
+                send = send.message_attributes(name, value);
+            }
+            if dlq.ends_with(".fifo") {
+                send = send
+                    .message_group_id(group.unwrap_or_else(|| "ferry".to_owned()))
+                    .message_deduplication_id(receipt.chars().rev().take(128).collect::<String>());
+            }
+            match send.send().await {
+                Ok(_) => landed.push(receipt),
+                Err(e) => {
+                    self.counts.broker_errors.count("dead_letter", 1);
+                    warn!(route = %self.route, error = %crate::describe(&e),
+                        "sending to the dead-letter queue failed; the message stays on its queue");
+                }
+            }
+        }
+        let deleted = self.delete(landed).await;
+        self.counts.dead_lettered.inc_by(deleted as u64);
+    }
 
-fn number_attr(value: String) -> MessageAttributeValue {
-    attr("Number", value)
-}
-
-fn attr(kind: &str, value: String) -> MessageAttributeValue {
-    MessageAttributeValue::builder()
-        .data_type(kind)
-        .string_value(value)
-        .build()
-        .expect("data_type is always set")
+    /// Logs and counts the entries of a batch call that SQS refused.
+    fn refused(&self, operation: &'static str, failed: &[BatchResultErrorEntry], what: &str) {
+        if failed.is_empty() {
+            return;
+        }
+        self.counts
+            .broker_errors
+            .count(operation, failed.len() as u64);
+        for f in failed {
+            warn!(route = %self.route, code = %f.code, message = f.message.as_deref().unwrap_or(""), "{what}");
+        }
+    }
 }
