@@ -34,7 +34,7 @@ pub(crate) const REASON: &str = "ferry_dead_letter_reason";
 pub(crate) const ATTEMPTS: &str = "ferry_attempts";
 /// The route that dead-lettered the message.
 pub(crate) const ROUTE: &str = "ferry_route";
-/// The endpoint's last status, when it answered at all.
+/// The endpoint's last status, or what the last attempt came to (`timeout`, `error`).
 pub(crate) const LAST_STATUS: &str = "ferry_last_status";
 
 /// SQS's limit on message attributes per message.
@@ -77,8 +77,10 @@ pub(crate) fn copy(original: Original, dl: &DeadLetter, route: &str) -> Copy {
         (ATTEMPTS.to_owned(), number(dl.attempts.to_string())),
         (ROUTE.to_owned(), string(route.to_owned())),
     ];
-    if let Some(status) = dl.status {
-        own.push((LAST_STATUS.to_owned(), number(status.to_string())));
+    // A status as a number; without one, what the last attempt came to (`timeout`).
+    match dl.status {
+        Some(status) => own.push((LAST_STATUS.to_owned(), number(status.to_string()))),
+        None => own.push((LAST_STATUS.to_owned(), string(dl.last_status()))),
     }
     // An original that shares a name with one of ferry's own is packed, so neither is lost.
     let (clashing, sorted): (BTreeMap<_, _>, BTreeMap<_, _>) = original
@@ -240,6 +242,7 @@ mod tests {
         DeadLetter {
             reason: "bad".to_owned(),
             status,
+            last_class: if status.is_some() { "4xx" } else { "timeout" },
             attempts: 2,
         }
     }
