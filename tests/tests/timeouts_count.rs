@@ -62,7 +62,10 @@ async fn timeouts_count_toward_max_attempts_exactly_on_sqs() {
     assert!(landed, "never dead-lettered; log:\n{}", ferry.log());
     assert_eq!(dead[0].body, body);
     assert_eq!(
-        dead[0].attributes.get("ferry_last_status").map(String::as_str),
+        dead[0]
+            .attributes
+            .get("ferry_last_status")
+            .map(String::as_str),
         Some("timeout"),
         "the dead letter says what the last attempt came to"
     );

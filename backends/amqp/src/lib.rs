@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use ferry_core::{AckHandle, Delivery, Source, SourceContext, SourceError};
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::mpsc;
@@ -367,11 +369,34 @@ impl Source for AmqpSource {
                 DeadLetters::Drop => settle::DeadLetterPath::Drop,
             };
             let keep_original = matches!(dead_letters, settle::DeadLetterPath::Publish(_));
+            let queue_name = &self.queue_name;
+            let wrap = |delivery: lapin::message::Delivery| {
+                let tag = delivery.delivery_tag;
+                let (message, properties) = convert::convert(delivery, queue_name, group_header);
+                // Only a dead letter ferry publishes needs the original again.
+                let original = keep_original.then(|| {
+                    Box::new(dead_letter::Original {
+                        payload: message.payload.clone(),
+                        properties,
+                    })
+                });
+                Delivery {
+                    message,
+                    ack: AckHandle::new(settle::AmqpAck {
+                        tag,
+                        settle: settle_tx.clone(),
+                        channel: current.clone(),
+                        dead_letters: dead_letters.clone(),
+                        original,
+                    }),
+                }
+            };
             loop {
                 let permit = tokio::select! {
                     biased;
                     _ = ctx.shutdown.cancelled() => {
                         backlog.abort();
+                        hand_over_rest(&channel, &mut consumer, &out, &wrap).await;
                         last = Some((connection, channel));
                         break 'connect;
                     }
@@ -387,35 +412,16 @@ impl Source for AmqpSource {
                 let next = tokio::select! {
                     biased;
                     _ = ctx.shutdown.cancelled() => {
+                        drop(permit);
                         backlog.abort();
+                        hand_over_rest(&channel, &mut consumer, &out, &wrap).await;
                         last = Some((connection, channel));
                         break 'connect;
                     }
                     d = consumer.next() => d,
                 };
                 match next {
-                    Some(Ok(delivery)) => {
-                        let tag = delivery.delivery_tag;
-                        let (message, properties) =
-                            convert::convert(delivery, &self.queue_name, group_header);
-                        // Only a dead letter ferry publishes needs the original again.
-                        let original = keep_original.then(|| {
-                            Box::new(dead_letter::Original {
-                                payload: message.payload.clone(),
-                                properties,
-                            })
-                        });
-                        permit.send(Delivery {
-                            message,
-                            ack: AckHandle::new(settle::AmqpAck {
-                                tag,
-                                settle: settle_tx.clone(),
-                                channel: current.clone(),
-                                dead_letters: dead_letters.clone(),
-                                original,
-                            }),
-                        });
-                    }
+                    Some(Ok(delivery)) => permit.send(wrap(delivery)),
                     Some(Err(e)) => {
                         warn!(route = %ctx.route, error = %one_line(&e), "connection to the broker lost; reconnecting");
                         down = Some(Down::Lost);
@@ -444,6 +450,37 @@ impl Source for AmqpSource {
         Ok(())
     }
 }
+
+/// At shutdown: cancels the consumer so the broker sends nothing more, then hands the
+/// engine what the broker had already sent (the engine delivers it within the grace). Left
+/// in the channel, it would go back to the queue marked redelivered at the close, and come
+/// out as a second attempt although no request was ever made.
+async fn hand_over_rest(
+    channel: &Channel,
+    consumer: &mut lapin::Consumer,
+    out: &mpsc::Sender<Delivery>,
+    wrap: &impl Fn(lapin::message::Delivery) -> Delivery,
+) {
+    let tag = consumer.tag();
+    if channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // The consumer ends once the broker has confirmed the cancel; what it sent before
+    // arrives first. A quiet second also ends it, in case the confirm never comes.
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(HAND_OVER_QUIET, consumer.next()).await
+    {
+        if out.send(wrap(delivery)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// How long a cancelled consumer may stay silent before shutdown stops waiting for it.
+const HAND_OVER_QUIET: Duration = Duration::from_secs(1);
 
 /// Keeps `ferry_source_backlog` at the queue's ready-message count.
 async fn poll_backlog(channel: Channel, queue: String, ctx: SourceContext) {
