@@ -103,6 +103,7 @@ async fn metrics(State(state): Shared) -> impl IntoResponse {
 fn describe(r: &RouteView) -> Value {
     let m = &r.metrics;
     let paused = r.ctx.is_paused();
+    let error = r.ctx.error();
     json!({
         "name": &*r.name,
         "source": r.source,
@@ -110,6 +111,8 @@ fn describe(r: &RouteView) -> Value {
             "paused"
         } else if !r.ctx.is_connected() {
             "connecting"
+        } else if error.is_some() {
+            "source_error"
         } else if m.circuit_open.get() == 1 {
             "endpoint_down"
         } else {
@@ -123,6 +126,8 @@ fn describe(r: &RouteView) -> Value {
         "delivered": m.delivered.get(),
         "retried": m.retried.get(),
         "dead_lettered": m.dead_lettered.get(),
+        "dropped": m.dropped.get(),
+        "error": error,
     })
 }
 
