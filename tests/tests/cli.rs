@@ -311,10 +311,7 @@ fn kafka_without_a_dead_letter_destination_is_refused() {
     );
     let out = run_cli(&["validate", "--config", &file]);
     assert_config_error(&out, &["routes.clicks.source.dead_letters"]);
-    let file = write(
-        "kafkadrop.toml",
-        &kafka_config("127.0.0.1:9092", "t", ""),
-    );
+    let file = write("kafkadrop.toml", &kafka_config("127.0.0.1:9092", "t", ""));
     let out = run_cli(&["validate", "--config", &file]);
     assert!(
         out.status.success(),

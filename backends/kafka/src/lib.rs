@@ -204,16 +204,12 @@ fn check(config: &KafkaConfig) -> Result<(), KafkaSourceError> {
             .iter()
             .any(|m| m.name() == t && m.error().is_none())
     };
-    let wanted = config
-        .topics
-        .iter()
-        .map(|t| ("topics", t.as_str()))
-        .chain(
-            config
-                .dead_letters
-                .topic()
-                .map(|t| ("dead_letter_topic", t)),
-        );
+    let wanted = config.topics.iter().map(|t| ("topics", t.as_str())).chain(
+        config
+            .dead_letters
+            .topic()
+            .map(|t| ("dead_letter_topic", t)),
+    );
     for (key, topic) in wanted {
         if !exists(topic) {
             return Err(KafkaSourceError::NoTopic {
@@ -336,7 +332,13 @@ type SharedConsumer = Arc<BaseConsumer<FerryContext>>;
 fn clients(
     config: &KafkaConfig,
     context: FerryContext,
-) -> Result<(SharedConsumer, Option<(FutureProducer<context::Quiet>, String)>), SourceError> {
+) -> Result<
+    (
+        SharedConsumer,
+        Option<(FutureProducer<context::Quiet>, String)>,
+    ),
+    SourceError,
+> {
     let consumer: BaseConsumer<FerryContext> = config
         .client()
         .create_with_context(context)
@@ -360,11 +362,7 @@ fn clients(
 
 /// Commits finished offsets as they move. Each commit waits for the broker's answer (on
 /// a blocking thread), so a refused commit is known at once and retried with the next one.
-async fn commit_loop(
-    consumer: SharedConsumer,
-    offsets: Arc<Offsets>,
-    stop: CancellationToken,
-) {
+async fn commit_loop(consumer: SharedConsumer, offsets: Arc<Offsets>, stop: CancellationToken) {
     let mut failing = false;
     loop {
         tokio::select! {

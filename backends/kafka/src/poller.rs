@@ -177,7 +177,8 @@ impl Poller {
         // rebalances included, unserved for minutes after an outage; only a fatal error
         // (the consumer cannot go on) waits.
         if matches!(e, KafkaError::MessageConsumptionFatal(_)) {
-            let until = std::time::Instant::now() + Duration::from_millis(100u64 << failures.min(6));
+            let until =
+                std::time::Instant::now() + Duration::from_millis(100u64 << failures.min(6));
             while std::time::Instant::now() < until && !self.stop.is_cancelled() {
                 std::thread::sleep(POLL_WAIT);
             }
