@@ -128,7 +128,7 @@ impl AttemptSpan for Attempt {
                 span.set_attribute(KeyValue::new("error.type", "timeout"));
                 span.set_status(Status::error("timeout"));
             }
-            SinkResponse::Error(detail) => {
+            SinkResponse::Error(detail) | SinkResponse::Unreachable(detail) => {
                 span.set_attribute(KeyValue::new("error.type", "connection"));
                 span.set_status(Status::error(detail.clone()));
             }

@@ -31,8 +31,20 @@ pub struct DeadLetter {
     pub reason: String,
     /// The last HTTP status, if the endpoint answered at all.
     pub status: Option<u16>,
+    /// The class of the last answer (`4xx`, `5xx`, `timeout`, `error`, ...), which says
+    /// what happened when there is no status; see [`DeadLetter::last_status`].
+    pub last_class: &'static str,
     /// How many attempts were made.
     pub attempts: u32,
+}
+
+impl DeadLetter {
+    /// What backends record as `ferry_last_status`: the status, else what the last attempt
+    /// came to (`timeout`, `error`).
+    pub fn last_status(&self) -> String {
+        self.status
+            .map_or_else(|| self.last_class.to_owned(), |s| s.to_string())
+    }
 }
 
 impl fmt::Display for DeadLetter {

@@ -119,6 +119,11 @@ struct Shared<K> {
 }
 
 impl<K> Shared<K> {
+    /// Whether the circuit is open (or the sink's health check fails).
+    fn endpoint_down(&self) -> bool {
+        self.breaker.as_ref().is_some_and(Breaker::is_open)
+    }
+
     fn audit(&self, message: &Message, outcome: AuditOutcome, status: Option<u16>, began: Instant) {
         if let Some(audit) = &self.audit {
             audit.record(AuditRecord {
@@ -158,6 +163,9 @@ pub async fn run_route<S: Source, K: Sink>(
         .circuit_breaker
         .map(|c| Breaker::new(c, metrics.circuit_open.clone(), name.clone()));
     let shutdown = ctx.shutdown.clone();
+    // Messages behind busy keys hold no slot; this many may wait before the route stops
+    // taking more from the source.
+    let lane_room = 2 * (source.buffer() + policy.concurrency.ceiling());
     let shared = Arc::new(Shared {
         route: name.clone(),
         sink,
@@ -167,7 +175,7 @@ pub async fn run_route<S: Source, K: Sink>(
         pace,
         breaker,
         shutdown: shutdown.clone(),
-        lanes: Lanes::default(),
+        lanes: Lanes::new(lane_room),
         audit,
         tracer,
     });
@@ -221,63 +229,62 @@ pub async fn run_route<S: Source, K: Sink>(
         if let Some(batching) = shared.policy.batch {
             let received = &shared.metrics.received;
             let batch = batch::collect(delivery, &mut rx, batching, &shutdown, received).await;
-            if shutdown.is_cancelled() {
-                for unstarted in batch {
-                    unstarted.ack.settle(Settlement::Release);
-                }
-                break;
-            }
             tasks.spawn(batch::deliver(shared.clone(), batch, permit));
-            while tasks.try_join_next().is_some() {}
-            continue;
-        }
-        // The key is copied only when it orders anything (not per message otherwise).
-        let key = match shared.policy.order {
-            MessageOrder::ByKey => delivery.message.group.clone(),
-            MessageOrder::Unordered => None,
-        };
-        match key {
-            Some(key) => {
-                if let Some(first) = shared.lanes.enter(&key, (delivery, permit)) {
-                    tasks.spawn(lane(shared.clone(), key, first));
-                }
-            }
-            None => {
-                tasks.spawn(deliver(shared.clone(), delivery, permit));
+        } else {
+            dispatch(&shared, &mut tasks, delivery, permit);
+            // Too many wait behind busy keys: take no more until one moves on.
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {}
+                _ = shared.lanes.has_room() => {}
             }
         }
         while tasks.try_join_next().is_some() {}
     }
 
-    // Stop receiving: the source sees the closed channel (or the cancelled token) and
-    // stops; anything it already handed over but we did not start goes back at once.
-    rx.close();
+    // Stop receiving: the source stops asking the broker at the cancelled token. What the
+    // broker already handed out is leased to this replica; it is delivered within the
+    // grace like the deliveries in flight (handing it back would cost an SQS receive or
+    // mark it redelivered on RabbitMQ although no request was made), unless the route is
+    // paused or its endpoint down: then it goes back at once.
+    let grace = shared.policy.shutdown_grace;
+    let deadline = tokio::time::Instant::now() + grace;
+    let drain = !switch.is_paused() && !shared.endpoint_down();
     let mut released = 0usize;
+    if drain {
+        // Until the source has handed over its last message (it drops its sender).
+        let _ = tokio::time::timeout_at(deadline, drain_source(&shared, &mut tasks, &mut rx)).await;
+    }
+    // Whatever is left goes back: the source sees the closed channel.
+    rx.close();
     while let Ok(unstarted) = rx.try_recv() {
         unstarted.ack.settle(Settlement::Release);
-        released += 1;
-    }
-    // Messages queued behind their key have not started either.
-    for (queued, _permit) in shared.lanes.take_all() {
-        queued.ack.settle(Settlement::Release);
         released += 1;
     }
     // Dropping the receiver also releases whatever a source still sends through permits
     // it reserved before the close.
     drop(rx);
+    if !drain {
+        // Messages queued behind their key have not started either.
+        for queued in shared.lanes.take_all() {
+            queued.ack.settle(Settlement::Release);
+            released += 1;
+        }
+    }
     while tasks.try_join_next().is_some() {}
     let in_flight = tasks.len();
     info!(route = %name, in_flight, released, "route stopping");
-    let grace = shared.policy.shutdown_grace;
-    let finished =
-        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    let finished = tokio::time::timeout_at(deadline, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     if finished.is_err() {
         warn!(route = %name, left = tasks.len(), grace = ?grace, "shutdown grace over; releasing in-flight deliveries");
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
     // A lane cut off by the grace leaves its queue behind: those go back too.
-    for (queued, _permit) in shared.lanes.take_all() {
+    for queued in shared.lanes.take_all() {
         queued.ack.settle(Settlement::Release);
     }
     if let Some(task) = health_task {
@@ -299,6 +306,70 @@ pub async fn run_route<S: Source, K: Sink>(
             route: name.to_string(),
             detail: join.to_string(),
         }),
+    }
+}
+
+/// Starts one received message: behind its key when its key is busy (giving the slot
+/// back: waiting costs none), else at once with `permit`.
+fn dispatch<K: Sink>(
+    shared: &Arc<Shared<K>>,
+    tasks: &mut JoinSet<()>,
+    delivery: Delivery,
+    permit: Slot,
+) {
+    // The key is copied only when it orders anything (not per message otherwise).
+    let key = match shared.policy.order {
+        MessageOrder::ByKey => delivery.message.group.clone(),
+        MessageOrder::Unordered => None,
+    };
+    match key {
+        Some(key) => {
+            if let Some(first) = shared.lanes.enter(&key, delivery) {
+                tasks.spawn(lane(shared.clone(), key, first, permit));
+            }
+        }
+        None => {
+            let shared = shared.clone();
+            tasks.spawn(async move {
+                deliver(shared, delivery, permit).await;
+            });
+        }
+    }
+}
+
+/// At shutdown: starts what the source still hands over, as slots come free, until it
+/// has handed over its last message.
+async fn drain_source<K: Sink>(
+    shared: &Arc<Shared<K>>,
+    tasks: &mut JoinSet<()>,
+    rx: &mut mpsc::Receiver<Delivery>,
+) {
+    let batch = shared.policy.batch.map_or(1, |b| b.max_messages.max(1));
+    loop {
+        let Ok(permit) = shared.limiter.acquire().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        shared.metrics.received.inc();
+        if shared.policy.batch.is_some() {
+            let mut chunk = vec![first];
+            while chunk.len() < batch {
+                match rx.try_recv() {
+                    Ok(d) => {
+                        shared.metrics.received.inc();
+                        chunk.push(d);
+                    }
+                    Err(_) => break,
+                }
+            }
+            tasks.spawn(batch::deliver(shared.clone(), chunk, permit));
+        } else {
+            dispatch(shared, tasks, first, permit);
+            shared.lanes.has_room().await;
+        }
+        while tasks.try_join_next().is_some() {}
     }
 }
 
@@ -354,20 +425,33 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Delivers a key's messages one after another until its queue is empty.
-async fn lane<K: Sink>(shared: Arc<Shared<K>>, key: String, first: lanes::Waiting) {
-    let mut current = first;
+/// Delivers a key's messages one after another until its queue is empty. Each queued
+/// message takes a slot only when its turn comes.
+async fn lane<K: Sink>(shared: Arc<Shared<K>>, key: String, first: Delivery, permit: Slot) {
+    let mut current = (first, permit);
     loop {
         let (delivery, permit) = current;
-        deliver(shared.clone(), delivery, permit).await;
-        // At shutdown the rest of the queue is released by `run_route`.
-        if shared.shutdown.is_cancelled() {
+        // A message handed back unfinished (shutdown, taken back) must not be overtaken by
+        // the next of its key: the rest of the queue goes back with it (`run_route`).
+        if !deliver(shared.clone(), delivery, permit).await {
             return;
         }
-        match shared.lanes.next(&key) {
-            Some(next) => current = next,
-            None => return,
+        // After shutdown the queue is still delivered within the grace, unless the
+        // endpoint is down: then `run_route` releases it.
+        if shared.shutdown.is_cancelled() && shared.endpoint_down() {
+            return;
         }
+        let Some(next) = shared.lanes.next(&key) else {
+            return;
+        };
+        let permit = match shared.limiter.acquire().await {
+            Ok(p) => p,
+            Err(_) => {
+                next.ack.settle(Settlement::Release);
+                return;
+            }
+        };
+        current = (next, permit);
     }
 }
 
@@ -389,14 +473,22 @@ async fn check_health<K: Sink>(shared: Arc<Shared<K>>) {
     }
 }
 
-/// Delivers one message: attempts until acked, dead-lettered or taken back.
-async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, mut permit: Slot) {
+/// Delivers one message: attempts until acked, dead-lettered or taken back. Returns
+/// whether it was finished (acked or dead-lettered) rather than handed back.
+///
+/// `message.attempt` counts requests made: a request that never left (no connection) is
+/// not one. Failures that were the outage's (see [`Breaker::excused`]) count toward no
+/// `max_attempts`, and their retries wait here, not in the broker, so that a broker that
+/// counts receives (SQS) does not count them either.
+async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, permit: Slot) -> bool {
     let Delivery { mut message, ack } = delivery;
     let began = Instant::now();
-    let mut pass = Pass::Normal;
-    // Attempts that failed because the endpoint was down (the circuit open) do not count
-    // toward `max_attempts`: an outage must not dead-letter anything.
-    let mut excused = 0u32;
+    let mut permit = Some(permit);
+    // When each failure that said "the endpoint is not there" was sent: whether it counts
+    // is asked again after every failure, as the breaker learns more about the outage.
+    let mut down_sent: Vec<tokio::time::Instant> = Vec::new();
+    // Requests in a row that could not even connect, for their backoff.
+    let mut unsent = 0u32;
     // Every attempt's span is a child of the context the message arrived with; without
     // one, later attempts hang below the first so that a message's attempts share a trace.
     let mut parent = shared.tracer.as_ref().and(message.traceparent.clone());
@@ -405,17 +497,29 @@ async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, mut permit
             // Dropping the handle releases it, which the backend ignores as stale.
             debug!(route = %shared.route, id = %message.id, "the broker took the message back; not delivered here");
             shared.metrics.stale.inc();
-            return;
+            return false;
         }
-        // While the endpoint is down no attempt is made (and none counted): wait for a
-        // probe turn or for the circuit to close.
-        if let (Some(breaker), Pass::Normal) = (&shared.breaker, pass) {
-            pass = tokio::select! {
+        if permit.is_none() {
+            permit = tokio::select! {
                 biased;
-                _ = shared.shutdown.cancelled() => return,
-                p = breaker.pass() => p,
+                _ = shared.shutdown.cancelled() => return false,
+                p = shared.limiter.acquire() => match p {
+                    Ok(p) => Some(p),
+                    Err(_) => return false,
+                },
             };
         }
+        // While the endpoint is down no attempt is made (and none counted): wait for a
+        // probe turn or for the circuit to close. A closed circuit passes at once, also
+        // during shutdown, which delivers what was received.
+        let (pass, turn) = match &shared.breaker {
+            Some(breaker) => tokio::select! {
+                biased;
+                p = breaker.pass_turn() => p,
+                _ = shared.shutdown.cancelled() => return false,
+            },
+            None => (Pass::Normal, None),
+        };
         let sent = tokio::time::Instant::now();
         let span = shared.tracer.as_ref().map(|tracer| {
             let span = tracer.start(&shared.route, &message, parent.as_deref());
@@ -431,59 +535,80 @@ async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, mut permit
         }
         if let Some(breaker) = &shared.breaker {
             breaker.record(&response, pass, sent);
-            if breaker.excuses(&response, sent) {
-                excused += 1;
-            }
         }
-        pass = Pass::Normal;
-        match shared.policy.responses.classify(&response) {
+        if let Some(turn) = turn {
+            turn.done();
+        }
+        let after = match shared.policy.responses.classify(&response) {
             Verdict::Ack => {
-                return self::ack(&shared, &message, ack, &response, began);
+                self::ack(&shared, &message, ack, &response, began);
+                return true;
             }
             Verdict::DeadLetter { reason } => {
-                return dead_letter(&shared, &message, ack, &response, reason, began);
+                dead_letter(&shared, &message, ack, &response, reason, began);
+                return true;
             }
-            Verdict::Retry { after } => {
-                if message.attempt.saturating_sub(excused) >= shared.policy.max_attempts {
-                    let reason = format!("attempts exhausted: {}", describe(&response));
-                    return dead_letter(&shared, &message, ack, &response, reason, began);
-                }
-                shared.metrics.retried.inc();
-                let delay = retry_delay(&shared, &message, after);
-                debug!(route = %shared.route, id = %message.id, attempt = message.attempt, ?delay, outcome = %describe(&response), "retrying");
-                // Under key order the broker must not take the message back: the next
-                // one of its key would overtake it.
-                let ordered = shared.policy.order == MessageOrder::ByKey && message.group.is_some();
-                if ack.holds_retries() && !ordered {
-                    ack.settle(Settlement::Retry { delay });
-                    return;
-                }
-                // A keyed message keeps its slot while it waits: the messages queued
-                // behind its key hold the others, and giving it up could leave it none.
-                let held = if ordered {
-                    Some(permit)
-                } else {
-                    drop(permit);
-                    None
-                };
-                tokio::select! {
-                    biased;
-                    _ = shared.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                permit = match held {
-                    Some(p) => p,
-                    None => tokio::select! {
-                        biased;
-                        _ = shared.shutdown.cancelled() => return,
-                        p = shared.limiter.acquire() => match p {
-                            Ok(p) => p,
-                            Err(_) => return,
-                        },
-                    },
-                };
-                message.attempt += 1;
+            Verdict::Retry { after } => after,
+        };
+        let was_sent = response.was_sent();
+        let outage = match &shared.breaker {
+            _ if !was_sent => true,
+            Some(breaker) if breaker::endpoint_down(&response) => {
+                down_sent.push(sent);
+                breaker.excused(sent)
             }
+            _ => false,
+        };
+        if was_sent {
+            let excused = shared.breaker.as_ref().map_or(0, |b| {
+                down_sent.iter().filter(|at| b.excused(**at)).count() as u32
+            });
+            if message.attempt.saturating_sub(excused) >= shared.policy.max_attempts {
+                let reason = format!("attempts exhausted: {}", describe(&response));
+                dead_letter(&shared, &message, ack, &response, reason, began);
+                return true;
+            }
+            unsent = 0;
+        } else {
+            unsent += 1;
+        }
+        shared.metrics.retried.inc();
+        let delay = if was_sent {
+            retry_delay(&shared, &message, after)
+        } else {
+            shared.policy.backoff.delay(unsent)
+        };
+        debug!(route = %shared.route, id = %message.id, attempt = message.attempt, ?delay, outage, outcome = %describe(&response), "retrying");
+        // Under key order the broker must not take the message back: the next one of its
+        // key would overtake it. During an outage it waits here too (above).
+        let ordered = shared.policy.order == MessageOrder::ByKey && message.group.is_some();
+        if ack.holds_retries() && !ordered && !outage {
+            ack.settle(Settlement::Retry { delay });
+            return true;
+        }
+        // A retry waits without its slot, so other messages (other keys) keep every
+        // slot; while the endpoint is down it keeps it, so that nothing more is taken
+        // from the broker that could not be delivered either.
+        // While the circuit is open the breaker's probe turns are the backoff: waiting
+        // for them (at the loop's top) is what lets delivery resume within `open_for` of
+        // the endpoint's return, however long the backoff has grown.
+        let delay = match &shared.breaker {
+            Some(breaker) if outage && breaker.is_open() => Duration::ZERO,
+            Some(breaker) if outage => delay.min(breaker.check_every()),
+            _ => delay,
+        };
+        if !outage {
+            permit = None;
+        }
+        if !delay.is_zero() {
+            tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        if was_sent {
+            message.attempt += 1;
         }
     }
 }
@@ -567,6 +692,7 @@ fn dead_letter<K>(
     let dl = DeadLetter {
         reason,
         status,
+        last_class: response.class(),
         attempts: message.attempt,
     };
     warn!(route = %shared.route, id = %message.id, reason = %dl, "dead-lettering message");
@@ -586,6 +712,7 @@ fn describe(response: &SinkResponse) -> String {
         SinkResponse::Status { status, detail, .. } => format!("status {status}: {detail}"),
         SinkResponse::Timeout => "timeout".to_owned(),
         SinkResponse::Error(e) => format!("error: {e}"),
+        SinkResponse::Unreachable(e) => format!("unreachable: {e}"),
     }
 }
 

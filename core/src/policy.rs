@@ -88,7 +88,9 @@ impl ResponsePolicy {
                     after: *retry_after,
                 },
             },
-            SinkResponse::Timeout | SinkResponse::Error(_) => Verdict::Retry { after: None },
+            SinkResponse::Timeout | SinkResponse::Error(_) | SinkResponse::Unreachable(_) => {
+                Verdict::Retry { after: None }
+            }
         }
     }
 }

@@ -22,8 +22,13 @@ pub enum SinkResponse {
     },
     /// No answer within the sink's timeout.
     Timeout,
-    /// The request could not be made or the connection broke.
+    /// The connection broke, or the request failed in a way that may have reached the
+    /// endpoint.
     Error(String),
+    /// No connection could be made (refused, unreachable, connect timeout), so the request
+    /// never left: it is not an attempt, counts toward no `max_attempts` and raises no
+    /// `X-Ferry-Attempt`.
+    Unreachable(String),
 }
 
 impl SinkResponse {
@@ -45,8 +50,13 @@ impl SinkResponse {
                 _ => "error",
             },
             SinkResponse::Timeout => "timeout",
-            SinkResponse::Error(_) => "error",
+            SinkResponse::Error(_) | SinkResponse::Unreachable(_) => "error",
         }
+    }
+
+    /// Whether the request reached (or may have reached) the endpoint.
+    pub fn was_sent(&self) -> bool {
+        !matches!(self, SinkResponse::Unreachable(_))
     }
 }
 

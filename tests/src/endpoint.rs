@@ -85,6 +85,8 @@ type Behaviour = dyn Fn(&Seen) -> Reply + Send + Sync;
 
 struct Inner {
     seen: Mutex<Vec<Seen>>,
+    /// Every request as it arrived, also those whose client gave up before the answer.
+    arrived: Mutex<Vec<(String, u32)>>,
     behaviour: Box<Behaviour>,
     in_flight: AtomicUsize,
     peak: AtomicUsize,
@@ -100,14 +102,24 @@ pub struct Endpoint {
 impl Endpoint {
     /// Starts an endpoint that answers with `behaviour(request)`.
     pub async fn start(behaviour: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Self {
+        Self::start_on(0, behaviour).await
+    }
+
+    /// [`Endpoint::start`] on a given loopback port (0: any), e.g. one that refused
+    /// connections until now: an endpoint that comes back after an outage.
+    pub async fn start_on(
+        port: u16,
+        behaviour: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> Self {
         let inner = Arc::new(Inner {
             seen: Mutex::new(Vec::new()),
+            arrived: Mutex::new(Vec::new()),
             behaviour: Box::new(behaviour),
             in_flight: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
         });
         let app = Router::new().fallback(handle).with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind the test endpoint");
         let addr = listener.local_addr().expect("local addr");
@@ -154,6 +166,12 @@ impl Endpoint {
         self.inner.peak.load(Ordering::SeqCst)
     }
 
+    /// `(X-Ferry-Message-Id, X-Ferry-Attempt)` of every request as it arrived, also those
+    /// the client gave up on (a timeout) before the answer.
+    pub fn arrivals(&self) -> Vec<(String, u32)> {
+        self.inner.arrived.lock().expect("lock").clone()
+    }
+
     /// Every request so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.inner.seen.lock().expect("lock").clone()
@@ -173,6 +191,20 @@ impl Endpoint {
         ids.sort();
         ids.dedup();
         ids.len()
+    }
+
+    /// Ids whose `X-Ferry-Attempt` headers, in the order the requests came, are not
+    /// 1, 2, 3, ...: an attempt number that claims requests the endpoint never saw (or
+    /// repeats one), with what it saw.
+    pub fn untruthful_attempts(&self) -> Vec<(String, Vec<u32>)> {
+        let mut by_id: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+        for s in self.seen() {
+            by_id.entry(s.id).or_default().push(s.attempt);
+        }
+        by_id
+            .into_iter()
+            .filter(|(_, attempts)| attempts.iter().zip(1..).any(|(a, n)| *a != n))
+            .collect()
     }
 
     /// Ids accepted more than once where more than one of those copies claimed to be a
@@ -215,6 +247,11 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
         at: Instant::now(),
         open: now,
     };
+    inner
+        .arrived
+        .lock()
+        .expect("lock")
+        .push((seen.id.clone(), seen.attempt));
     let reply = (inner.behaviour)(&seen);
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;

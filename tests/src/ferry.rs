@@ -165,6 +165,32 @@ impl Ferry {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU seconds the process has used so far (user + system, from `/proc`).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("read /proc/<pid>/stat");
+        // The command name may hold spaces; the fields after it are fixed.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name;
+        // the kernel counts them in 100 Hz ticks on Linux.
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
     /// Sends a signal by name (`TERM`, `KILL`, ...).
     pub fn signal(&self, signal: &str) {
         let pid = self.child.id();

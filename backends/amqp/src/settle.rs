@@ -292,6 +292,7 @@ mod tests {
         let dl = Settlement::DeadLetter(DeadLetter {
             reason: "bad".into(),
             status: Some(422),
+            last_class: "4xx",
             attempts: 1,
         });
         assert_eq!(w.settle(1, &dl, now), Some(Frame::Reject(1)));

@@ -83,10 +83,12 @@ pub(super) async fn deliver<K: Sink>(shared: Arc<Shared<K>>, batch: Vec<Delivery
         }
         let mut pass = Pass::Normal;
         if let Some(breaker) = &shared.breaker {
+            // A closed circuit passes at once, also during shutdown, which delivers what
+            // was received.
             pass = tokio::select! {
                 biased;
-                _ = shared.shutdown.cancelled() => return,
                 p = breaker.pass() => p,
+                _ = shared.shutdown.cancelled() => return,
             };
         }
         let sent = tokio::time::Instant::now();

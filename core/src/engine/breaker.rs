@@ -42,13 +42,15 @@ enum State {
     Closed {
         failures: u32,
     },
-    /// `probe_taken`: a probe is under way. `offered`: the receive loop has let one
-    /// message in this turn, so that there is something to probe with even when no
-    /// retry is waiting; it does not take the turn (the first attempt to ask does).
+    /// `probe_taken`: a probe is under way. `offered`: when the receive loop last let one
+    /// message in, so that there is something to probe with even when no retry is
+    /// waiting; it does not take the turn (the first attempt to ask does). Should that
+    /// message never ask (the broker took it back, it waits behind a busy key), another
+    /// is let in one `open_for` later, so a probe always comes.
     Open {
         until: Instant,
         probe_taken: bool,
-        offered: bool,
+        offered: Option<Instant>,
     },
 }
 
@@ -59,6 +61,12 @@ pub(super) enum Pass {
     Normal,
     /// The one request that tests a downed endpoint.
     Probe,
+}
+
+/// What a waiter found: go, or wait for word (and, if given, until that instant).
+enum Wait<T> {
+    Ready(T),
+    Until(Option<Instant>),
 }
 
 pub(super) struct Breaker {
@@ -72,7 +80,35 @@ pub(super) struct Breaker {
     /// When the latest request that found the endpoint up was sent (nanoseconds since
     /// `born`): a failure of a request sent after it may be the outage's.
     up_sent: AtomicU64,
+    /// When the circuit last opened (nanoseconds since `born`, 0: never).
+    opened: AtomicU64,
     born: Instant,
+}
+
+/// A probe turn; dropped without an answer recorded (its task was cancelled, its message
+/// taken back), it hands the turn on so the circuit cannot stay open for want of a probe.
+pub(super) struct ProbeTurn<'a> {
+    breaker: Option<&'a Breaker>,
+}
+
+impl ProbeTurn<'_> {
+    /// The probe's answer was recorded: nothing to hand on.
+    pub(super) fn done(mut self) {
+        self.breaker = None;
+    }
+}
+
+impl Drop for ProbeTurn<'_> {
+    fn drop(&mut self) {
+        if let Some(breaker) = self.breaker.take() {
+            let mut state = breaker.lock();
+            if let State::Open { probe_taken, .. } = &mut *state {
+                *probe_taken = false;
+            }
+            drop(state);
+            breaker.changed.notify_waiters();
+        }
+    }
 }
 
 impl Breaker {
@@ -86,6 +122,7 @@ impl Breaker {
             route,
             health_checked: AtomicBool::new(false),
             up_sent: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
             born: Instant::now(),
         }
     }
@@ -94,13 +131,27 @@ impl Breaker {
         u64::try_from(at.saturating_duration_since(self.born).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Whether a failed attempt sent at `sent` is the outage's rather than the message's:
-    /// the endpoint looked down and no request sent after it has found the endpoint up.
-    /// Such attempts do not count toward `max_attempts`, so an outage dead-letters
-    /// nothing, including while the circuit is still counting towards opening.
+    /// Whether a failed attempt sent at `sent` was the outage's rather than the message's:
+    /// it says the endpoint is not there, the circuit is open or has opened since it was
+    /// sent, and no request sent after it has found the endpoint up. Asked again each time
+    /// the message fails, so failures that came just before the circuit opened are excused
+    /// once it does. Such attempts do not count toward `max_attempts`: an outage
+    /// dead-letters nothing, while one message that times out on an endpoint that is
+    /// otherwise fine (the circuit stays closed) counts every request.
     pub(super) fn excuses(&self, response: &SinkResponse, sent: Instant) -> bool {
-        endpoint_down(response)
-            && self.up_sent.load(AtomicOrdering::Relaxed) <= self.since_born(sent)
+        endpoint_down(response) && self.excused(sent)
+    }
+
+    /// [`Breaker::excuses`] for a request sent at `sent` whose answer said the endpoint
+    /// is not there.
+    pub(super) fn excused(&self, sent: Instant) -> bool {
+        let sent = self.since_born(sent);
+        self.up_sent.load(AtomicOrdering::Relaxed) <= sent
+            && (self.is_open() || self.opened.load(AtomicOrdering::Relaxed) >= sent)
+    }
+
+    pub(super) fn is_open(&self) -> bool {
+        matches!(*self.lock(), State::Open { .. })
     }
 
     /// How often the sink's own health check runs.
@@ -135,66 +186,82 @@ impl Breaker {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits until an attempt may be made: at once while closed; while open, until this
-    /// caller may probe or the circuit closes.
+    /// [`Breaker::pass_turn`] for a caller that records every probe it takes.
     pub(super) async fn pass(&self) -> Pass {
-        let health_checked = self.health_checked.load(AtomicOrdering::Relaxed);
-        self.wait(|state| match state {
-            State::Closed { .. } => Some(Pass::Normal),
-            State::Open {
-                until, probe_taken, ..
-            } if !health_checked && !*probe_taken && Instant::now() >= *until => {
-                *probe_taken = true;
-                Some(Pass::Probe)
-            }
-            State::Open { .. } => None,
-        })
-        .await
+        let (pass, turn) = self.pass_turn().await;
+        if let Some(turn) = turn {
+            turn.done();
+        }
+        pass
+    }
+
+    /// Waits until an attempt may be made: at once while closed; while open, until this
+    /// caller may probe or the circuit closes. A probe comes with its turn, to be marked
+    /// done once its answer is recorded.
+    pub(super) async fn pass_turn(&self) -> (Pass, Option<ProbeTurn<'_>>) {
+        let pass = self
+            .wait(|state, health_checked, now| match state {
+                State::Closed { .. } => Wait::Ready(Pass::Normal),
+                State::Open {
+                    probe_taken: true, ..
+                } => Wait::Until(None),
+                State::Open { .. } if health_checked => Wait::Until(None),
+                State::Open { until, .. } if now < *until => Wait::Until(Some(*until)),
+                State::Open { probe_taken, .. } => {
+                    *probe_taken = true;
+                    Wait::Ready(Pass::Probe)
+                }
+            })
+            .await;
+        let turn = (pass == Pass::Probe).then_some(ProbeTurn {
+            breaker: Some(self),
+        });
+        (pass, turn)
     }
 
     /// Waits until the route may receive: at once while closed; while open, once per
-    /// probe turn, for one message to probe with.
+    /// probe turn (and again each `open_for` while no probe comes), for one message to
+    /// probe with.
     pub(super) async fn receivable(&self) {
-        let health_checked = self.health_checked.load(AtomicOrdering::Relaxed);
-        self.wait(|state| match state {
-            State::Closed { .. } => Some(()),
+        let open_for = self.config.open_for;
+        self.wait(|state, health_checked, now| match state {
+            State::Closed { .. } => Wait::Ready(()),
             State::Open {
-                until,
-                probe_taken,
-                offered,
-            } if !health_checked && !*probe_taken && !*offered && Instant::now() >= *until => {
-                *offered = true;
-                Some(())
+                probe_taken: true, ..
+            } => Wait::Until(None),
+            State::Open { .. } if health_checked => Wait::Until(None),
+            State::Open { until, .. } if now < *until => Wait::Until(Some(*until)),
+            State::Open {
+                offered: Some(at), ..
+            } if now < *at + open_for => Wait::Until(Some(*at + open_for)),
+            State::Open { offered, .. } => {
+                *offered = Some(now);
+                Wait::Ready(())
             }
-            State::Open { .. } => None,
         })
         .await;
     }
 
-    async fn wait<T>(&self, mut ready: impl FnMut(&mut State) -> Option<T>) -> T {
+    /// Waits for `ready` to say go; between looks it sleeps until woken by a change of
+    /// state or until the instant `ready` named (always one in the future, so an open
+    /// circuit costs no CPU).
+    async fn wait<T>(&self, mut ready: impl FnMut(&mut State, bool, Instant) -> Wait<T>) -> T {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let until = {
+            let wake = {
                 let mut state = self.lock();
-                if let Some(out) = ready(&mut state) {
-                    return out;
-                }
-                match *state {
-                    // A probe is under way, or the health check decides: wait for word.
-                    State::Open {
-                        probe_taken: true, ..
-                    } => None,
-                    State::Open { .. } if self.health_checked.load(AtomicOrdering::Relaxed) => None,
-                    State::Open { until, .. } => Some(until),
-                    State::Closed { .. } => None,
+                let health_checked = self.health_checked.load(AtomicOrdering::Relaxed);
+                match ready(&mut state, health_checked, Instant::now()) {
+                    Wait::Ready(out) => return out,
+                    Wait::Until(at) => at,
                 }
             };
-            match until {
-                Some(until) => tokio::select! {
+            match wake {
+                Some(at) => tokio::select! {
                     _ = notified => {}
-                    _ = tokio::time::sleep_until(until) => {}
+                    _ = tokio::time::sleep_until(at) => {}
                 },
                 None => notified.await,
             }
@@ -245,19 +312,22 @@ impl Breaker {
     }
 
     fn open(&self) -> State {
+        let now = Instant::now();
+        self.opened
+            .store(self.since_born(now).max(1), AtomicOrdering::Relaxed);
         State::Open {
-            until: Instant::now() + self.config.open_for,
+            until: now + self.config.open_for,
             probe_taken: false,
-            offered: false,
+            offered: None,
         }
     }
 }
 
 /// Answers that mean nobody is there to take the request.
-fn endpoint_down(response: &SinkResponse) -> bool {
+pub(super) fn endpoint_down(response: &SinkResponse) -> bool {
     match response {
         SinkResponse::Status { status, .. } => matches!(status, 502..=504),
-        SinkResponse::Timeout | SinkResponse::Error(_) => true,
+        SinkResponse::Timeout | SinkResponse::Error(_) | SinkResponse::Unreachable(_) => true,
     }
 }
 
@@ -323,19 +393,75 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn failures_are_excused_until_a_later_request_finds_the_endpoint_up() {
-        let b = Breaker::new(CircuitBreaker::default(), Gauge::default(), "r".into());
+    async fn failures_are_excused_once_the_circuit_opens_until_the_endpoint_is_up() {
+        let config = CircuitBreaker {
+            failures: 2,
+            open_for: Duration::from_secs(2),
+        };
+        let b = Breaker::new(config, Gauge::default(), "r".into());
         tokio::time::advance(Duration::from_secs(1)).await;
         let first = Instant::now();
-        assert!(b.excuses(&status(503), first), "nothing found it up since");
-        assert!(!b.excuses(&status(500), first), "a 500 is the message's");
+        assert!(
+            !b.excuses(&status(503), first),
+            "one failure alone is the message's as far as anyone knows"
+        );
+        b.record(&status(503), Pass::Normal, first);
         tokio::time::advance(Duration::from_millis(10)).await;
-        b.record(&status(200), Pass::Normal, Instant::now());
+        b.record(&SinkResponse::Timeout, Pass::Normal, Instant::now());
+        assert!(
+            b.excuses(&status(503), first),
+            "the circuit opened after it"
+        );
+        assert!(!b.excuses(&status(500), first), "a 500 is the message's");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let (pass, turn) = b.pass_turn().await;
+        assert_eq!(pass, Pass::Probe);
+        b.record(&status(200), Pass::Probe, Instant::now());
+        turn.expect("a probe has a turn").done();
         assert!(
             !b.excuses(&SinkResponse::Timeout, first),
             "a later request got through"
         );
         tokio::time::advance(Duration::from_millis(10)).await;
-        assert!(b.excuses(&SinkResponse::Timeout, Instant::now()));
+        assert!(
+            !b.excuses(&SinkResponse::Timeout, Instant::now()),
+            "closed, and it has not opened since"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_probe_hands_its_turn_on() {
+        let config = CircuitBreaker {
+            failures: 1,
+            open_for: Duration::from_secs(2),
+        };
+        let b = Breaker::new(config, Gauge::default(), "r".into());
+        b.record(&status(503), Pass::Normal, Instant::now());
+        let (pass, turn) = b.pass_turn().await;
+        assert_eq!(pass, Pass::Probe);
+        drop(turn);
+        let again = tokio::time::timeout(Duration::from_millis(1), b.pass_turn()).await;
+        let (pass, _turn) = again.expect("the turn was handed on at once");
+        assert_eq!(pass, Pass::Probe);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_let_in_that_never_probes_lets_in_another() {
+        let config = CircuitBreaker {
+            failures: 1,
+            open_for: Duration::from_secs(2),
+        };
+        let b = Breaker::new(config, Gauge::default(), "r".into());
+        b.record(&status(503), Pass::Normal, Instant::now());
+        let started = Instant::now();
+        b.receivable().await;
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        // That message never asks for the probe (taken back, behind a busy key).
+        b.receivable().await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(4),
+            "another, one open_for later"
+        );
     }
 }

@@ -292,7 +292,7 @@ impl Aimd {
 fn pushes_back(response: &SinkResponse) -> bool {
     match response {
         SinkResponse::Status { status, .. } => *status == 429 || *status >= 500,
-        SinkResponse::Timeout | SinkResponse::Error(_) => true,
+        SinkResponse::Timeout | SinkResponse::Error(_) | SinkResponse::Unreachable(_) => true,
     }
 }
 

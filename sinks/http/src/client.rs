@@ -61,6 +61,8 @@ pub(crate) enum Failure {
     Timeout,
     /// One line, without the URL (it may carry secrets).
     Error(String),
+    /// No connection could be made: the request never left (same form as `Error`).
+    Unreachable(String),
 }
 
 impl From<String> for Failure {
@@ -188,13 +190,22 @@ impl Origin {
                 if reused {
                     continue;
                 }
-                return Err(Failure::Error("connection failed: closed at once".into()));
+                return Err(Failure::Unreachable(
+                    "connection failed: closed at once".into(),
+                ));
             }
             match sender.try_send_request(request).await {
                 Ok(response) => break (response, sender),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => request = unsent,
-                    _ => return Err(Failure::Error(describe("request failed", e.error()))),
+                    // Handed back unsent on a new connection: it never reached the endpoint.
+                    Some(_) => {
+                        return Err(Failure::Unreachable(describe(
+                            "connection failed",
+                            e.error(),
+                        )))
+                    }
+                    None => return Err(Failure::Error(describe("request failed", e.error()))),
                 },
             }
         };
@@ -257,6 +268,7 @@ impl Origin {
         }
     }
 
+    /// Opens a connection; every failure here is [`Failure::Unreachable`]: nothing was sent.
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, Failure> {
         let connecting = async {
             let tcp = TcpStream::connect((self.host.as_str(), self.port))
@@ -276,8 +288,13 @@ impl Origin {
             }
         };
         match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Ok(connected) => connected,
-            Err(_) => Err(Failure::Error("connection failed: connect timeout".into())),
+            Ok(connected) => connected.map_err(|failure| match failure {
+                Failure::Error(line) => Failure::Unreachable(line),
+                other => other,
+            }),
+            Err(_) => Err(Failure::Unreachable(
+                "connection failed: connect timeout".into(),
+            )),
         }
     }
 }

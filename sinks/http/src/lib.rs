@@ -213,6 +213,7 @@ impl HttpSink {
             .map_err(|failure| match failure {
                 Failure::Timeout => SinkResponse::Timeout,
                 Failure::Error(e) => SinkResponse::Error(e),
+                Failure::Unreachable(e) => SinkResponse::Unreachable(e),
             })
     }
 
