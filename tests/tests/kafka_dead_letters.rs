@@ -106,11 +106,9 @@ async fn a_dead_letter_too_large_lands_trimmed_and_one_that_never_fits_is_held_i
     assert_eq!(header(trim, "ferry_source_offset"), Some("1"));
     assert_eq!(trim.body, records[1].1, "the payload is never cut");
 
-    let refused = format!(
-        r#"ferry_broker_errors_total{{route="r",source="kafka",sink="http",operation="dead_letter"}}"#
-    );
+    let refused = r#"ferry_broker_errors_total{route="r",source="kafka",sink="http",operation="dead_letter"}"#;
     assert_eq!(
-        ferry.metric(&refused).await,
+        ferry.metric(refused).await,
         Some(1.0),
         "{}",
         ferry.metrics().await

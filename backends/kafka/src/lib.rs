@@ -332,13 +332,7 @@ type SharedConsumer = Arc<BaseConsumer<FerryContext>>;
 fn clients(
     config: &KafkaConfig,
     context: FerryContext,
-) -> Result<
-    (
-        SharedConsumer,
-        Option<(FutureProducer<context::Quiet>, String)>,
-    ),
-    SourceError,
-> {
+) -> Result<(SharedConsumer, Option<settle::Producer>), SourceError> {
     let consumer: BaseConsumer<FerryContext> = config
         .client()
         .create_with_context(context)

@@ -72,10 +72,12 @@ impl Poller {
         let mut failures = 0u32;
         while !self.stop.is_cancelled() {
             let mut wait = POLL_WAIT;
-            if let Some(h) = &handing {
+            if let Some(h) = &mut handing {
                 if self.shutdown.is_cancelled() || h.out.is_closed() {
-                    // What is held goes back unsent (uncommitted); the partitions stay
-                    // paused while in-flight deliveries finish and the last commit is made.
+                    // The route delivers what it is handed within the grace: what does not
+                    // fit goes back unsent (uncommitted). The partitions stay paused while
+                    // in-flight deliveries finish and the last commit is made.
+                    self.hand_over(h);
                     handing = None;
                     self.handed_over.cancel();
                     if !paused {

@@ -81,10 +81,13 @@ impl DeadOp {
     }
 }
 
+/// The dead-letter producer and its topic.
+pub(crate) type Producer = (FutureProducer<Quiet>, String);
+
 /// Where dead letters go.
 pub(crate) struct DeadLetters {
     /// The producer and topic; `None` drops them (`dead_letters = "drop"`).
-    pub(crate) producer: Option<(FutureProducer<Quiet>, String)>,
+    pub(crate) producer: Option<Producer>,
     pub(crate) offsets: Arc<Offsets>,
     /// The route's counters, shutdown and error state.
     pub(crate) ctx: SourceContext,
