@@ -59,12 +59,7 @@ async fn rebalances_and_a_killed_member_lose_nothing() {
 
     let expected: BTreeSet<String> = (0..N).map(|i| format!("m-{i}")).collect();
     let all = wait_until(Duration::from_secs(120), || {
-        endpoint
-            .delivered_counts()
-            .keys()
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            == expected
+        endpoint.delivered_set() == expected
     })
     .await;
     let got = endpoint.delivered_counts();
@@ -202,12 +197,7 @@ async fn an_outage_longer_than_the_session_repeats_only_what_was_in_flight() {
     // librdkafka queued during the outage must not hold up the rebalance behind them: when
     // each one was followed by a backoff, they kept the member out for 25 s to minutes.
     let all = wait_until(Duration::from_secs(20), || {
-        endpoint
-            .delivered_counts()
-            .keys()
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            == expected
+        endpoint.delivered_set() == expected
     })
     .await;
     assert!(
