@@ -1,9 +1,10 @@
 //! The receive thread. The group drops a member that has not polled librdkafka for
 //! `max.poll.interval.ms`, and the rebalance callbacks (which commit synchronously) run
 //! inside the poll: so a thread of its own polls without pause, whether or not the route has
-//! room. When the route has none (saturated or paused), the assigned partitions are paused
-//! in librdkafka instead: fetching stops, the member stays in its group, and on resume
-//! fetching restarts right after the last record taken from librdkafka.
+//! room. When the route has had none for a moment (saturated or paused), the assigned
+//! partitions are paused in librdkafka instead: fetching stops, the member stays in its
+//! group, and on resume fetching restarts right after the last record taken from
+//! librdkafka.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -25,6 +26,10 @@ use crate::settle::{DeadOp, KafkaAck, Original};
 
 /// The longest a poll waits; also how soon shutdown and room in the route are noticed.
 const POLL_WAIT: Duration = Duration::from_millis(100);
+
+/// How long a record waits for room before fetching is paused (well below any
+/// `max.poll.interval.ms`; rebalances wait that long at most).
+const PAUSE_AFTER: Duration = Duration::from_millis(500);
 
 /// What the receive thread needs.
 pub(crate) struct Poller {
@@ -90,10 +95,13 @@ impl Poller {
                 self.hand_over(h);
                 let out = &h.out;
                 if !h.held.is_empty() {
-                    // Waits here rather than in the poll, to notice room at once.
+                    // Waits here rather than in the poll, to notice room at once. A
+                    // saturated route has room again within moments: the partitions are
+                    // paused only when it does not, as each pause costs a fetch round.
+                    let limit = if paused { POLL_WAIT } else { PAUSE_AFTER };
                     let room = self
                         .runtime
-                        .block_on(async { tokio::time::timeout(POLL_WAIT, out.reserve()).await });
+                        .block_on(async { tokio::time::timeout(limit, out.reserve()).await });
                     if let Ok(Ok(permit)) = room {
                         while let Some((mark, delivery)) = h.held.pop_front() {
                             if self.offsets.is_current(&mark) {
@@ -101,6 +109,9 @@ impl Poller {
                                 break;
                             }
                         }
+                    } else if !paused {
+                        paused = true;
+                        set_paused(consumer, true);
                     }
                     wait = Duration::ZERO;
                 } else if paused {
@@ -145,10 +156,6 @@ impl Poller {
             let delivery = self.delivery(&record, mark.clone(), &h.dead);
             h.held.push_back((mark, delivery));
             self.hand_over(h);
-            if !h.held.is_empty() && !paused {
-                paused = true;
-                set_paused(consumer, true);
-            }
         }
     }
 
