@@ -104,7 +104,7 @@ fn describe(r: &RouteView) -> Value {
     let m = &r.metrics;
     let paused = r.ctx.is_paused();
     let error = r.ctx.error();
-    json!({
+    let mut described = json!({
         "name": &*r.name,
         "source": r.source,
         "state": if paused {
@@ -127,8 +127,11 @@ fn describe(r: &RouteView) -> Value {
         "retried": m.retried.get(),
         "dead_lettered": m.dead_lettered.get(),
         "dropped": m.dropped.get(),
-        "error": error,
-    })
+    });
+    if let (Some(error), Some(fields)) = (error, described.as_object_mut()) {
+        fields.insert("error".to_owned(), Value::String(error));
+    }
+    described
 }
 
 async fn list_routes(State(state): Shared) -> impl IntoResponse {

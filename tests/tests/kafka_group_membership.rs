@@ -89,7 +89,9 @@ async fn a_pause_longer_than_max_poll_interval_keeps_the_member_and_reads_nothin
 /// One process runs two routes on one runtime thread (the default): `r` on a cluster
 /// whose every answer takes 1.5 s, `r2` on another. A second member joins `r`'s group,
 /// and the rebalance's commits wait on the slow broker; `r2` must keep flowing meanwhile
-/// (no gap between its deliveries as long as that wait).
+/// (no gap between its deliveries as long as that wait). The mock answers a fetch that
+/// finds nothing after `fetch.wait.max.ms` (500 ms) even when records arrive meanwhile, so
+/// gaps of that length are the cluster's, not ferry's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_waiting_on_the_broker_does_not_stall_the_other_routes() {
     let slow = Topic::new("slowgroup", 4);
