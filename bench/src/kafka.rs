@@ -158,6 +158,7 @@ impl Kafka {
     fn source(&self, topic: &str) -> String {
         format!(
             "type = \"kafka\"\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{topic}\"]\n\
+             dead_letters = \"drop\"\n\
              librdkafka = {{ \"fetch.wait.max.ms\" = \"{FETCH_WAIT_MS}\" }}\n",
             self.bootstrap,
             unique("bench-ferry")

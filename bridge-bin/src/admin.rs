@@ -109,13 +109,16 @@ async fn metrics(State(state): Shared) -> impl IntoResponse {
 fn describe(r: &RouteView) -> Value {
     let m = &r.metrics;
     let paused = r.ctx.is_paused();
-    json!({
+    let error = r.ctx.error();
+    let mut described = json!({
         "name": &*r.name,
         "source": r.source,
         "state": if paused {
             "paused"
         } else if !r.ctx.is_connected() {
             "connecting"
+        } else if error.is_some() {
+            "source_error"
         } else if m.circuit_open.get() == 1 {
             "endpoint_down"
         } else {
@@ -129,7 +132,12 @@ fn describe(r: &RouteView) -> Value {
         "delivered": m.delivered.get(),
         "retried": m.retried.get(),
         "dead_lettered": m.dead_lettered.get(),
-    })
+        "dropped": m.dropped.get(),
+    });
+    if let (Some(error), Some(fields)) = (error, described.as_object_mut()) {
+        fields.insert("error".to_owned(), Value::String(error));
+    }
+    described
 }
 
 async fn list_routes(State(state): Shared) -> impl IntoResponse {

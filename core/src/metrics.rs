@@ -96,7 +96,7 @@ impl Metrics {
         );
         registry.register(
             "ferry_deliveries",
-            "Delivery outcomes: delivered, retried, dead_lettered, taken_back (the broker took the message back before it was sent)",
+            "Delivery outcomes: delivered, retried, dead_lettered, dropped (dead letters of a route told to drop them), taken_back (the broker took the message back before it was sent)",
             m.deliveries.clone(),
         );
         registry.register(
@@ -174,6 +174,7 @@ impl Metrics {
             delivered: outcome("delivered"),
             retried: outcome("retried"),
             dead_lettered: outcome("dead_lettered"),
+            dropped: outcome("dropped"),
             stale: outcome("taken_back"),
             responses: HTTP_CLASSES.map(class),
             request_duration: self.request_duration.get_or_create(labels).clone(),
@@ -240,6 +241,9 @@ pub struct RouteMetrics {
     pub retried: Counter,
     /// `ferry_deliveries_total{outcome="dead_lettered"}`
     pub dead_lettered: Counter,
+    /// `ferry_deliveries_total{outcome="dropped"}`: dead letters of a route configured to
+    /// drop them, counted by the source as it drops them.
+    pub dropped: Counter,
     /// `ferry_deliveries_total{outcome="taken_back"}`: not sent because the broker took
     /// the message back first (connection lost, partition revoked).
     pub stale: Counter,

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -37,6 +37,7 @@ pub struct SourceContext {
     pub counts: SourceCounts,
     connected: Arc<AtomicBool>,
     paused: Arc<watch::Sender<bool>>,
+    error: Arc<Mutex<Option<String>>>,
 }
 
 impl SourceContext {
@@ -49,6 +50,7 @@ impl SourceContext {
             counts: SourceCounts::default(),
             connected: Arc::new(AtomicBool::new(false)),
             paused: Arc::new(watch::Sender::new(false)),
+            error: Arc::default(),
         }
     }
 
@@ -92,6 +94,20 @@ impl SourceContext {
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
+
+    /// Reports a broker problem the route runs on with but an operator must fix (a dead
+    /// letter the broker refuses for good), shown by `/routes`; `None` once it is gone.
+    pub fn set_error(&self, error: Option<String>) {
+        *self.error.lock().unwrap_or_else(PoisonError::into_inner) = error;
+    }
+
+    /// The problem last reported with [`SourceContext::set_error`], if any.
+    pub fn error(&self) -> Option<String> {
+        self.error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// The counters a source keeps itself, because only it knows when the broker call behind
@@ -101,6 +117,9 @@ pub struct SourceCounts {
     /// `ferry_deliveries_total{outcome="dead_lettered"}`: a source whose handles say
     /// [`crate::Settle::counts_dead_letters`] counts here once the dead letter has landed.
     pub dead_lettered: Counter,
+    /// `ferry_deliveries_total{outcome="dropped"}`: dead letters a route is configured to
+    /// drop, counted as the source drops them.
+    pub dropped: Counter,
     /// `ferry_broker_errors_total{operation}`.
     pub broker_errors: BrokerErrors,
 }
@@ -109,6 +128,7 @@ impl From<&RouteMetrics> for SourceCounts {
     fn from(metrics: &RouteMetrics) -> Self {
         Self {
             dead_lettered: metrics.dead_lettered.clone(),
+            dropped: metrics.dropped.clone(),
             broker_errors: metrics.broker_errors.clone(),
         }
     }

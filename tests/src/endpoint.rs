@@ -147,6 +147,15 @@ impl Endpoint {
         self.delivered_msgs().into_iter().collect()
     }
 
+    /// How often each envelope `msg` was accepted.
+    pub fn delivered_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for msg in self.delivered_msgs() {
+            *counts.entry(msg).or_default() += 1;
+        }
+        counts
+    }
+
     /// Requests open right now.
     pub fn open(&self) -> usize {
         self.inner.in_flight.load(Ordering::SeqCst)

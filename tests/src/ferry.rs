@@ -323,6 +323,25 @@ impl Ferry {
             .and_then(|v| v.parse().ok())
     }
 
+    /// Calls the admin API without a token: the status and the JSON answer (`Null` when
+    /// the answer is not JSON).
+    pub async fn admin(&self, method: reqwest::Method, path: &str) -> (u16, serde_json::Value) {
+        let response = reqwest::Client::new()
+            .request(
+                method,
+                format!("http://127.0.0.1:{}{path}", self.admin_port),
+            )
+            .send()
+            .await
+            .expect("admin call");
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.expect("admin answer body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
     /// Waits until `/readyz` answers 200 (every route receiving), or for a program
     /// without an admin server, until it logs its ready marker.
     pub async fn wait_ready(&self, limit: Duration) {

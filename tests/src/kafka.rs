@@ -7,6 +7,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 /// A one-broker cluster that lives as long as this value.
@@ -15,6 +16,85 @@ pub struct Cluster {
     producer: FutureProducer,
     mock: MockCluster<'static, DefaultProducerContext>,
     bootstrap: String,
+}
+
+/// A topic of the tests on a cluster of its own, with a one-partition dead-letter topic
+/// beside it and the consumer group the tests' bridges join.
+pub struct Topic {
+    /// The cluster.
+    pub cluster: Cluster,
+    /// The topic.
+    pub name: String,
+    /// The dead-letter topic.
+    pub dead: String,
+    /// The consumer group.
+    pub group: String,
+    /// How many partitions `name` has.
+    pub partitions: i32,
+}
+
+impl Topic {
+    /// Starts a cluster with the two topics.
+    pub fn new(prefix: &str, partitions: i32) -> Self {
+        let cluster = Cluster::start();
+        let name = crate::unique(prefix);
+        let dead = format!("{name}-dlq");
+        cluster.create_topic(&name, partitions);
+        cluster.create_topic(&dead, 1);
+        Self {
+            group: format!("{name}-group"),
+            cluster,
+            name,
+            dead,
+            partitions,
+        }
+    }
+
+    /// The route's source section.
+    pub fn source(&self) -> String {
+        self.source_with("")
+    }
+
+    /// The route's source section with more librdkafka settings (`"key" = value, ...`).
+    pub fn source_with(&self, settings: &str) -> String {
+        let source = crate::ferry::kafka_source(
+            self.cluster.bootstrap(),
+            &self.group,
+            &self.name,
+            &self.dead,
+        );
+        if settings.is_empty() {
+            return source;
+        }
+        source.replace(
+            "\"heartbeat.interval.ms\" = 100",
+            &format!("\"heartbeat.interval.ms\" = 100, {settings}"),
+        )
+    }
+
+    /// Publishes records without a key whose bodies are `m-<i>`.
+    pub async fn publish(&self, range: std::ops::Range<usize>) {
+        let records: Vec<(Option<String>, String)> =
+            range.map(|i| (None, format!("m-{i}"))).collect();
+        self.cluster.produce(&self.name, &records).await;
+    }
+
+    /// Starts a ferry whose route `r` reads the topic into `sink_url`.
+    pub fn start(&self, sink_url: &str, delivery: &str) -> crate::Ferry {
+        crate::Ferry::start(&crate::ferry::Route {
+            source: self.source(),
+            sink_url,
+            sink: "",
+            delivery,
+        })
+    }
+
+    /// The group's lag over the topic.
+    pub async fn lag(&self) -> u64 {
+        self.cluster
+            .lag(&self.group, &self.name, self.partitions)
+            .await
+    }
 }
 
 /// A record read back from a topic.
@@ -85,6 +165,21 @@ impl Cluster {
                 .expect("delivery report")
                 .expect("produce to the mock cluster");
         }
+    }
+
+    /// Delays every answer of the broker by `delay` (zero for none): a slow or distant
+    /// cluster, where each synchronous call waits that long.
+    pub fn set_round_trip(&self, delay: Duration) {
+        self.mock
+            .broker_round_trip_time(1, delay)
+            .expect("change the mock broker's round-trip time");
+    }
+
+    /// The next `times` produce requests to the cluster fail with `error` (librdkafka
+    /// retries a retriable one by itself until `message.timeout.ms`).
+    pub fn fail_produce(&self, error: RDKafkaRespErr, times: usize) {
+        self.mock
+            .request_errors(RDKafkaApiKey::Produce, &vec![error; times]);
     }
 
     /// Takes the broker away (connections refused and closed) or brings it back.

@@ -231,6 +231,11 @@ async fn refused_rabbitmq_login_is_one_line_without_the_password() {
 }
 
 fn kafka_config(brokers: &str, topic: &str, extra: &str) -> String {
+    kafka_config_with(brokers, topic, "dead_letters = \"drop\"", extra)
+}
+
+/// `dead_letters` holds the route's dead-letter keys, `extra` what follows them.
+fn kafka_config_with(brokers: &str, topic: &str, dead_letters: &str, extra: &str) -> String {
     format!(
         r#"
 [admin]
@@ -240,6 +245,7 @@ type = "kafka"
 brokers = "{brokers}"
 group_id = "ferry-cli"
 topics = ["{topic}"]
+{dead_letters}
 {extra}
 [routes.clicks.sink]
 type = "http"
@@ -280,6 +286,39 @@ fn kafka_settings_ferry_owns_are_refused_and_values_stay_secret() {
     );
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!text.contains("hunter2"), "secret leaked: {text}");
+}
+
+/// Without a dead-letter topic the route must say that dead letters are dropped; saying
+/// both is a contradiction. Each is one line naming the key.
+#[test]
+fn kafka_without_a_dead_letter_destination_is_refused() {
+    let file = write(
+        "kafkanodlq.toml",
+        &kafka_config_with("127.0.0.1:9092", "t", "", ""),
+    );
+    let out = run_cli(&["validate", "--config", &file]);
+    assert_config_error(
+        &out,
+        &["routes.clicks.source: no dead-letter destination: set dead_letter_topic, or dead_letters = \"drop\" to drop dead letters"],
+    );
+    let file = write(
+        "kafkaboth.toml",
+        &kafka_config_with(
+            "127.0.0.1:9092",
+            "t",
+            "dead_letter_topic = \"t-dlq\"\ndead_letters = \"drop\"",
+            "",
+        ),
+    );
+    let out = run_cli(&["validate", "--config", &file]);
+    assert_config_error(&out, &["routes.clicks.source.dead_letters"]);
+    let file = write("kafkadrop.toml", &kafka_config("127.0.0.1:9092", "t", ""));
+    let out = run_cli(&["validate", "--config", &file]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

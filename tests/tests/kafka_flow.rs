@@ -4,70 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use ferry_e2e::ferry::{kafka_source, Route};
-use ferry_e2e::kafka::Cluster;
-use ferry_e2e::{unique, wait_until, Endpoint, Ferry, Reply};
+use ferry_e2e::ferry::Route;
+use ferry_e2e::kafka::Topic;
+use ferry_e2e::{wait_until, Endpoint, Ferry, Reply};
 
 const PARTITIONS: i32 = 4;
-
-struct Topic {
-    cluster: Cluster,
-    name: String,
-    dead: String,
-    group: String,
-}
-
-impl Topic {
-    fn new() -> Self {
-        let cluster = Cluster::start();
-        let name = unique("flow");
-        let dead = format!("{name}-dlq");
-        cluster.create_topic(&name, PARTITIONS);
-        cluster.create_topic(&dead, 1);
-        Self {
-            group: format!("{name}-group"),
-            cluster,
-            name,
-            dead,
-        }
-    }
-
-    fn source(&self) -> String {
-        kafka_source(
-            self.cluster.bootstrap(),
-            &self.group,
-            &self.name,
-            &self.dead,
-        )
-    }
-
-    async fn publish(&self, range: std::ops::Range<usize>) {
-        let records: Vec<(Option<String>, String)> =
-            range.map(|i| (None, format!("m-{i}"))).collect();
-        self.cluster.produce(&self.name, &records).await;
-    }
-
-    async fn lag(&self) -> u64 {
-        self.cluster.lag(&self.group, &self.name, PARTITIONS).await
-    }
-}
-
-fn start(topic: &Topic, endpoint: &Endpoint, delivery: &str) -> Ferry {
-    Ferry::start(&Route {
-        source: topic.source(),
-        sink_url: &endpoint.url(),
-        sink: "",
-        delivery,
-    })
-}
-
-fn counts(endpoint: &Endpoint) -> BTreeMap<String, usize> {
-    let mut count = BTreeMap::new();
-    for s in endpoint.delivered() {
-        *count.entry(s.msg().unwrap_or_default()).or_default() += 1;
-    }
-    count
-}
 
 /// A second member joins mid-stream (partitions move to it), then the first is killed
 /// with requests in flight on the partitions it kept. If a revoke or the commit loop had
@@ -76,10 +17,10 @@ fn counts(endpoint: &Endpoint) -> BTreeMap<String, usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalances_and_a_killed_member_lose_nothing() {
     const N: usize = 1200;
-    let topic = Topic::new();
+    let topic = Topic::new("flow", PARTITIONS);
     let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(40))).await;
     let delivery = "concurrency = 16\nordering = \"none\"";
-    let first = start(&topic, &endpoint, delivery);
+    let first = topic.start(&endpoint.url(), delivery);
     first.wait_ready(Duration::from_secs(30)).await;
     topic.publish(0..400).await;
     let flowing = wait_until(Duration::from_secs(60), || {
@@ -92,7 +33,7 @@ async fn rebalances_and_a_killed_member_lose_nothing() {
         first.log()
     );
 
-    let second = start(&topic, &endpoint, delivery);
+    let second = topic.start(&endpoint.url(), delivery);
     second.wait_ready(Duration::from_secs(30)).await;
     topic.publish(400..800).await;
     // Both members take part once the second has partitions and delivered from them.
@@ -118,10 +59,10 @@ async fn rebalances_and_a_killed_member_lose_nothing() {
 
     let expected: BTreeSet<String> = (0..N).map(|i| format!("m-{i}")).collect();
     let all = wait_until(Duration::from_secs(120), || {
-        counts(&endpoint).keys().cloned().collect::<BTreeSet<_>>() == expected
+        endpoint.delivered_set() == expected
     })
     .await;
-    let got = counts(&endpoint);
+    let got = endpoint.delivered_counts();
     let missing: Vec<&String> = expected
         .iter()
         .filter(|b| !got.contains_key(*b))
@@ -171,13 +112,9 @@ async fn rebalances_and_a_killed_member_lose_nothing() {
 /// The lag gauge shows what the group has not finished, and falls to zero once drained.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlog_gauge_is_the_consumer_lag() {
-    let topic = Topic::new();
+    let topic = Topic::new("flow", PARTITIONS);
     let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(100))).await;
-    let ferry = start(
-        &topic,
-        &endpoint,
-        "concurrency = 2\nordering = \"partition\"",
-    );
+    let ferry = topic.start(&endpoint.url(), "concurrency = 2\nordering = \"partition\"");
     ferry.wait_ready(Duration::from_secs(30)).await;
     topic.publish(0..300).await;
     let metric = r#"ferry_source_backlog{route="r",source="kafka",sink="http"}"#;
@@ -232,14 +169,11 @@ async fn backlog_gauge_is_the_consumer_lag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_the_session_repeats_only_what_was_in_flight() {
     const N: usize = 800;
-    let topic = Topic::new();
+    let topic = Topic::new("flow", PARTITIONS);
     let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(20))).await;
     // The member rejoins under a new id; the group's rebalance waits for the members it
     // knows for up to `max.poll.interval.ms` (5 minutes by default), so it is bounded here.
-    let source = topic.source().replace(
-        "\"heartbeat.interval.ms\" = 100",
-        "\"heartbeat.interval.ms\" = 100, \"max.poll.interval.ms\" = 20000",
-    );
+    let source = topic.source_with("\"max.poll.interval.ms\" = 20000");
     assert!(source.contains("max.poll.interval.ms"), "{source}");
     let ferry = Ferry::start(&Route {
         source,
@@ -263,7 +197,7 @@ async fn an_outage_longer_than_the_session_repeats_only_what_was_in_flight() {
     // librdkafka queued during the outage must not hold up the rebalance behind them: when
     // each one was followed by a backoff, they kept the member out for 25 s to minutes.
     let all = wait_until(Duration::from_secs(20), || {
-        counts(&endpoint).keys().cloned().collect::<BTreeSet<_>>() == expected
+        endpoint.delivered_set() == expected
     })
     .await;
     assert!(
@@ -276,7 +210,8 @@ async fn an_outage_longer_than_the_session_repeats_only_what_was_in_flight() {
     let status = ferry.wait_exit(Duration::from_secs(30)).await;
     let log = ferry.log();
     assert!(status.is_some_and(|s| s.success()), "{log}");
-    let twice: Vec<String> = counts(&endpoint)
+    let twice: Vec<String> = endpoint
+        .delivered_counts()
         .into_iter()
         .filter(|(_, n)| *n > 1)
         .map(|(b, _)| b)

@@ -6,10 +6,13 @@
 //! rebalance or crash can therefore make a record be read twice, never skipped. Retries
 //! wait in ferry (Kafka cannot hide one record); dead letters are produced to
 //! `dead_letter_topic` with the reason in headers before their offset counts as done.
+//! librdkafka is polled by a thread of its own (see [`poller`]), so neither a full or
+//! paused route nor a rebalance blocks the async workers or costs the group membership.
 
 mod context;
 mod convert;
 mod offsets;
+mod poller;
 mod settle;
 
 use std::collections::BTreeMap;
@@ -17,13 +20,12 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_core::{AckHandle, Delivery, Source, SourceContext, SourceError};
+use ferry_core::{Delivery, Source, SourceContext, SourceError};
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Headers;
 use rdkafka::producer::FutureProducer;
-use rdkafka::{ClientConfig, Message as _, Offset};
+use rdkafka::{ClientConfig, Offset};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -32,7 +34,26 @@ pub use convert::KeyFrom;
 
 use context::FerryContext;
 use offsets::Offsets;
-use settle::{DeadLetters, KafkaAck, Original};
+use poller::Poller;
+use settle::DeadLetters;
+
+/// Where a route's dead letters go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterTarget {
+    /// Produced to this topic, then committed.
+    Topic(String),
+    /// Logged, counted and dropped (`dead_letters = "drop"`).
+    Drop,
+}
+
+impl DeadLetterTarget {
+    fn topic(&self) -> Option<&str> {
+        match self {
+            DeadLetterTarget::Topic(topic) => Some(topic),
+            DeadLetterTarget::Drop => None,
+        }
+    }
+}
 
 /// The `[routes.x.source]` section of a `kafka` route, validated.
 #[derive(Clone)]
@@ -43,8 +64,11 @@ pub struct KafkaConfig {
     pub group_id: String,
     /// Topics to consume.
     pub topics: Vec<String>,
-    /// Where dead letters are produced; without one they are logged and skipped.
-    pub dead_letter_topic: Option<String>,
+    /// Where dead letters go.
+    pub dead_letters: DeadLetterTarget,
+    /// The route's `shutdown_grace`: at shutdown a dead letter waits that long at most
+    /// for the broker, whatever the dead-letter topic does.
+    pub shutdown_grace: Duration,
     /// Extra librdkafka settings (`security.protocol`, `sasl.password`, ...); values may
     /// hold secrets and are never logged.
     pub librdkafka: BTreeMap<String, String>,
@@ -58,7 +82,8 @@ impl std::fmt::Debug for KafkaConfig {
             .field("brokers", &self.brokers)
             .field("group_id", &self.group_id)
             .field("topics", &self.topics)
-            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("dead_letters", &self.dead_letters)
+            .field("shutdown_grace", &self.shutdown_grace)
             .field("librdkafka", &self.librdkafka.keys().collect::<Vec<_>>())
             .field("key_from", &self.key_from)
             .finish()
@@ -179,17 +204,17 @@ fn check(config: &KafkaConfig) -> Result<(), KafkaSourceError> {
             .iter()
             .any(|m| m.name() == t && m.error().is_none())
     };
-    let wanted = config.topics.iter().map(|t| ("topics", t)).chain(
+    let wanted = config.topics.iter().map(|t| ("topics", t.as_str())).chain(
         config
-            .dead_letter_topic
-            .iter()
+            .dead_letters
+            .topic()
             .map(|t| ("dead_letter_topic", t)),
     );
     for (key, topic) in wanted {
         if !exists(topic) {
             return Err(KafkaSourceError::NoTopic {
                 key,
-                topic: topic.clone(),
+                topic: topic.to_owned(),
                 brokers: config.brokers.clone(),
             });
         }
@@ -217,38 +242,23 @@ impl Source for KafkaSource {
             source: ctx.clone(),
             down: AtomicBool::new(false),
         };
-        let consumer: Arc<StreamConsumer<FerryContext>> = Arc::new(
-            self.config
-                .client()
-                .create_with_context(context)
-                .map_err(|e| fatal("creating the consumer", &e))?,
-        );
-        let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .map_err(|e| fatal("subscribing", &e))?;
-        let producer = match &self.config.dead_letter_topic {
-            Some(topic) => {
-                let producer: FutureProducer<context::Quiet> = self
-                    .config
-                    .producer()
-                    .create_with_context(context::Quiet)
-                    .map_err(|e| fatal("creating the dead-letter producer", &e))?;
-                Some((producer, topic.clone()))
-            }
-            None => None,
-        };
+        let config = self.config.clone();
+        // librdkafka's calls wait on its threads and the network: never on an async worker.
+        let (consumer, producer) = tokio::task::spawn_blocking(move || clients(&config, context))
+            .await
+            .map_err(|e| fatal("creating the consumer", &e))??;
         let keep_original = producer.is_some();
         ctx.set_connected(true);
         info!(route = %ctx.route, topics = %self.source, group = %self.config.group_id, "consuming");
 
         let (dead_tx, dead_rx) = mpsc::unbounded_channel();
+        let give_up = CancellationToken::new();
         let dead_letters = tokio::spawn(
             DeadLetters {
                 producer,
                 offsets: offsets.clone(),
-                route: ctx.route.clone(),
-                shutdown: ctx.shutdown.clone(),
+                ctx: ctx.clone(),
+                give_up: give_up.clone(),
             }
             .run(dead_rx),
         );
@@ -260,78 +270,34 @@ impl Source for KafkaSource {
             ctx.clone(),
             stop.clone(),
         ));
-
-        let mut failures = 0u32;
-        loop {
-            let permit = tokio::select! {
-                biased;
-                _ = ctx.shutdown.cancelled() => break,
-                p = out.reserve() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
+        let handed_over = CancellationToken::new();
+        let stop_polling = CancellationToken::new();
+        let polling = tokio::task::spawn_blocking({
+            let poller = Poller {
+                consumer: consumer.clone(),
+                offsets: offsets.clone(),
+                source: self.source.clone(),
+                key_from: self.config.key_from,
+                keep_original,
+                shutdown: ctx.shutdown.clone(),
+                handed_over: handed_over.clone(),
+                stop: stop_polling.clone(),
+                runtime: tokio::runtime::Handle::current(),
             };
-            let received = tokio::select! {
-                biased;
-                _ = ctx.shutdown.cancelled() => break,
-                r = consumer.recv() => r,
-            };
-            let record = match received {
-                Ok(record) => record,
-                Err(e) => {
-                    failures += 1;
-                    if failures == 1 {
-                        warn!(route = %ctx.route, error = %one_line(&e), "receive failed; retrying");
-                    }
-                    // librdkafka queues its reports of broker trouble among the records
-                    // and reconnects by itself. Waiting after each report left the queue
-                    // behind them, rebalances included, unserved for minutes after an
-                    // outage; only a fatal error (the consumer cannot go on) waits.
-                    if matches!(e, KafkaError::MessageConsumptionFatal(_)) {
-                        tokio::select! {
-                            _ = ctx.shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(Duration::from_millis(100u64 << failures.min(6))) => {}
-                        }
-                    }
-                    continue;
-                }
-            };
-            failures = 0;
-            consumer.context().reached();
-            let Some(mark) = offsets.receive(record.topic(), record.partition(), record.offset())
-            else {
-                // Fetched across a rebalance for a partition this member no longer owns.
-                continue;
-            };
-            let message = convert::convert(&record, &self.source, self.config.key_from);
-            let original = keep_original.then(|| Original {
-                key: record.key().map(bytes::Bytes::copy_from_slice),
-                payload: message.payload.clone(),
-                headers: record
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(bytes::Bytes::copy_from_slice)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            });
-            permit.send(Delivery {
-                message,
-                ack: AckHandle::new(KafkaAck {
-                    mark,
-                    offsets: offsets.clone(),
-                    dead: dead_tx.clone(),
-                    original,
-                }),
-            });
-        }
+            move || poller.run(out, dead_tx)
+        });
 
         // Shutdown: every handle settles (in-flight ones within the grace, the rest as
-        // releases that stay uncommitted), dead letters finish, then one last commit.
-        drop(out);
-        drop(dead_tx);
-        let _ = dead_letters.await;
+        // releases that stay uncommitted), dead letters finish or are given up at the end
+        // of the grace, then one last commit. The poller keeps serving the group meanwhile.
+        handed_over.cancelled().await;
+        let grace = self.config.shutdown_grace;
+        let deadline = tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            give_up.cancel();
+        });
+        let producer = dead_letters.await.ok().flatten();
+        deadline.abort();
         stop.cancel();
         let _ = committer.await;
         lag.abort();
@@ -347,10 +313,13 @@ impl Source for KafkaSource {
                     "final commit failed; records after the last commit will be read again");
             }
         }
+        stop_polling.cancel();
+        let _ = polling.await;
         ctx.set_connected(false);
         // Leaving the group here (rather than when the route's memory is freed) hands the
-        // partitions to the other members at once.
+        // partitions to the other members at once. Closing the producer purges and waits.
         tokio::task::spawn_blocking(move || {
+            drop(producer);
             consumer.unsubscribe();
             drop(consumer);
         })
@@ -360,13 +329,39 @@ impl Source for KafkaSource {
     }
 }
 
+/// The consumer, shared by the receive thread, the commit loop and the lag gauge.
+type SharedConsumer = Arc<BaseConsumer<FerryContext>>;
+
+/// The route's consumer, subscribed, and its dead-letter producer (none when dead
+/// letters are dropped).
+fn clients(
+    config: &KafkaConfig,
+    context: FerryContext,
+) -> Result<(SharedConsumer, Option<settle::Producer>), SourceError> {
+    let consumer: BaseConsumer<FerryContext> = config
+        .client()
+        .create_with_context(context)
+        .map_err(|e| fatal("creating the consumer", &e))?;
+    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| fatal("subscribing", &e))?;
+    let producer = match config.dead_letters.topic() {
+        Some(topic) => {
+            let producer: FutureProducer<context::Quiet> = config
+                .producer()
+                .create_with_context(context::Quiet)
+                .map_err(|e| fatal("creating the dead-letter producer", &e))?;
+            Some((producer, topic.to_owned()))
+        }
+        None => None,
+    };
+    Ok((Arc::new(consumer), producer))
+}
+
 /// Commits finished offsets as they move. Each commit waits for the broker's answer (on
 /// a blocking thread), so a refused commit is known at once and retried with the next one.
-async fn commit_loop(
-    consumer: Arc<StreamConsumer<FerryContext>>,
-    offsets: Arc<Offsets>,
-    stop: CancellationToken,
-) {
+async fn commit_loop(consumer: SharedConsumer, offsets: Arc<Offsets>, stop: CancellationToken) {
     let mut failing = false;
     loop {
         tokio::select! {
@@ -402,7 +397,7 @@ async fn commit_loop(
 
 /// Keeps `ferry_source_backlog` at the group's lag over the partitions this member holds.
 async fn poll_lag(
-    consumer: Arc<StreamConsumer<FerryContext>>,
+    consumer: SharedConsumer,
     offsets: Arc<Offsets>,
     ctx: SourceContext,
     stop: CancellationToken,

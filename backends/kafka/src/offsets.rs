@@ -82,6 +82,11 @@ impl Offsets {
         carried
     }
 
+    /// Counts assignments: it changes with every rebalance that assigns partitions.
+    pub(crate) fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
     /// The partitions were taken away: returns their commit positions (to commit before
     /// letting go, even when a periodic commit of the same position may still be under
     /// way) and forgets them, so late settlements cannot move them.

@@ -271,14 +271,26 @@ pub struct KafkaSourceConfig {
     pub group_id: String,
     /// Topics to consume.
     pub topics: Vec<String>,
-    /// Where dead letters are produced; without one they are logged and skipped.
+    /// Where dead letters are produced.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
+    /// `"drop"`: no `dead_letter_topic`, dead letters are logged, counted and dropped. One
+    /// of the two is required, so that losing dead letters is a choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letters: Option<KafkaDeadLetters>,
     /// librdkafka settings passed through (`security.protocol`, `sasl.password`, ...).
     /// Written as TOML keys, `session.timeout.ms = 6000` and
     /// `"session.timeout.ms" = "6000"` mean the same.
     #[serde(default)]
     pub librdkafka: BTreeMap<String, Setting>,
+}
+
+/// `dead_letters` of a Kafka route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KafkaDeadLetters {
+    /// Log, count and drop them.
+    Drop,
 }
 
 /// A pass-through client setting: librdkafka takes every value as text.

@@ -208,6 +208,7 @@ pub fn validate(config: &Config) -> Result<Plan, Vec<ConfigError>> {
         let source = source_plan(
             &route.source,
             ordering,
+            route.delivery.shutdown_grace.0,
             &format!("{at}.source"),
             &mut errors,
         );
@@ -497,6 +498,7 @@ fn amqp_dead_letters(amqp: &AmqpSourceConfig, at: &str, errors: &mut Errors) -> 
 fn source_plan(
     source: &SourceConfig,
     ordering: Option<Ordering>,
+    shutdown_grace: Duration,
     at: &str,
     errors: &mut Errors,
 ) -> Option<SourcePlan> {
@@ -596,6 +598,17 @@ fn source_plan(
                     );
                 }
             }
+            match (&kafka.dead_letter_topic, kafka.dead_letters) {
+                (None, None) => errors.push(
+                    at,
+                    "no dead-letter destination: set dead_letter_topic, or dead_letters = \"drop\" to drop dead letters",
+                ),
+                (Some(_), Some(super::KafkaDeadLetters::Drop)) => errors.push(
+                    format!("{at}.dead_letters"),
+                    "\"drop\" contradicts dead_letter_topic: keep one of them",
+                ),
+                _ => {}
+            }
             let settings = super::Setting::flatten(&kafka.librdkafka);
             for key in settings.keys() {
                 if RESERVED_KAFKA_SETTINGS.contains(&key.as_str()) {
@@ -611,7 +624,11 @@ fn source_plan(
                     brokers: kafka.brokers.clone(),
                     group_id: kafka.group_id.clone(),
                     topics: kafka.topics.clone(),
-                    dead_letter_topic: kafka.dead_letter_topic.clone(),
+                    dead_letters: match &kafka.dead_letter_topic {
+                        Some(topic) => ferry_kafka::DeadLetterTarget::Topic(topic.clone()),
+                        None => ferry_kafka::DeadLetterTarget::Drop,
+                    },
+                    shutdown_grace,
                     librdkafka: settings,
                     key_from: match ordering {
                         Some(Ordering::Partition) => ferry_kafka::KeyFrom::Partition,
