@@ -163,7 +163,7 @@ fn headers(op: &DeadOp, source: &str, trimmed: bool) -> OwnedHeaders {
         }
         reason.truncate(end);
     }
-    let status = op.why.status.map(|s| s.to_string()).unwrap_or_default();
+    let status = op.why.last_status();
     let attempts = op.why.attempts.to_string();
     let offset = op.mark.offset.to_string();
     let partition = op.mark.tp.1.to_string();

@@ -135,8 +135,9 @@ async fn refused_connection_is_an_error_without_the_url() {
         &format!("http://user:secret@127.0.0.1:{port}/in"),
         Duration::from_secs(1),
     );
+    // Nothing was sent: not an attempt.
     match sink.deliver(&message("x")).await {
-        SinkResponse::Error(text) => {
+        SinkResponse::Unreachable(text) => {
             assert!(text.starts_with("connection failed"), "{text}");
             assert!(!text.contains("secret"), "{text}");
         }
