@@ -205,18 +205,15 @@ pub struct BrokerErrors {
 impl BrokerErrors {
     /// Counts `n` failed broker calls (or entries of a batch call) of `operation`.
     pub fn count(&self, operation: &'static str, n: u64) {
-        self.family
-            .get_or_create(&OperationLabels {
-                route: self.labels.route.clone(),
-                source: self.labels.source.clone(),
-                sink: self.labels.sink.clone(),
-                operation,
-            })
-            .inc_by(n);
+        self.counter(operation).inc_by(n);
     }
 
     /// How many failures of `operation` were counted (for `/routes` and tests).
     pub fn get(&self, operation: &'static str) -> u64 {
+        self.counter(operation).get()
+    }
+
+    fn counter(&self, operation: &'static str) -> Counter {
         self.family
             .get_or_create(&OperationLabels {
                 route: self.labels.route.clone(),
@@ -224,7 +221,7 @@ impl BrokerErrors {
                 sink: self.labels.sink.clone(),
                 operation,
             })
-            .get()
+            .clone()
     }
 }
 

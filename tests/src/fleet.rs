@@ -97,34 +97,84 @@ fn emulator_bound(explained: Explained, n: usize) -> usize {
     n * explained.per_thousand / 1000 + usize::from(explained.per_thousand > 0)
 }
 
+/// What every scenario sets up: a queue, an endpoint answering after `latency`, and `n`
+/// numbered messages to send.
+struct Run<Q> {
+    started: Instant,
+    queue: Q,
+    endpoint: Endpoint,
+    settings: Settings,
+    messages: Vec<Outgoing>,
+    sent: BTreeSet<String>,
+    explained: Explained,
+}
+
+impl<Q: TestQueue> Run<Q> {
+    async fn new<B: Backend<Queue = Q>>(
+        backend: &B,
+        prefix: &str,
+        latency: Duration,
+        n: usize,
+        explained: Explained,
+    ) -> Self {
+        let started = Instant::now();
+        let queue = backend.queue(false).await;
+        let endpoint = Endpoint::start(move |_| Reply::ok().after(latency)).await;
+        let messages = numbered(prefix, 0..n);
+        let sent = body_set(&messages);
+        Self {
+            started,
+            queue,
+            endpoint,
+            settings: Settings::default(),
+            messages,
+            sent,
+            explained,
+        }
+    }
+
+    async fn bridge(&self) -> Ferry {
+        start_bridge(&self.queue, &self.endpoint, self.settings).await
+    }
+
+    /// Waits for everything, stops every replica, checks the labels (unless a crash made
+    /// some unlabelled copies legitimate) and counts. `moves`: how many times what a
+    /// replica held unacked may come again.
+    async fn report<B: Backend<Queue = Q>>(
+        self,
+        scenario: &'static str,
+        name: &'static str,
+        bridges: Vec<Ferry>,
+        moves: usize,
+        labels: bool,
+    ) -> Report {
+        let log = bridges[0].log();
+        let dead = finish(&self.queue, &self.endpoint, &self.sent, bridges).await;
+        if labels {
+            assert_labelled::<B>(&self.endpoint, &log);
+        }
+        let bound = emulator_bound(self.explained, self.sent.len())
+            + moves * self.queue.max_unacked(&self.settings);
+        Report::tally(
+            scenario,
+            name,
+            &self.sent,
+            &self.endpoint,
+            &dead,
+            bound,
+            self.started,
+        )
+    }
+}
+
 /// Three replicas, steady state.
 pub async fn steady<B: Backend>(backend: &B, name: &'static str, n: usize, e: Explained) -> Report {
-    let started = Instant::now();
-    let queue = backend.queue(false).await;
-    let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(10))).await;
-    let settings = Settings::default();
-    let bridges = start_all(&queue, &endpoint, settings).await;
-    let messages = numbered("fleet-steady", 0..n);
-    let sent = body_set(&messages);
-    publish_in_chunks(&queue, &messages, 100).await;
-    let log = bridges[0].log();
-    let dead = finish(&queue, &endpoint, &sent, bridges).await;
-    assert_labelled::<B>(&endpoint, &log);
-    let bound = emulator_bound(e, n)
-        + if e.rebalances {
-            queue.max_unacked(&settings)
-        } else {
-            0
-        };
-    Report::tally(
-        "3 replicas, steady",
-        name,
-        &sent,
-        &endpoint,
-        &dead,
-        bound,
-        started,
-    )
+    let run = Run::new(backend, "fleet-steady", Duration::from_millis(10), n, e).await;
+    let bridges = start_all(&run.queue, &run.endpoint, run.settings).await;
+    publish_in_chunks(&run.queue, &run.messages, 100).await;
+    let moves = usize::from(e.rebalances);
+    run.report::<B>("3 replicas, steady", name, bridges, moves, true)
+        .await
 }
 
 /// Three replicas; `kill -9` of one mid-stream, then it starts again.
@@ -134,32 +184,25 @@ pub async fn kill_one<B: Backend>(
     n: usize,
     e: Explained,
 ) -> Report {
-    let started = Instant::now();
-    let queue = backend.queue(false).await;
-    let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(50))).await;
-    let settings = Settings::default();
-    let mut bridges = start_all(&queue, &endpoint, settings).await;
-    let messages = numbered("fleet-kill", 0..n);
-    let sent = body_set(&messages);
-    let (first, rest) = messages.split_at(n / 2);
-    publish_in_chunks(&queue, first, 100).await;
-    wait_accepted(&endpoint, n / 6, &bridges).await;
+    let run = Run::new(backend, "fleet-kill", Duration::from_millis(50), n, e).await;
+    let mut bridges = start_all(&run.queue, &run.endpoint, run.settings).await;
+    let (first, rest) = run.messages.split_at(n / 2);
+    publish_in_chunks(&run.queue, first, 100).await;
+    wait_accepted(&run.endpoint, n / 6, &bridges).await;
     bridges[1].signal("KILL");
-    bridges[1] = start_bridge(&queue, &endpoint, settings).await;
-    publish_in_chunks(&queue, rest, 100).await;
-    let dead = finish(&queue, &endpoint, &sent, bridges).await;
-    // The killed replica's unacked work, and (Kafka) what the two rebalances moved.
+    bridges[1] = run.bridge().await;
+    publish_in_chunks(&run.queue, rest, 100).await;
+    // The killed replica's unacked work, and (Kafka) what the two rebalances moved. What it
+    // had received but not sent comes back counted as a delivery: no label check.
     let moves = if e.rebalances { 3 } else { 1 };
-    let bound = emulator_bound(e, n) + moves * queue.max_unacked(&settings);
-    Report::tally(
+    run.report::<B>(
         "3 replicas, kill -9 of one, restart",
         name,
-        &sent,
-        &endpoint,
-        &dead,
-        bound,
-        started,
+        bridges,
+        moves,
+        false,
     )
+    .await
 }
 
 /// Three replicas restarted one after another (SIGTERM, then a new process) while
@@ -170,40 +213,21 @@ pub async fn rolling_restart<B: Backend>(
     n: usize,
     e: Explained,
 ) -> Report {
-    let started = Instant::now();
-    let queue = backend.queue(false).await;
-    let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(50))).await;
-    let settings = Settings::default();
-    let mut bridges = start_all(&queue, &endpoint, settings).await;
-    let messages = numbered("fleet-rolling", 0..n);
-    let sent = body_set(&messages);
-    let chunks: Vec<&[Outgoing]> = messages.chunks(n.div_ceil(REPLICAS + 1)).collect();
-    queue.publish(chunks[0]).await;
+    let run = Run::new(backend, "fleet-rolling", Duration::from_millis(50), n, e).await;
+    let mut bridges = start_all(&run.queue, &run.endpoint, run.settings).await;
+    let chunks: Vec<&[Outgoing]> = run.messages.chunks(n.div_ceil(REPLICAS + 1)).collect();
+    run.queue.publish(chunks[0]).await;
     for (i, chunk) in chunks.iter().skip(1).enumerate() {
-        wait_accepted(&endpoint, (i + 1) * n / (REPLICAS + 2), &bridges).await;
-        let leaving = std::mem::replace(
-            &mut bridges[i],
-            start_bridge(&queue, &endpoint, settings).await,
-        );
+        wait_accepted(&run.endpoint, (i + 1) * n / (REPLICAS + 2), &bridges).await;
+        let leaving = std::mem::replace(&mut bridges[i], run.bridge().await);
         stop(leaving).await;
-        queue.publish(chunk).await;
+        run.queue.publish(chunk).await;
     }
-    let log = bridges[0].log();
-    let dead = finish(&queue, &endpoint, &sent, bridges).await;
-    assert_labelled::<B>(&endpoint, &log);
     // A clean shutdown explains none; a Kafka rebalance moves what other members had in
     // flight (each restart is two membership changes).
     let moves = if e.rebalances { 2 * REPLICAS } else { 0 };
-    let bound = emulator_bound(e, n) + moves * queue.max_unacked(&settings);
-    Report::tally(
-        "3 replicas, rolling restart",
-        name,
-        &sent,
-        &endpoint,
-        &dead,
-        bound,
-        started,
-    )
+    run.report::<B>("3 replicas, rolling restart", name, bridges, moves, true)
+        .await
 }
 
 /// One replica, then three, then one again, while traffic flows.
@@ -213,37 +237,21 @@ pub async fn scale_1_3_1<B: Backend>(
     n: usize,
     e: Explained,
 ) -> Report {
-    let started = Instant::now();
-    let queue = backend.queue(false).await;
-    let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(30))).await;
-    let settings = Settings::default();
-    let mut bridges = vec![start_bridge(&queue, &endpoint, settings).await];
-    let messages = numbered("fleet-scale", 0..n);
-    let sent = body_set(&messages);
-    let (first, rest) = messages.split_at(n / 2);
-    publish_in_chunks(&queue, first, 100).await;
-    wait_accepted(&endpoint, n / 8, &bridges).await;
+    let run = Run::new(backend, "fleet-scale", Duration::from_millis(30), n, e).await;
+    let mut bridges = vec![run.bridge().await];
+    let (first, rest) = run.messages.split_at(n / 2);
+    publish_in_chunks(&run.queue, first, 100).await;
+    wait_accepted(&run.endpoint, n / 8, &bridges).await;
     for _ in 1..REPLICAS {
-        bridges.push(start_bridge(&queue, &endpoint, settings).await);
+        bridges.push(run.bridge().await);
     }
-    publish_in_chunks(&queue, rest, 100).await;
-    wait_accepted(&endpoint, n / 2, &bridges).await;
+    publish_in_chunks(&run.queue, rest, 100).await;
+    wait_accepted(&run.endpoint, n / 2, &bridges).await;
     while bridges.len() > 1 {
         let leaving = bridges.pop().expect("a replica");
         stop(leaving).await;
     }
-    let log = bridges[0].log();
-    let dead = finish(&queue, &endpoint, &sent, bridges).await;
-    assert_labelled::<B>(&endpoint, &log);
     let moves = if e.rebalances { 2 * (REPLICAS - 1) } else { 0 };
-    let bound = emulator_bound(e, n) + moves * queue.max_unacked(&settings);
-    Report::tally(
-        "scale 1 → 3 → 1",
-        name,
-        &sent,
-        &endpoint,
-        &dead,
-        bound,
-        started,
-    )
+    run.report::<B>("scale 1 → 3 → 1", name, bridges, moves, true)
+        .await
 }

@@ -28,6 +28,15 @@ async fn outage_then_endpoint(port: u16, ferry: &Ferry) -> Endpoint {
     Endpoint::start_on(port, |_| Reply::ok()).await
 }
 
+/// Clean shutdowns make no duplicates: exactly one request per message.
+fn assert_no_duplicates(endpoint: &Endpoint, n: usize) {
+    assert_eq!(
+        endpoint.seen().len(),
+        n,
+        "clean shutdowns caused duplicates"
+    );
+}
+
 fn assert_truthful(endpoint: &Endpoint, ferry: &Ferry) {
     let untruthful = endpoint.untruthful_attempts();
     assert!(
@@ -174,11 +183,7 @@ async fn rolling_restarts_burn_no_attempts_on_sqs() {
         ferry.log()
     );
     assert_truthful(&endpoint, &ferry);
-    assert_eq!(
-        endpoint.seen().len(),
-        N,
-        "clean shutdowns caused duplicates"
-    );
+    assert_no_duplicates(&endpoint, N);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,11 +211,7 @@ async fn rolling_restarts_burn_no_attempts_on_rabbitmq() {
         ferry.log()
     );
     assert_truthful(&endpoint, &ferry);
-    assert_eq!(
-        endpoint.seen().len(),
-        N,
-        "clean shutdowns caused duplicates"
-    );
+    assert_no_duplicates(&endpoint, N);
     rabbit.delete(&queue.name).await;
     rabbit.delete(&queue.dead_letter).await;
 }
