@@ -101,6 +101,7 @@ type = "amqp"
 uri = "amqp://guest:guest@127.0.0.1:5672/%2f"
 queue = "$QUEUE"
 prefetch = 20
+dead_letters = "drop"
 
 [routes.smoke.sink]
 type = "http"
