@@ -243,11 +243,15 @@ pub async fn run_route<S: Source, K: Sink>(
             tasks.spawn(batch::deliver(shared.clone(), batch, permit));
         } else {
             dispatch(&shared, &mut tasks, delivery, permit);
-            // Too many wait behind busy keys: take no more until one moves on.
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {}
-                _ = shared.lanes.has_room() => {}
+            // Too many wait behind busy keys: take no more until one moves on. (Only under
+            // key order: an unordered route has no lanes, and this would be a lock per
+            // message.)
+            if shared.policy.order == MessageOrder::ByKey {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {}
+                    _ = shared.lanes.has_room() => {}
+                }
             }
         }
         while tasks.try_join_next().is_some() {}
@@ -378,7 +382,9 @@ async fn drain_source<K: Sink>(
             tasks.spawn(batch::deliver(shared.clone(), chunk, permit));
         } else {
             dispatch(shared, tasks, first, permit);
-            shared.lanes.has_room().await;
+            if shared.policy.order == MessageOrder::ByKey {
+                shared.lanes.has_room().await;
+            }
         }
         while tasks.try_join_next().is_some() {}
     }

@@ -139,7 +139,7 @@ impl Report {
     }
 }
 
-fn body_set(messages: &[Outgoing]) -> BTreeSet<String> {
+pub(crate) fn body_set(messages: &[Outgoing]) -> BTreeSet<String> {
     messages.iter().map(|m| m.body.clone()).collect()
 }
 
@@ -168,15 +168,7 @@ async fn drive<Q: TestQueue>(
     let sent = body_set(&messages);
     let (first, rest) = messages.split_at(n / 2);
     publish_in_chunks(queue, first, 100).await;
-    let reached = wait_until(Duration::from_secs(120), || {
-        endpoint.delivered().len() >= after
-    })
-    .await;
-    assert!(
-        reached,
-        "no deliveries before the fault; log:\n{}",
-        bridge.log()
-    );
+    crate::fleet::wait_accepted(endpoint, after, std::slice::from_ref(&bridge)).await;
     let bridge = fault(bridge).await;
     publish_in_chunks(queue, rest, 100).await;
     wait_delivered(endpoint, &sent, Duration::from_secs(300), &bridge).await;

@@ -10,7 +10,7 @@ use crate::conformance::{
     Backend, Outgoing, Settings, TestQueue,
 };
 use crate::endpoint::{Endpoint, Reply};
-use crate::faults::Report;
+use crate::faults::{body_set, Report};
 use crate::{wait_until, Ferry};
 
 /// Replicas in every scenario.
@@ -28,10 +28,6 @@ pub struct Explained {
     pub rebalances: bool,
 }
 
-fn body_set(messages: &[Outgoing]) -> BTreeSet<String> {
-    messages.iter().map(|m| m.body.clone()).collect()
-}
-
 async fn start_all(queue: &impl TestQueue, endpoint: &Endpoint, settings: Settings) -> Vec<Ferry> {
     let mut bridges = Vec::new();
     for _ in 0..REPLICAS {
@@ -40,14 +36,15 @@ async fn start_all(queue: &impl TestQueue, endpoint: &Endpoint, settings: Settin
     bridges
 }
 
-async fn wait_accepted(endpoint: &Endpoint, at_least: usize, bridges: &[Ferry]) {
+/// Waits until `at_least` requests were accepted; fails with the first bridge's log.
+pub(crate) async fn wait_accepted(endpoint: &Endpoint, at_least: usize, bridges: &[Ferry]) {
     let reached = wait_until(Duration::from_secs(120), || {
         endpoint.delivered().len() >= at_least
     })
     .await;
     assert!(
         reached,
-        "stuck at {} of {at_least} accepted; first replica's log:\n{}",
+        "stuck at {} of {at_least} accepted; log:\n{}",
         endpoint.delivered().len(),
         bridges.first().map(Ferry::log).unwrap_or_default()
     );
