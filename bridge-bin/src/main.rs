@@ -20,39 +20,90 @@ mod admin;
 mod audit;
 mod config;
 mod fleet_rate;
+mod logging;
 #[cfg(feature = "otlp")]
 mod otlp;
 mod pause;
 mod redrive;
+mod serve;
 mod wiring;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use ferry_core::Metrics;
-use futures::future::join_all;
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use clap::{Args, Parser, Subcommand};
+
+use tracing::{info, warn};
+
+use crate::logging::LogFormat;
 
 use crate::config::{ConfigError, LoadOptions, Plan};
 
-/// Message bridge: broker → your HTTP endpoint, ack only after a 2xx.
+/// What `ferry --help` says ferry is.
+const ABOUT: &str =
+    "ferry receives messages from a broker (Amazon SQS, RabbitMQ, Kafka) and POSTs \
+each one to your HTTP endpoint, acknowledging it on the broker only after a 2xx answer.";
+
+const AFTER_HELP: &str = "\
+Configuration:
+  --config FILE        one file, TOML (.toml) or YAML (.yaml, .yml)
+  --config-dir DIR     a layered tree (default: ./config), read in this order, later files
+                       overriding earlier ones:
+                         DIR/config.{toml,yml,yaml}
+                         DIR/$ENV/config.{toml,yml,yaml}            when ENV is set
+                         DIR/$ENV/$SCOPE.config.{toml,yml,yaml}     when ENV and SCOPE are set
+  FERRY__ROUTES__NAME__SINK__URL=...   environment variables override single keys.
+  With neither, ferry looks for ./config/config.toml (or .yml, .yaml) and says where it looked.
+
+Environment:
+  ENV, SCOPE           the layers above (same as --env, --scope)
+  FERRY_LOG            log level: error, warn, info (default), debug, trace or off, with
+                       optional target=level directives (info,ferry::delivery=debug shows each
+                       message's attempts and verdicts)
+
+Exit codes: 0 stopped cleanly, 2 configuration error, 1 anything else.";
+
+/// `ferry --version`: the version and the backends this build has.
+fn long_version() -> &'static str {
+    const FEATURES: &[(&str, bool)] = &[
+        ("sqs", cfg!(feature = "sqs")),
+        ("amqp", cfg!(feature = "amqp")),
+        ("kafka", cfg!(feature = "kafka")),
+        ("otlp", cfg!(feature = "otlp")),
+        ("mimalloc", cfg!(feature = "mimalloc")),
+    ];
+    let enabled: Vec<&str> = FEATURES
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| *name)
+        .collect();
+    let text = format!(
+        "{}\nfeatures: {}",
+        env!("CARGO_PKG_VERSION"),
+        if enabled.is_empty() {
+            "none".to_owned()
+        } else {
+            enabled.join(", ")
+        }
+    );
+    Box::leak(text.into_boxed_str())
+}
+
 #[derive(Parser)]
-#[command(name = "ferry", version, about)]
+#[command(
+    name = "ferry",
+    version,
+    long_version = long_version(),
+    about = ABOUT,
+    after_help = AFTER_HELP
+)]
 struct Cli {
-    /// Log format.
+    /// Log format: text for people, json for log shippers (fatal errors too).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -86,22 +137,22 @@ struct RedriveArgs {
 
 #[derive(Args)]
 struct ConfigArgs {
-    /// One configuration file (TOML, or YAML by extension) plus FERRY__ overrides.
+    /// One configuration file (.toml, or .yaml/.yml), plus FERRY__ overrides.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Root of the layered configuration tree.
+    /// Root of the layered configuration tree (config.toml or config.yml at its top).
     #[arg(long, default_value = "config")]
     config_dir: PathBuf,
-    /// Environment layer: config/{env}/config.toml.
+    /// Environment layer: DIR/{env}/config.toml (or .yml).
     #[arg(long, env = "ENV")]
     env: Option<String>,
-    /// Scope layer: config/{env}/{scope}.config.toml.
+    /// Scope layer: DIR/{env}/{scope}.config.toml (or .yml).
     #[arg(long, env = "SCOPE")]
     scope: Option<String>,
 }
 
 /// How the process ends: configuration mistakes exit 2, everything else 1.
-enum Failure {
+pub(crate) enum Failure {
     Config(Vec<ConfigError>),
     Other(anyhow::Error),
 }
@@ -114,7 +165,15 @@ impl From<anyhow::Error> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let format = cli.log_format;
+    let filter = match logging::filter(std::env::var("FERRY_LOG").ok().as_deref()) {
+        Ok(filter) => filter,
+        Err(e) => {
+            logging::fatal(format, &[logging::Fatal::new(e)]);
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(format, filter);
     let result = match cli.command {
         Command::Validate(args) => validate(&args),
         Command::Run(args) => run(&args),
@@ -123,44 +182,61 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(errors)) => {
-            for e in errors {
-                eprintln!("ferry: {e}");
-            }
+            let lines: Vec<_> = errors
+                .iter()
+                .map(|e| logging::Fatal {
+                    at: Some(e.at.clone()),
+                    what: e.what.clone(),
+                    line: e.to_string(),
+                })
+                .collect();
+            logging::fatal(format, &lines);
             ExitCode::from(2)
         }
         Err(Failure::Other(e)) => {
-            eprintln!("ferry: {e:#}");
+            logging::fatal(format, &[logging::Fatal::new(format!("{e:#}"))]);
             ExitCode::from(1)
         }
     }
 }
 
-fn init_logging(format: LogFormat) {
-    // lapin logs every closed connection or channel at ERROR on its own; ferry reports
-    // the same event once, with the route and what to fix, so its lines only repeat it.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+fn load(args: &ConfigArgs) -> Result<(config::Config, Plan), Failure> {
+    load_with(&args.options())
+}
+
+impl ConfigArgs {
+    /// Where the configuration is read from: at start, and again on every reload.
+    fn options(&self) -> LoadOptions {
+        LoadOptions {
+            file: self.config.clone(),
+            dir: self.config_dir.clone(),
+            env: self.env.clone(),
+            scope: self.scope.clone(),
+        }
     }
 }
 
-fn load(args: &ConfigArgs) -> Result<(config::Config, Plan), Failure> {
-    let options = LoadOptions {
-        file: args.config.clone(),
-        dir: args.config_dir.clone(),
-        env: args.env.clone(),
-        scope: args.scope.clone(),
-    };
+/// Reads and validates the configuration, logging which files were read (in order), the
+/// `ENV` and `SCOPE` in force, and any layer asked for that has no file.
+pub(crate) fn load_with(options: &LoadOptions) -> Result<(config::Config, Plan), Failure> {
     let vars: Vec<(String, String)> = std::env::vars().collect();
-    let (config, _files) = config::load(&options, &vars).map_err(Failure::Config)?;
-    let plan = config::validate(&config).map_err(Failure::Config)?;
-    Ok((config, plan))
+    let loaded = config::load(options, &vars).map_err(Failure::Config)?;
+    for warning in &loaded.warnings {
+        warn!("{warning}");
+    }
+    let files: Vec<String> = loaded
+        .files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect();
+    info!(
+        files = ?files,
+        env = options.env.as_deref().unwrap_or("-"),
+        scope = options.scope.as_deref().unwrap_or("-"),
+        "configuration loaded"
+    );
+    let plan = config::validate(&loaded.config).map_err(Failure::Config)?;
+    Ok((loaded.config, plan))
 }
 
 fn validate(args: &ConfigArgs) -> Result<(), Failure> {
@@ -173,7 +249,7 @@ fn validate(args: &ConfigArgs) -> Result<(), Failure> {
 
 fn run(args: &ConfigArgs) -> Result<(), Failure> {
     let (_config, plan) = load(args)?;
-    runtime(plan.worker_threads)?.block_on(run_routes(plan))
+    runtime(plan.worker_threads)?.block_on(serve::run_routes(plan))
 }
 
 /// The async runtime, with `[runtime] worker_threads` threads.
@@ -207,147 +283,4 @@ fn redrive(args: RedriveArgs) -> Result<(), Failure> {
     runtime(worker_threads)?
         .block_on(redrive::run(route, ask))
         .map_err(Failure::Other)
-}
-
-async fn run_routes(plan: Plan) -> Result<(), Failure> {
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = Metrics::register(&mut registry);
-    let shutdown = CancellationToken::new();
-    let (audit, audit_thread) = match &plan.audit {
-        Some(audit) => {
-            let (trail, thread) = audit::start(audit, &mut registry)
-                .with_context(|| format!("audit.path: cannot open {}", audit.path.display()))?;
-            (
-                Some(trail as std::sync::Arc<dyn ferry_core::AuditTrail>),
-                Some(thread),
-            )
-        }
-        None => (None, None),
-    };
-    #[cfg(feature = "otlp")]
-    let (tracer, provider) = match &plan.otlp {
-        Some(otlp) => {
-            let (tracer, provider) =
-                otlp::start(otlp).context("otlp: cannot build the exporter")?;
-            info!(endpoint = %otlp.traces_url, "exporting delivery spans");
-            (
-                Some(tracer as std::sync::Arc<dyn ferry_core::DeliveryTracer>),
-                Some(provider),
-            )
-        }
-        None => (None, None),
-    };
-    #[cfg(not(feature = "otlp"))]
-    let tracer = None;
-    let hooks = wiring::Hooks { audit, tracer };
-
-    let mut views = Vec::new();
-    let mut tasks = Vec::new();
-    for mut route in plan.routes {
-        if let (Some(limit), Some(state)) = (route.shared_rate, &plan.state) {
-            let rate = fleet_rate::RedisRate::start(
-                route.name.clone(),
-                &state.redis_url,
-                &state.prefix,
-                limit,
-                shutdown.clone(),
-            )
-            .map_err(|e| Failure::Config(vec![ConfigError::new("start", e)]))?;
-            route.policy.fleet_rate = Some(ferry_core::FleetRate(rate));
-        }
-        match wiring::build(route, &metrics, hooks.clone(), &shutdown).await {
-            Ok((view, task)) => {
-                views.push(view);
-                tasks.push(task);
-            }
-            Err(e) if e.is_config() => {
-                return Err(Failure::Config(vec![ConfigError::new(
-                    "start",
-                    e.to_string(),
-                )]))
-            }
-            Err(e) => return Err(anyhow::Error::new(e).into()),
-        }
-    }
-    let names: Vec<String> = views.iter().map(|v| v.name.to_string()).collect();
-    let switches = pause::Switches::new(
-        views.iter().map(|v| v.ctx.clone()).collect(),
-        plan.state.as_ref(),
-    )
-    .map_err(|e| Failure::Config(vec![ConfigError::new("start", e)]))?;
-    let switches = std::sync::Arc::new(switches);
-    // Before any route receives: a replica started while its routes are paused stays so.
-    switches.load().await;
-    tokio::spawn(switches.clone().follow(shutdown.clone()));
-    let state = admin::AdminState {
-        registry,
-        routes: views,
-        switches,
-        token: plan.admin_token.clone(),
-        draining: shutdown.clone(),
-    };
-    // The admin server outlives the drain (it answers `/readyz` with 503 meanwhile, and
-    // `/metrics` still shows the last deliveries); it stops once every route has.
-    let admin_stop = CancellationToken::new();
-    let admin = admin::serve(plan.admin, state, admin_stop.clone())
-        .await
-        .with_context(|| format!("admin.listen: cannot listen on {}", plan.admin))?;
-    // The runtime's own count, so the log shows what `[runtime] worker_threads` gave.
-    let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
-    info!(admin = %plan.admin, routes = ?names, worker_threads, "ferry started");
-
-    tokio::spawn(wait_for_signal(shutdown.clone()));
-    // Each route runs on a worker thread, not on this one: tasks a route spawns then start
-    // on the worker's own queue instead of waking a parked worker for every message.
-    let results = join_all(tasks.into_iter().map(|task| {
-        let shutdown = shutdown.clone();
-        let running = tokio::spawn(task);
-        async move {
-            let result = match running.await {
-                Ok(result) => result.map_err(|e| e.to_string()),
-                Err(join) => Err(format!("route task ended abnormally: {join}")),
-            };
-            if let Err(e) = &result {
-                error!(error = %e, "route failed; stopping ferry");
-                shutdown.cancel();
-            }
-            result
-        }
-    }))
-    .await;
-    shutdown.cancel();
-    admin_stop.cancel();
-    let _ = admin.await;
-    // Every route has dropped its handle: the writer drains the queue and ends.
-    drop(hooks);
-    if let Some(thread) = audit_thread {
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    }
-    // Spans still queued go out now (bounded by the export timeout).
-    #[cfg(feature = "otlp")]
-    if let Some(provider) = provider {
-        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
-    }
-    let failed: Vec<String> = results.into_iter().filter_map(Result::err).collect();
-    if failed.is_empty() {
-        info!("ferry stopped");
-        Ok(())
-    } else {
-        Err(anyhow::anyhow!(failed.join("; ")).into())
-    }
-}
-
-async fn wait_for_signal(shutdown: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "cannot listen for SIGTERM");
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
-    }
-    shutdown.cancel();
 }

@@ -46,27 +46,49 @@ impl Format {
     }
 }
 
+/// A configuration read, with where it came from.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The configuration.
+    pub config: Config,
+    /// The files read, in the order they were layered.
+    pub files: Vec<PathBuf>,
+    /// What an operator should know but that does not stop ferry (an `ENV` or `SCOPE`
+    /// without a file of its own).
+    pub warnings: Vec<String>,
+}
+
 /// Loads, merges, interpolates and deserializes the configuration.
-pub fn load(
-    options: &LoadOptions,
-    vars: &[(String, String)],
-) -> Result<(Config, Vec<PathBuf>), Vec<ConfigError>> {
+pub fn load(options: &LoadOptions, vars: &[(String, String)]) -> Result<Loaded, Vec<ConfigError>> {
     if let Some(file) = &options.file {
         let (at, text) = read_file(file).map_err(|e| vec![e])?;
         let config = load_str(&at, &text, Format::of(file), vars)?;
-        return Ok((config, vec![file.clone()]));
+        let mut warnings = Vec::new();
+        if options.env.is_some() || options.scope.is_some() {
+            warnings.push(format!(
+                "ENV/SCOPE are not used with --config {}: only that file is read",
+                file.display()
+            ));
+        }
+        return Ok(Loaded {
+            config,
+            files: vec![file.clone()],
+            warnings,
+        });
     }
-    let files = layered_files(options)?;
-    let mut tree = Value::Object(Map::new());
+    let (files, warnings) = layered_files(options)?;
+    let mut layers = Vec::new();
     for file in &files {
         let (at, text) = read_file(file).map_err(|e| vec![e])?;
-        merge(
-            &mut tree,
-            parse(&at, &text, Format::of(file)).map_err(|e| vec![e])?,
-        );
+        let tree = parse(&at, &text, Format::of(file)).map_err(|e| vec![e])?;
+        layers.push((at, tree));
     }
-    let config = resolve(tree, vars)?;
-    Ok((config, files))
+    let config = resolve(layers, vars)?;
+    Ok(Loaded {
+        config,
+        files,
+        warnings,
+    })
 }
 
 /// One configuration text, as [`load`] reads a single file: parsed, `FERRY__` overrides
@@ -80,23 +102,147 @@ pub fn load_str(
     vars: &[(String, String)],
 ) -> Result<Config, Vec<ConfigError>> {
     let tree = parse(name, text, format).map_err(|e| vec![e])?;
-    resolve(tree, vars)
+    resolve(vec![(name.to_owned(), tree)], vars)
 }
 
-/// The merged tree to a [`Config`]: overrides, interpolation, then deserialization.
-fn resolve(mut tree: Value, vars: &[(String, String)]) -> Result<Config, Vec<ConfigError>> {
-    apply_env_overrides(&mut tree, vars);
+/// What the environment's `FERRY__` variables are reported as, when an error is theirs.
+const OVERRIDES: &str = "FERRY__ environment variables";
+
+/// The layers (named, first overridden by later ones) to a [`Config`]: merge, overrides,
+/// interpolation, then deserialization. Every error is reported, each with its key path
+/// and, where it helps, the file (or the variables) its value came from.
+fn resolve(
+    layers: Vec<(String, Value)>,
+    vars: &[(String, String)],
+) -> Result<Config, Vec<ConfigError>> {
+    let mut layers = layers;
+    let mut overrides = Value::Object(Map::new());
+    apply_env_overrides(&mut overrides, vars);
+    if overrides.as_object().is_some_and(|m| !m.is_empty()) {
+        layers.push((OVERRIDES.to_owned(), overrides));
+    }
+    let several = layers.len() > 1;
+    let mut tree = Value::Object(Map::new());
+    for (_, layer) in &layers {
+        merge(&mut tree, layer.clone());
+    }
     let mut errors = Vec::new();
     interpolate(&mut tree, &mut String::new(), vars, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
-    serde_path_to_error::deserialize(tree).map_err(|e| {
-        vec![ConfigError::new(
-            error_path(e.path()),
-            one_line(&e.inner().to_string()),
-        )]
-    })
+    // serde stops at the first error: take the value it was about out of the tree and try
+    // again, until the rest deserializes, so that one run lists every mistake. A required
+    // key that was taken out then reports itself missing; that is not a mistake of the
+    // file and is not listed.
+    let mut removed: Vec<Vec<Segment>> = Vec::new();
+    loop {
+        let e = match serde_path_to_error::deserialize::<_, Config>(&tree) {
+            Ok(config) if errors.is_empty() => return Ok(config),
+            Ok(_) => return Err(errors),
+            Err(e) => e,
+        };
+        let path = segments(e.path());
+        let what = one_line(&e.inner().to_string());
+        let consequence = missing_field(&what).is_some_and(|field| {
+            removed.iter().any(|r| {
+                r.len() == path.len() + 1
+                    && r.starts_with(&path)
+                    && matches!(r.last(), Some(Segment::Key(k)) if k == field)
+            })
+        });
+        if !consequence {
+            let source = if several {
+                layers
+                    .iter()
+                    .rev()
+                    .find(|(_, layer)| lookup(layer, &path))
+                    .map(|(name, _)| format!(" (in {name})"))
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            errors.push(ConfigError::new(
+                error_path(e.path()),
+                format!("{what}{source}"),
+            ));
+        }
+        if path.is_empty() || !remove(&mut tree, &path) || errors.len() >= 100 {
+            return Err(errors);
+        }
+        removed.push(path);
+    }
+}
+
+/// One step of a key path in the generic tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+fn segments(path: &serde_path_to_error::Path) -> Vec<Segment> {
+    use serde_path_to_error::Segment as S;
+    let mut out = Vec::new();
+    for segment in path.iter() {
+        match segment {
+            S::Seq { index } => out.push(Segment::Index(*index)),
+            S::Map { key: name } => out.push(Segment::Key(name.clone())),
+            // An enum's variant is a level of the Rust type, not of the file.
+            S::Enum { .. } => {}
+            S::Unknown => break,
+        }
+    }
+    out
+}
+
+/// The field a serde "missing field `x`" error names.
+fn missing_field(what: &str) -> Option<&str> {
+    what.strip_prefix("missing field `")?.split('`').next()
+}
+
+/// Whether `tree` has a value at `path`.
+fn lookup(tree: &Value, path: &[Segment]) -> bool {
+    let mut at = tree;
+    for segment in path {
+        let next = match (segment, at) {
+            (Segment::Key(k), Value::Object(m)) => m.get(k),
+            (Segment::Index(i), Value::Array(a)) => a.get(*i),
+            _ => None,
+        };
+        match next {
+            Some(v) => at = v,
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Takes the value at `path` out of `tree`; whether there was one.
+fn remove(tree: &mut Value, path: &[Segment]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = tree;
+    for segment in parents {
+        let next = match (segment, at) {
+            (Segment::Key(k), Value::Object(m)) => m.get_mut(k),
+            (Segment::Index(i), Value::Array(a)) => a.get_mut(*i),
+            _ => None,
+        };
+        match next {
+            Some(v) => at = v,
+            None => return false,
+        }
+    }
+    match (last, at) {
+        (Segment::Key(k), Value::Object(m)) => m.remove(k).is_some(),
+        (Segment::Index(i), Value::Array(a)) if *i < a.len() => {
+            a.remove(*i);
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Where a deserialization error is, written as `interpolate` writes key paths.
@@ -124,30 +270,80 @@ fn error_path(path: &serde_path_to_error::Path) -> String {
     }
 }
 
-fn layered_files(options: &LoadOptions) -> Result<Vec<PathBuf>, Vec<ConfigError>> {
-    let mut candidates = vec![options.dir.join("config")];
-    if let Some(env) = &options.env {
-        candidates.push(options.dir.join(env).join("config"));
-        if let Some(scope) = &options.scope {
-            candidates.push(options.dir.join(env).join(format!("{scope}.config")));
+/// The files of the layered tree that exist, in order, and warnings for the layers asked
+/// for (`ENV`, `SCOPE`) that have none: a typo in either must not pass unnoticed.
+fn layered_files(options: &LoadOptions) -> Result<(Vec<PathBuf>, Vec<String>), Vec<ConfigError>> {
+    let mut candidates = vec![("the base layer", options.dir.join("config"))];
+    let mut warnings = Vec::new();
+    match (&options.env, &options.scope) {
+        (Some(env), scope) => {
+            candidates.push(("ENV", options.dir.join(env).join("config")));
+            if let Some(scope) = scope {
+                candidates.push((
+                    "SCOPE",
+                    options.dir.join(env).join(format!("{scope}.config")),
+                ));
+            }
+        }
+        (None, Some(scope)) => warnings.push(format!(
+            "SCOPE={scope} is set but ENV is not: the scope layer lives in DIR/ENV/ and is not read"
+        )),
+        (None, None) => {}
+    }
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    let mut looked = Vec::new();
+    for (layer, stem) in &candidates {
+        let found: Vec<PathBuf> = EXTENSIONS
+            .iter()
+            .map(|ext| PathBuf::from(format!("{}.{ext}", stem.display())))
+            .filter(|p| p.is_file())
+            .collect();
+        let wanted = PathBuf::from(format!("{}.toml", stem.display()));
+        match found.as_slice() {
+            [] => {
+                looked.push(wanted.display().to_string());
+                if *layer != "the base layer" {
+                    let value = match *layer {
+                        "ENV" => options.env.as_deref(),
+                        _ => options.scope.as_deref(),
+                    };
+                    warnings.push(format!(
+                        "{layer}={} but {} (or .yaml, .yml) does not exist: that layer is not read",
+                        value.unwrap_or_default(),
+                        wanted.display()
+                    ));
+                }
+            }
+            [one] => files.push(one.clone()),
+            several => errors.push(ConfigError::new(
+                stem.display().to_string(),
+                format!(
+                    "{} files for one layer ({}); keep one",
+                    several.len(),
+                    several
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
         }
     }
-    let files: Vec<PathBuf> = candidates
-        .iter()
-        .filter_map(|stem| {
-            EXTENSIONS
-                .iter()
-                .map(|ext| PathBuf::from(format!("{}.{ext}", stem.display())))
-                .find(|p| p.is_file())
-        })
-        .collect();
+    if !errors.is_empty() {
+        return Err(errors);
+    }
     if files.is_empty() {
         return Err(vec![ConfigError::new(
             options.dir.display().to_string(),
-            "no configuration found (expected config.toml here, or pass --config FILE)",
+            format!(
+                "no configuration found (looked for {}, also as .yaml and .yml); \
+                 pass --config FILE or --config-dir DIR",
+                looked.join(", ")
+            ),
         )]);
     }
-    Ok(files)
+    Ok((files, warnings))
 }
 
 /// The text of one file, and the name its errors are reported under.
@@ -160,9 +356,26 @@ fn read_file(path: &Path) -> Result<(String, String), ConfigError> {
 /// Parses one text to a generic tree whose top level is a table.
 fn parse(at: &str, text: &str, format: Format) -> Result<Value, ConfigError> {
     let value = match format {
-        Format::Yaml => serde_yaml::from_str::<Value>(text)
-            .map_err(|e| ConfigError::new(at, one_line(&e.to_string())))?,
+        Format::Yaml => match serde_yaml::from_str::<Value>(text) {
+            Ok(value @ (Value::Object(_) | Value::Null)) => value,
+            result => {
+                if toml::from_str::<toml::Table>(text).is_ok_and(|t| !t.is_empty()) {
+                    return Err(ConfigError::new(
+                        at,
+                        "this is TOML, but the file name says YAML (.yaml, .yml): rename it to .toml",
+                    ));
+                }
+                result.map_err(|e| ConfigError::new(at, one_line(&e.to_string())))?
+            }
+        },
         Format::Toml => toml::from_str::<Value>(text).map_err(|e| {
+            if matches!(serde_yaml::from_str::<Value>(text), Ok(Value::Object(m)) if !m.is_empty())
+            {
+                return ConfigError::new(
+                    at,
+                    "this is YAML, but the file name says TOML: rename it to .yaml or .yml",
+                );
+            }
             let place = e
                 .span()
                 .map(|s| {

@@ -577,13 +577,44 @@ pub struct DeliveryConfig {
 }
 
 /// `concurrency = 10` or `concurrency = "adaptive"`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum ConcurrencySetting {
     /// A fixed number of requests in flight.
     Fixed(usize),
     /// A mode by name; only `"adaptive"` exists.
     Mode(String),
+}
+
+/// By hand rather than `untagged`, so that a wrong value says what is expected instead
+/// of "did not match any variant".
+impl<'de> Deserialize<'de> for ConcurrencySetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, Unexpected};
+        struct Visitor;
+        const EXPECTED: &str = "a positive integer or \"adaptive\"";
+        impl de::Visitor<'_> for Visitor {
+            type Value = ConcurrencySetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                usize::try_from(v)
+                    .map(ConcurrencySetting::Fixed)
+                    .map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::invalid_value(Unexpected::Signed(v), &self)),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ConcurrencySetting::Mode(v.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// `rate_limit = { per_second = 200, burst = 20 }`

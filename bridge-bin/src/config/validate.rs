@@ -872,6 +872,12 @@ fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy
                 format!("{at}.dead_letter_statuses"),
                 format!("{s} is not an HTTP status"),
             );
+        } else if (200..300).contains(s) {
+            // A 2xx is a delivery: the message is acked, never dead-lettered.
+            errors.push(
+                format!("{at}.dead_letter_statuses"),
+                format!("{s} is a success status; a 2xx answer always acks the message"),
+            );
         }
     }
     let breaker = &d.circuit_breaker;
