@@ -98,6 +98,11 @@ pub fn filter(ferry_log: Option<&str>) -> Result<EnvFilter, String> {
         // the same event once, with the route and what to fix.
         if client == "lapin" {
             directives.push("lapin=off".to_owned());
+        } else if client == "aws" && base.is_some() && !base_off {
+            // Its credentials chain warns of every source it tried, each with a dump of
+            // the request; ferry says once that none gave credentials, and where it looked.
+            directives.push(format!("aws={cap}"));
+            directives.push("aws_config=error".to_owned());
         } else if base.is_some() && !base_off {
             directives.push(format!("{client}={cap}"));
         }

@@ -15,6 +15,7 @@ pub mod lease;
 pub mod message;
 pub mod metrics;
 pub mod policy;
+pub mod redact;
 pub mod sink;
 pub mod source;
 pub mod trace;
@@ -26,7 +27,7 @@ pub use engine::{
     run_route, Batching, CircuitBreaker, Concurrency, DeliveryPolicy, FleetRate, MessageOrder,
     RateLimit, Route, SharedRate,
 };
-pub use error::{EngineError, SourceError};
+pub use error::{error_chain, EngineError, SourceError};
 pub use message::Message;
 pub use metrics::{BrokerErrors, Metrics, RouteLabels, RouteMetrics};
 pub use policy::{Action, ResponsePolicy, Verdict};

@@ -12,12 +12,26 @@ fn write(name: &str, text: &str) -> String {
     path.display().to_string()
 }
 
+/// The lines ferry ends with (`ferry: ...`), and any panic; log lines before them (which
+/// files were read) are not errors.
 fn stderr_lines(out: &Output) -> Vec<String> {
     String::from_utf8_lossy(&out.stderr)
         .lines()
         .filter(|l| !l.trim().is_empty())
+        .filter(|l| !is_log_line(l))
         .map(str::to_owned)
         .collect()
+}
+
+/// `2026-01-01T00:00:00.000000Z  INFO ferry: ...`
+fn is_log_line(line: &str) -> bool {
+    let mut words = line.split_whitespace();
+    let stamp = words.next().unwrap_or("");
+    let level = words.next().unwrap_or("");
+    stamp.len() > 20
+        && stamp.as_bytes()[4] == b'-'
+        && stamp.ends_with('Z')
+        && ["INFO", "WARN", "DEBUG", "TRACE"].contains(&level)
 }
 
 /// Exit 2 and exactly one stderr line that contains every `needle`.

@@ -95,18 +95,9 @@ impl std::fmt::Debug for AmqpConfig {
     }
 }
 
-/// The URI without its password, for messages.
+/// The URI without its password (nor query values), for messages.
 pub fn redact(uri: &str) -> String {
-    match uri.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split(':').next().unwrap_or("");
-                format!("{scheme}://{user}:<redacted>@{host}")
-            }
-            None => uri.to_owned(),
-        },
-        None => "<unparsable uri>".to_owned(),
-    }
+    ferry_core::redact::url(uri)
 }
 
 /// Why the source could not start.

@@ -22,7 +22,7 @@ pub use redrive::{Redriven, DEAD_LETTER_ATTRIBUTES};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::QueueAttributeName;
 use aws_sdk_sqs::Client;
 use ferry_core::{Delivery, Source, SourceContext, SourceError};
@@ -70,6 +70,17 @@ pub enum SqsError {
         /// SQS answered that the queue does not exist or the URL is not one of its own.
         not_found: bool,
     },
+    /// No credentials could be found for signing requests.
+    #[error(
+        "credentials: none found; tried the environment (AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY), the profile files (AWS_PROFILE, ~/.aws/credentials, \
+         ~/.aws/config), a web identity token (AWS_WEB_IDENTITY_TOKEN_FILE, as on EKS), ECS \
+         container credentials and the EC2 instance metadata; provide one of them ({detail})"
+    )]
+    NoCredentials {
+        /// What the last source said.
+        detail: String,
+    },
     /// A redrive was asked of a route without `dead_letter_queue_url`.
     #[error("dead_letter_queue_url: not set, so there is nothing to redrive from")]
     NoDeadLetterQueue,
@@ -82,6 +93,7 @@ impl SqsError {
             SqsError::NoRegion => true,
             SqsError::Queue { not_found, .. } => *not_found,
             SqsError::NoDeadLetterQueue => true,
+            SqsError::NoCredentials { .. } => true,
         }
     }
 }
@@ -109,10 +121,12 @@ impl SqsSource {
         if shared.region().is_none() {
             return Err(SqsError::NoRegion);
         }
+        check_credentials(&shared).await?;
         let client = Client::new(&shared);
-        check_queue(&client, "queue_url", &config.queue_url).await?;
+        let endpoint = config.endpoint_url.as_deref();
+        check_queue(&client, endpoint, "queue_url", &config.queue_url).await?;
         if let Some(dlq) = &config.dead_letter_queue_url {
-            check_queue(&client, "dead_letter_queue_url", dlq).await?;
+            check_queue(&client, endpoint, "dead_letter_queue_url", dlq).await?;
         }
         let queue_name = Arc::from(
             config
@@ -134,7 +148,12 @@ impl SqsSource {
     }
 }
 
-async fn check_queue(client: &Client, key: &'static str, url: &str) -> Result<(), SqsError> {
+async fn check_queue(
+    client: &Client,
+    endpoint: Option<&str>,
+    key: &'static str,
+    url: &str,
+) -> Result<(), SqsError> {
     client
         .get_queue_attributes()
         .queue_url(url)
@@ -145,7 +164,16 @@ async fn check_queue(client: &Client, key: &'static str, url: &str) -> Result<()
         .map_err(|e| SqsError::Queue {
             key,
             url: url.to_owned(),
-            detail: describe(&e),
+            // No answer at all: say which address could not be reached.
+            detail: match (&e, endpoint) {
+                (aws_sdk_sqs::error::SdkError::DispatchFailure(_), Some(endpoint)) => {
+                    format!("cannot reach endpoint_url {endpoint}: {}", describe(&e))
+                }
+                (aws_sdk_sqs::error::SdkError::DispatchFailure(_), None) => {
+                    format!("cannot reach SQS: {}", describe(&e))
+                }
+                _ => describe(&e),
+            },
             not_found: e.code().is_some_and(|c| {
                 c.contains("NonExistentQueue")
                     || c.contains("QueueDoesNotExist")
@@ -155,16 +183,35 @@ async fn check_queue(client: &Client, key: &'static str, url: &str) -> Result<()
         })
 }
 
-/// One line for an SDK error: the service's code and message, or the transport failure.
+/// One line for an SDK error: the service's code and message, or the transport failure
+/// as its chain of causes (`dispatch failure: io error: ... Connection refused`), never
+/// the SDK's debug dump of the request.
 pub(crate) fn describe<E, R>(e: &aws_sdk_sqs::error::SdkError<E, R>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + 'static,
 {
     match (e.code(), e.message()) {
         (Some(code), Some(message)) => format!("{code}: {message}"),
         (Some(code), None) => code.to_owned(),
-        _ => DisplayErrorContext(e).to_string().replace('\n', " "),
+        _ => ferry_core::error_chain(e),
+    }
+}
+
+/// Resolves the AWS credentials the client will sign with, so that a machine without any
+/// is told so (and where ferry looked) instead of a failed queue call.
+async fn check_credentials(shared: &aws_config::SdkConfig) -> Result<(), SqsError> {
+    use aws_sdk_sqs::config::ProvideCredentials as _;
+    let Some(provider) = shared.credentials_provider() else {
+        return Err(SqsError::NoCredentials {
+            detail: "no credentials provider".to_owned(),
+        });
+    };
+    match provider.provide_credentials().await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(SqsError::NoCredentials {
+            detail: ferry_core::error_chain(&e),
+        }),
     }
 }
 
@@ -208,6 +255,7 @@ impl Source for SqsSource {
         ));
         info!(route = %ctx.route, queue = %self.queue_name, receivers = self.config.receivers, "receiving");
         let mut receivers = JoinSet::new();
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         for _ in 0..self.config.receivers.max(1) {
             receivers.spawn(receive::receive_loop(
                 receive::Receiver {
@@ -216,6 +264,7 @@ impl Source for SqsSource {
                     queue_name: self.queue_name.clone(),
                     leases: leases.clone(),
                     settle: settle_tx.clone(),
+                    failing: failing.clone(),
                 },
                 out.clone(),
                 ctx.clone(),

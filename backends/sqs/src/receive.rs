@@ -1,5 +1,6 @@
 //! The receive loops and the backlog poller.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,9 @@ pub(crate) struct Receiver {
     pub(crate) queue_name: Arc<str>,
     pub(crate) leases: Arc<Leases>,
     pub(crate) settle: mpsc::UnboundedSender<Op>,
+    /// Whether receiving fails, shared by the route's receivers: the first to fail and
+    /// the first to get through again say so, once for all of them.
+    pub(crate) failing: Arc<AtomicBool>,
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -70,10 +74,10 @@ pub(crate) async fn receive_loop(r: Receiver, out: mpsc::Sender<Delivery>, ctx: 
         };
         match result {
             Ok(resp) => {
-                if failures > 0 {
+                if failures > 0 && r.failing.swap(false, Ordering::Relaxed) {
                     info!(route = %ctx.route, queue = %r.queue_name, "receiving again");
-                    failures = 0;
                 }
+                failures = 0;
                 ctx.set_connected(true);
                 let mut permits = permits;
                 for m in resp.messages.unwrap_or_default() {
@@ -102,7 +106,7 @@ pub(crate) async fn receive_loop(r: Receiver, out: mpsc::Sender<Delivery>, ctx: 
             Err(e) => {
                 failures += 1;
                 ctx.set_connected(false);
-                if failures == 1 {
+                if failures == 1 && !r.failing.swap(true, Ordering::Relaxed) {
                     warn!(route = %ctx.route, queue = %r.queue_name, error = %crate::describe(&e), "receive failed; retrying with backoff");
                 }
                 tokio::select! {

@@ -24,9 +24,16 @@ impl<'de> Deserialize<'de> for Dur {
                 f.write_str("a duration string such as \"500ms\" or \"2s\"")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
-                humantime::parse_duration(v.trim())
-                    .map(Dur)
-                    .map_err(|e| E::custom(format!("invalid duration {v:?}: {e}")))
+                if v.trim().starts_with('-') {
+                    return Err(E::custom(format!(
+                        "invalid duration {v:?}: a duration cannot be negative"
+                    )));
+                }
+                humantime::parse_duration(v.trim()).map(Dur).map_err(|e| {
+                    E::custom(format!(
+                        "invalid duration {v:?} ({e}); write it like \"500ms\", \"2s\" or \"1m\""
+                    ))
+                })
             }
         }
         d.deserialize_str(Visitor)

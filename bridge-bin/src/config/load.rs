@@ -135,43 +135,241 @@ fn resolve(
     // again, until the rest deserializes, so that one run lists every mistake. A required
     // key that was taken out then reports itself missing; that is not a mistake of the
     // file and is not listed.
-    let mut removed: Vec<Vec<Segment>> = Vec::new();
+    // Values taken out, with what serde expected there; and whether a whole section went
+    // because a required key of it had to.
+    let mut removed: Vec<(Vec<Segment>, String)> = Vec::new();
+    let mut gone: Vec<Vec<Segment>> = Vec::new();
+    let mut placed: Vec<Vec<Segment>> = Vec::new();
     loop {
         let e = match serde_path_to_error::deserialize::<_, Config>(&tree) {
-            Ok(config) if errors.is_empty() => return Ok(config),
-            Ok(_) => return Err(errors),
+            // What the rest breaks of the rules is listed too (values that parse but are
+            // not allowed), so that one run shows every mistake, except where a value was
+            // taken out or stood in for: its rules were already broken.
+            Ok(config) => {
+                if let Err(more) = super::validate(&config) {
+                    let touched = |at: &[Segment]| {
+                        removed.iter().any(|(r, _)| at.starts_with(r))
+                            || placed.iter().any(|p| at.starts_with(p))
+                            || gone.iter().any(|g| at.starts_with(g) || g.starts_with(at))
+                    };
+                    let earlier = !errors.is_empty();
+                    errors.extend(more.into_iter().filter_map(|mut e| {
+                        let at = parse_at(&e.at);
+                        if earlier && touched(&at) {
+                            return None;
+                        }
+                        if several {
+                            e.what.push_str(&blame(&layers, &at));
+                        }
+                        Some(e)
+                    }));
+                }
+                return if errors.is_empty() {
+                    Ok(config)
+                } else {
+                    Err(errors)
+                };
+            }
             Err(e) => e,
         };
-        let path = segments(e.path());
-        let what = one_line(&e.inner().to_string());
-        let consequence = missing_field(&what).is_some_and(|field| {
-            removed.iter().any(|r| {
+        let (mut path, mut at) = (segments(e.path()), error_path(e.path()));
+        let mut what = one_line(&e.inner().to_string());
+        // serde reads a section chosen by its `type` (`source`, `sink`) as a whole and
+        // reports its errors there; read as the type's own table it names the key.
+        if let Some((inner, inner_at, inner_what)) = tagged_error(&tree, &path) {
+            path.extend(inner);
+            at = format!("{at}.{inner_at}");
+            what = inner_what;
+        }
+        // A required key taken out reports itself missing: not a mistake of the file. A
+        // value of the type serde expected stands in, so that the rest of its section is
+        // still read; when there is none, the section goes.
+        // A stand-in that does not do either: its section goes.
+        if placed.contains(&path) {
+            let Some((_, section)) = path.split_last() else {
+                return Err(errors);
+            };
+            let section = section.to_vec();
+            if section.is_empty() || !remove(&mut tree, &section) {
+                return Err(errors);
+            }
+            gone.push(section);
+            continue;
+        }
+        let cause = missing_field(&what).and_then(|field| {
+            removed.iter().find(|(r, _)| {
                 r.len() == path.len() + 1
                     && r.starts_with(&path)
                     && matches!(r.last(), Some(Segment::Key(k)) if k == field)
             })
         });
-        if !consequence {
-            let source = if several {
-                layers
-                    .iter()
-                    .rev()
-                    .find(|(_, layer)| lookup(layer, &path))
-                    .map(|(name, _)| format!(" (in {name})"))
-                    .unwrap_or_default()
-            } else {
-                String::new()
-            };
-            errors.push(ConfigError::new(
-                error_path(e.path()),
-                format!("{what}{source}"),
-            ));
+        if let Some((key_path, expected)) = cause {
+            let key_path = key_path.clone();
+            if let Some(value) = stand_in(expected) {
+                if insert(&mut tree, &key_path, value) {
+                    placed.push(key_path);
+                    continue;
+                }
+            }
+            if path.is_empty() || !remove(&mut tree, &path) {
+                return Err(errors);
+            }
+            gone.push(path);
+            continue;
         }
+        let source = if several {
+            blame(&layers, &path)
+        } else {
+            String::new()
+        };
+        errors.push(ConfigError::new(at, format!("{what}{source}")));
         if path.is_empty() || !remove(&mut tree, &path) || errors.len() >= 100 {
             return Err(errors);
         }
-        removed.push(path);
+        removed.push((path, what));
     }
+}
+
+/// A value of the type a serde error says it expected (`expected a string`), to stand in
+/// for a required value that was wrong.
+fn stand_in(what: &str) -> Option<Value> {
+    let expected = what.rsplit_once("expected ")?.1;
+    Some(if expected.starts_with("a string") {
+        Value::String(String::new())
+    } else if expected.starts_with('u') || expected.starts_with('i') || expected.contains("integer")
+    {
+        Value::from(0)
+    } else if expected.starts_with("a boolean") {
+        Value::Bool(false)
+    } else if expected.starts_with("a sequence") {
+        Value::Array(Vec::new())
+    } else {
+        return None;
+    })
+}
+
+/// Puts `value` at `path` in `tree` (whose parents exist); whether it could.
+fn insert(tree: &mut Value, path: &[Segment], value: Value) -> bool {
+    let Some((Segment::Key(last), parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = tree;
+    for segment in parents {
+        let next = match (segment, at) {
+            (Segment::Key(k), Value::Object(m)) => m.get_mut(k),
+            (Segment::Index(i), Value::Array(a)) => a.get_mut(*i),
+            _ => None,
+        };
+        match next {
+            Some(v) => at = v,
+            None => return false,
+        }
+    }
+    match at {
+        Value::Object(m) => m.insert(last.clone(), value).is_none(),
+        _ => false,
+    }
+}
+
+/// The error inside a section chosen by its `type` at `path`, if that is what `path` is:
+/// where inside it (as segments and as text) and what.
+fn tagged_error(tree: &Value, path: &[Segment]) -> Option<(Vec<Segment>, String, String)> {
+    use super::{AmqpSourceConfig, HttpSinkConfig, KafkaSourceConfig, SqsSourceConfig};
+    fn inner<T: serde::de::DeserializeOwned>(
+        node: &Map<String, Value>,
+    ) -> Option<(Vec<Segment>, String, String)> {
+        let mut table = node.clone();
+        table.remove("type");
+        let table = Value::Object(table);
+        let e = serde_path_to_error::deserialize::<_, T>(&table).err()?;
+        let at = error_path(e.path());
+        (at != "config").then(|| (segments(e.path()), at, one_line(&e.inner().to_string())))
+    }
+    let Some(Segment::Key(section)) = path.last() else {
+        return None;
+    };
+    let mut node = tree;
+    for segment in path {
+        node = match (segment, node) {
+            (Segment::Key(k), Value::Object(m)) => m.get(k)?,
+            (Segment::Index(i), Value::Array(a)) => a.get(*i)?,
+            _ => return None,
+        };
+    }
+    let table = node.as_object()?;
+    match (section.as_str(), table.get("type")?.as_str()?) {
+        ("source", "sqs") => inner::<SqsSourceConfig>(table),
+        ("source", "amqp") => inner::<AmqpSourceConfig>(table),
+        ("source", "kafka") => inner::<KafkaSourceConfig>(table),
+        ("sink", "http") => inner::<HttpSinkConfig>(table),
+        _ => None,
+    }
+}
+
+/// ` (in FILE)`: the last layer that sets the value at `path`, which is the one in force.
+fn blame(layers: &[(String, Value)], path: &[Segment]) -> String {
+    if path.is_empty() {
+        return String::new();
+    }
+    layers
+        .iter()
+        .rev()
+        .find(|(_, layer)| lookup(layer, path))
+        .map(|(name, _)| format!(" (in {name})"))
+        .unwrap_or_default()
+}
+
+/// A key path as errors write it (`routes."a.b".sink[0]`, see [`key`]) back to segments;
+/// what cannot be read ends the path there.
+fn parse_at(at: &str) -> Vec<Segment> {
+    let mut out = Vec::new();
+    let mut chars = at.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        match c {
+            '.' => {
+                chars.next();
+            }
+            '[' => {
+                chars.next();
+                let digits: String = chars.by_ref().take_while(|c| *c != ']').collect();
+                match digits.parse() {
+                    Ok(i) => out.push(Segment::Index(i)),
+                    Err(_) => break,
+                }
+            }
+            '"' => {
+                let mut quoted = String::from('"');
+                chars.next();
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    quoted.push(c);
+                    if escaped {
+                        escaped = false;
+                    } else if c == '\\' {
+                        escaped = true;
+                    } else if c == '"' {
+                        break;
+                    }
+                }
+                match serde_json::from_str::<String>(&quoted) {
+                    Ok(k) => out.push(Segment::Key(k)),
+                    Err(_) => break,
+                }
+            }
+            _ => {
+                let mut name = String::new();
+                while let Some(&c) = chars.peek() {
+                    if c == '.' || c == '[' {
+                        break;
+                    }
+                    name.push(c);
+                    chars.next();
+                }
+                out.push(Segment::Key(name));
+            }
+        }
+    }
+    out
 }
 
 /// One step of a key path in the generic tree.
@@ -587,6 +785,115 @@ mod tests {
             e.to_string(),
             "routes.x: \"a\\nb\" is neither a number nor \"adaptive\""
         );
+    }
+
+    const ROUTE: &str = "[routes.r.source]\ntype = \"sqs\"\nqueue_url = \"http://q\"\n\
+                         [routes.r.sink]\ntype = \"http\"\nurl = \"http://a\"\n";
+
+    /// Every mistake of a file in one run, each at its key, none made up by the way the
+    /// list is made (a required key taken out does not report itself missing).
+    #[test]
+    fn every_error_is_listed_with_its_key() {
+        let text = "[routes.r.source]\ntype = \"sqs\"\nqueue_url = 5\n\
+                    [routes.r.sink]\ntype = \"http\"\nurl = \"http://a\"\ntimeout = \"-5s\"\n\
+                    [routes.r.delivery]\nconcurrency = -1\nmax_attempts = \"x\"\n\
+                    dead_letter_statuses = [200, 400]\n";
+        let errors = load_str("t.toml", text, Format::Toml, &[]).expect_err("broken");
+        let at: Vec<&str> = errors.iter().map(|e| e.at.as_str()).collect();
+        assert_eq!(
+            at,
+            [
+                "routes.r.delivery.concurrency",
+                "routes.r.delivery.max_attempts",
+                "routes.r.sink.timeout",
+                "routes.r.source.queue_url",
+                // The rules on values that parse are checked in the same run.
+                "routes.r.delivery.dead_letter_statuses",
+            ],
+            "{errors:?}"
+        );
+        assert!(errors[0]
+            .what
+            .contains("a positive integer or \"adaptive\""));
+        assert!(errors[2].what.contains("cannot be negative"));
+        assert!(errors[4].what.contains("200 is a success status"));
+        // A stand-in for the wrong queue_url is not taken for a second mistake.
+        assert!(!errors.iter().any(|e| e.what.contains("missing field")));
+        assert!(!errors
+            .iter()
+            .any(|e| e.at == "routes.r.source.queue_url" && !e.what.contains("expected a string")));
+    }
+
+    #[test]
+    fn a_file_in_the_other_syntax_says_so() {
+        let e = load_str("c.yml", ROUTE, Format::Yaml, &[]).expect_err("TOML in .yml");
+        assert!(e[0].what.contains("this is TOML"), "{e:?}");
+        let yaml = "routes:\n  r:\n    source: {type: sqs, queue_url: http://q}\n";
+        let e = load_str("c.toml", yaml, Format::Toml, &[]).expect_err("YAML in .toml");
+        assert!(e[0].what.contains("this is YAML"), "{e:?}");
+    }
+
+    fn tree(files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-layers-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        for (name, text) in files {
+            let path = dir.join(name);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, text).expect("write");
+        }
+        dir
+    }
+
+    fn options(dir: &Path, env: Option<&str>, scope: Option<&str>) -> LoadOptions {
+        LoadOptions {
+            file: None,
+            dir: dir.to_owned(),
+            env: env.map(str::to_owned),
+            scope: scope.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn layers_name_their_files_and_missing_ones_warn() {
+        let dir = tree(&[
+            ("config.toml", ROUTE),
+            (
+                "uat/config.toml",
+                "[routes.r.delivery]\nmax_attempts = \"x\"\n",
+            ),
+        ]);
+        let errors = load(&options(&dir, Some("uat"), None), &[]).expect_err("bad layer");
+        assert_eq!(errors[0].at, "routes.r.delivery.max_attempts");
+        assert!(
+            errors[0]
+                .what
+                .ends_with(&format!("(in {})", dir.join("uat/config.toml").display())),
+            "{errors:?}"
+        );
+        std::fs::write(dir.join("uat/config.toml"), "").expect("fix");
+        let loaded = load(&options(&dir, Some("uat"), Some("uatt")), &[]).expect("loads");
+        assert_eq!(loaded.files.len(), 2);
+        assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+        assert!(loaded.warnings[0].contains("uatt.config.toml"));
+        let loaded = load(&options(&dir, Some("prod"), None), &[]).expect("loads");
+        assert!(
+            loaded.warnings[0].starts_with("ENV=prod"),
+            "{:?}",
+            loaded.warnings
+        );
+        std::fs::write(dir.join("uat/config.yml"), "").expect("second file");
+        let errors = load(&options(&dir, Some("uat"), None), &[]).expect_err("two files");
+        assert!(
+            errors[0].what.contains("2 files for one layer"),
+            "{errors:?}"
+        );
+        let empty = tree(&[]);
+        let errors = load(&options(&empty, None, None), &[]).expect_err("nothing");
+        assert!(errors[0].what.contains("looked for"), "{errors:?}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

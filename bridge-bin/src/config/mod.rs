@@ -77,6 +77,29 @@ impl ConfigError {
     }
 }
 
+/// `Debug` of the types that may hold a secret: what `ferry validate` shows of them, so
+/// that a `{:?}` in a log line or a panic message never carries one.
+macro_rules! debug_redacted {
+    ($($t:ident),*) => {$(
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let shown = serde_json::to_value(self.redacted()).map_err(|_| std::fmt::Error)?;
+                write!(f, "{} {shown}", stringify!($t))
+            }
+        }
+    )*};
+}
+
+debug_redacted!(
+    OtlpConfig,
+    AdminConfig,
+    StateConfig,
+    KafkaSourceConfig,
+    AmqpSourceConfig,
+    SqsSourceConfig,
+    HttpSinkConfig
+);
+
 /// The whole file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -139,7 +162,7 @@ pub struct AuditConfig {
 }
 
 /// `[otlp]`: one span per delivery attempt, exported to an OpenTelemetry collector.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OtlpConfig {
     /// The collector's OTLP/HTTP base URL; spans go to `<endpoint>/v1/traces`.
@@ -186,7 +209,7 @@ fn default_max_files() -> usize {
 }
 
 /// `[admin]`
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Where `/ping`, `/metrics` and friends listen.
@@ -211,7 +234,7 @@ impl Default for AdminConfig {
 }
 
 /// `[admin.state]`: the paused/running state of every route, kept in Redis.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
     /// `redis://[user:password@]host:port[/db]`
@@ -262,7 +285,7 @@ pub enum SourceConfig {
 }
 
 /// `type = "kafka"`
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSourceConfig {
     /// Bootstrap brokers, `host:port,host:port`.
@@ -343,7 +366,7 @@ impl Setting {
 }
 
 /// `type = "amqp"`
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSourceConfig {
     /// `amqp://user:password@host:port/vhost`.
@@ -388,7 +411,7 @@ fn default_prefetch() -> u16 {
 }
 
 /// `type = "sqs"`
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SqsSourceConfig {
     /// The queue to consume.
@@ -438,7 +461,7 @@ pub enum SinkConfig {
 }
 
 /// `type = "http"`
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSinkConfig {
     /// Absolute http(s) URL.

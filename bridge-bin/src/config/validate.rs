@@ -1,6 +1,7 @@
 //! Pure validation: no I/O, every error with its key path, and a typed plan per route that
 //! the wiring consumes. `ferry validate` runs only this half.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,9 @@ use ferry_core::{
 use url::Url;
 
 use super::{
-    key, AmqpDeadLetters, AmqpSourceConfig, ConcurrencySetting, Config, ConfigError,
-    DeliveryConfig, HttpSinkConfig, Ordering, RateLimitConfig, SinkConfig, SinkMode, SourceConfig,
+    key, AdminConfig, AmqpDeadLetters, AmqpSourceConfig, ConcurrencySetting, Config, ConfigError,
+    DeliveryConfig, HttpSinkConfig, KafkaSourceConfig, Ordering, OtlpConfig, RateLimitConfig,
+    SinkConfig, SinkMode, SourceConfig, SqsSourceConfig, StateConfig,
 };
 
 /// A route ready to be built.
@@ -930,55 +932,99 @@ fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy
     }
 }
 
-/// The configuration as `ferry validate` prints it: header values and URL passwords
-/// replaced, since any of them may hold a secret.
+/// The configuration as `ferry validate` prints it: header values, tokens, URL passwords
+/// and query values replaced, since any of them may hold a secret.
 pub fn redacted(config: &Config) -> Config {
     let mut config = config.clone();
-    if let Some(token) = &mut config.admin.token {
-        *token = "<redacted>".to_owned();
-    }
-    if let Some(state) = &mut config.admin.state {
-        state.redis_url = redact_url(&state.redis_url);
-    }
-    if let Some(otlp) = &mut config.otlp {
-        otlp.endpoint = redact_url(&otlp.endpoint);
-        for value in otlp.headers.values_mut() {
-            *value = "<redacted>".to_owned();
-        }
-    }
+    config.admin = config.admin.redacted();
+    config.otlp = config.otlp.as_ref().map(OtlpConfig::redacted);
     for route in config.routes.values_mut() {
-        let SinkConfig::Http(http) = &mut route.sink;
-        for value in http.headers.values_mut() {
-            *value = "<redacted>".to_owned();
-        }
-        http.url = redact_url(&http.url);
-        http.health_url = http.health_url.as_deref().map(redact_url);
-        if let Some(secret) = http.signing.as_mut().and_then(|s| s.secret.as_mut()) {
-            *secret = "<redacted>".to_owned();
-        }
-        match &mut route.source {
-            SourceConfig::Sqs(sqs) => {
-                sqs.queue_url = redact_url(&sqs.queue_url);
-                sqs.endpoint_url = sqs.endpoint_url.as_deref().map(redact_url);
-            }
-            SourceConfig::Amqp(amqp) => amqp.uri = redact_url(&amqp.uri),
-            SourceConfig::Kafka(kafka) => {
-                for value in kafka.librdkafka.values_mut() {
-                    *value = super::Setting::Text("<redacted>".to_owned());
-                }
-            }
-        }
+        let SinkConfig::Http(http) = &route.sink;
+        route.sink = SinkConfig::Http(http.redacted());
+        route.source = match &route.source {
+            SourceConfig::Sqs(sqs) => SourceConfig::Sqs(sqs.redacted()),
+            SourceConfig::Amqp(amqp) => SourceConfig::Amqp(amqp.redacted()),
+            SourceConfig::Kafka(kafka) => SourceConfig::Kafka(kafka.redacted()),
+        };
     }
     config
 }
 
 fn redact_url(value: &str) -> String {
-    match Url::parse(value) {
-        Ok(mut url) if url.password().is_some() => {
-            let _ = url.set_password(Some("redacted"));
-            url.to_string()
+    ferry_core::redact::url(value)
+}
+
+fn redact_values<V>(values: &mut BTreeMap<String, V>, with: impl Fn() -> V) {
+    for value in values.values_mut() {
+        *value = with();
+    }
+}
+
+fn hidden() -> String {
+    ferry_core::redact::REDACTED.to_owned()
+}
+
+impl AdminConfig {
+    pub(super) fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        c.token = c.token.as_ref().map(|_| hidden());
+        c.state = c.state.as_ref().map(StateConfig::redacted);
+        c
+    }
+}
+
+impl StateConfig {
+    pub(super) fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        c.redis_url = redact_url(&c.redis_url);
+        c
+    }
+}
+
+impl OtlpConfig {
+    pub(super) fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        c.endpoint = redact_url(&c.endpoint);
+        redact_values(&mut c.headers, hidden);
+        c
+    }
+}
+
+impl HttpSinkConfig {
+    pub(super) fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        redact_values(&mut c.headers, hidden);
+        c.url = redact_url(&c.url);
+        c.health_url = c.health_url.as_deref().map(redact_url);
+        if let Some(secret) = c.signing.as_mut().and_then(|s| s.secret.as_mut()) {
+            *secret = hidden();
         }
-        _ => value.to_owned(),
+        c
+    }
+}
+
+impl SqsSourceConfig {
+    pub(super) fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        c.queue_url = redact_url(&c.queue_url);
+        c.endpoint_url = c.endpoint_url.as_deref().map(redact_url);
+        c
+    }
+}
+
+impl AmqpSourceConfig {
+    pub(super) fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        c.uri = redact_url(&c.uri);
+        c
+    }
+}
+
+impl KafkaSourceConfig {
+    pub(super) fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        redact_values(&mut c.librdkafka, || super::Setting::Text(hidden()));
+        c
     }
 }
 
