@@ -56,6 +56,8 @@ pub async fn serve(
         .route("/consumer/status", get(consumer_status))
         .route("/consumer/start", put(consumer_start))
         .route("/consumer/stop", put(consumer_stop))
+        .fallback(no_such_path)
+        .method_not_allowed_fallback(no_such_method)
         .with_state(Arc::new(state));
     let listener = tokio::net::TcpListener::bind(listen).await?;
     Ok(tokio::spawn(async move {
@@ -149,6 +151,24 @@ fn error(status: StatusCode, what: impl std::fmt::Display) -> Response {
     (status, Json(json!({ "error": what.to_string() }))).into_response()
 }
 
+/// Any other path or method: the same JSON error as every other refusal.
+async fn no_such_path(uri: axum::http::Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such admin path {:?} (see /ping, /healthz, /readyz, /metrics, /routes)",
+            uri.path()
+        ),
+    )
+}
+
+async fn no_such_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not an admin call on {:?}", uri.path()),
+    )
+}
+
 fn unknown(name: &str) -> Response {
     error(StatusCode::NOT_FOUND, format!("no route named {name:?}"))
 }
@@ -165,11 +185,13 @@ fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
     let Some(token) = &state.token else {
         return true;
     };
+    // The scheme's name is case-insensitive (RFC 7235): `bearer` is `Bearer`.
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
     given.as_bytes().ct_eq(token.as_bytes()).into()
 }
 

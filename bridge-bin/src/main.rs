@@ -34,7 +34,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::logging::LogFormat;
 
@@ -216,26 +216,16 @@ impl ConfigArgs {
     }
 }
 
-/// Reads and validates the configuration, logging which files were read (in order), the
-/// `ENV` and `SCOPE` in force, and any layer asked for that has no file.
+/// Reads and validates the configuration (the loader logs which files it read, in order,
+/// the `ENV` and `SCOPE` in force, and any layer asked for that has no file).
 pub(crate) fn load_with(options: &LoadOptions) -> Result<(config::Config, Plan), Failure> {
     let vars: Vec<(String, String)> = std::env::vars().collect();
     let loaded = config::load(options, &vars).map_err(Failure::Config)?;
-    for warning in &loaded.warnings {
-        warn!("{warning}");
-    }
-    let files: Vec<String> = loaded
-        .files
-        .iter()
-        .map(|f| f.display().to_string())
-        .collect();
-    info!(
-        files = ?files,
-        env = options.env.as_deref().unwrap_or("-"),
-        scope = options.scope.as_deref().unwrap_or("-"),
-        "configuration loaded"
-    );
     let plan = config::validate(&loaded.config).map_err(Failure::Config)?;
+    if plan.admin_token.is_none() && !plan.admin.ip().is_loopback() {
+        warn!(admin = %plan.admin,
+            "the admin server listens beyond this machine without [admin] token: anyone who reaches it can pause routes");
+    }
     Ok((loaded.config, plan))
 }
 

@@ -490,6 +490,10 @@ async fn check_health<K: Sink>(shared: Arc<Shared<K>>) {
     }
 }
 
+/// The log target of the per-message lines (received, each attempt and its verdict,
+/// settled): `FERRY_LOG=debug` shows them, `info,ferry::delivery=debug` shows only them.
+const DELIVERY: &str = "ferry::delivery";
+
 /// Delivers one message: attempts until acked, dead-lettered or taken back. Returns
 /// whether it was finished (acked or dead-lettered) rather than handed back.
 ///
@@ -499,6 +503,8 @@ async fn check_health<K: Sink>(shared: Arc<Shared<K>>) {
 /// counts receives (SQS) does not count them either.
 async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, permit: Slot) -> bool {
     let Delivery { mut message, ack } = delivery;
+    debug!(target: DELIVERY, route = %shared.route, id = %message.id, attempt = message.attempt,
+        bytes = message.payload.len(), "received");
     let Some(ack) = oversize::admit(&shared, &message, ack) else {
         return true;
     };
@@ -559,7 +565,11 @@ async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, permit: Sl
         if let Some(turn) = turn {
             turn.done();
         }
-        let after = match shared.policy.responses.classify(&response) {
+        let verdict = shared.policy.responses.classify(&response);
+        debug!(target: DELIVERY, route = %shared.route, id = %message.id, attempt = message.attempt,
+            outcome = %describe(&response), verdict = ?verdict, took_ms = sent.elapsed().as_millis() as u64,
+            "attempt");
+        let after = match verdict {
             Verdict::Ack => {
                 self::ack(&shared, &message, ack, &response, began);
                 return true;
@@ -598,7 +608,7 @@ async fn deliver<K: Sink>(shared: Arc<Shared<K>>, delivery: Delivery, permit: Sl
         } else {
             shared.policy.backoff.delay(unsent)
         };
-        debug!(route = %shared.route, id = %message.id, attempt = message.attempt, ?delay, outage, outcome = %describe(&response), "retrying");
+        debug!(target: DELIVERY, route = %shared.route, id = %message.id, attempt = message.attempt, ?delay, outage, outcome = %describe(&response), "retrying");
         // Under key order the broker must not take the message back: the next one of its
         // key would overtake it. During an outage it waits here too (above).
         let ordered = shared.policy.order == MessageOrder::ByKey && message.group.is_some();
@@ -687,6 +697,7 @@ fn ack<K>(
     began: Instant,
 ) {
     handle.settle(Settlement::Ack);
+    debug!(target: DELIVERY, route = %shared.route, id = %message.id, attempt = message.attempt, "settled: acked");
     shared.metrics.delivered.inc();
     if let Ok(age) = SystemTime::now().duration_since(message.timestamp) {
         shared.metrics.end_to_end.observe(age.as_secs_f64());
@@ -721,6 +732,7 @@ fn dead_letter<K>(
         shared.metrics.dead_lettered.inc();
     }
     ack.settle(Settlement::DeadLetter(dl));
+    debug!(target: DELIVERY, route = %shared.route, id = %message.id, attempt = message.attempt, "settled: dead-lettered");
     shared.audit(message, AuditOutcome::DeadLettered, status, began);
 }
 

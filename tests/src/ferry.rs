@@ -374,3 +374,16 @@ impl Drop for Ferry {
 pub fn run_cli(args: &[&str]) -> Output {
     command().args(args).output().expect("run ferry")
 }
+
+/// Runs `ferry` with `args` and these environment variables set (`Some`) or removed
+/// (`None`) on top of the usual test environment.
+pub fn run_cli_env(args: &[&str], env: &[(&str, Option<&str>)]) -> Output {
+    let mut cmd = command();
+    for (name, value) in env {
+        match value {
+            Some(v) => cmd.env(name, v),
+            None => cmd.env_remove(name),
+        };
+    }
+    cmd.args(args).output().expect("run ferry")
+}

@@ -72,10 +72,9 @@ pub enum SqsError {
     },
     /// No credentials could be found for signing requests.
     #[error(
-        "credentials: none found; tried the environment (AWS_ACCESS_KEY_ID and \
-         AWS_SECRET_ACCESS_KEY), the profile files (AWS_PROFILE, ~/.aws/credentials, \
-         ~/.aws/config), a web identity token (AWS_WEB_IDENTITY_TOKEN_FILE, as on EKS), ECS \
-         container credentials and the EC2 instance metadata; provide one of them ({detail})"
+        "credentials: none found (tried AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+         AWS_PROFILE and the ~/.aws files, AWS_WEB_IDENTITY_TOKEN_FILE, ECS and EC2 \
+         instance metadata); provide one of them (last: {detail})"
     )]
     NoCredentials {
         /// What the last source said.
@@ -210,7 +209,7 @@ async fn check_credentials(shared: &aws_config::SdkConfig) -> Result<(), SqsErro
     match provider.provide_credentials().await {
         Ok(_) => Ok(()),
         Err(e) => Err(SqsError::NoCredentials {
-            detail: ferry_core::error_chain(&e),
+            detail: ferry_core::error_chain(&e).chars().take(160).collect(),
         }),
     }
 }

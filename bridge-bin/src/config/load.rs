@@ -46,8 +46,10 @@ impl Format {
     }
 }
 
-/// A configuration read, with where it came from.
+/// A configuration read, with where it came from (the binary logs the files and warnings
+/// as they are found; the loader's users and tests read them here).
 #[derive(Debug)]
+#[allow(dead_code)]
 pub struct Loaded {
     /// The configuration.
     pub config: Config,
@@ -62,7 +64,7 @@ pub struct Loaded {
 pub fn load(options: &LoadOptions, vars: &[(String, String)]) -> Result<Loaded, Vec<ConfigError>> {
     if let Some(file) = &options.file {
         let (at, text) = read_file(file).map_err(|e| vec![e])?;
-        let config = load_str(&at, &text, Format::of(file), vars)?;
+        let files = vec![file.clone()];
         let mut warnings = Vec::new();
         if options.env.is_some() || options.scope.is_some() {
             warnings.push(format!(
@@ -70,13 +72,16 @@ pub fn load(options: &LoadOptions, vars: &[(String, String)]) -> Result<Loaded, 
                 file.display()
             ));
         }
+        report(options, &files, &warnings);
+        let config = load_str(&at, &text, Format::of(file), vars)?;
         return Ok(Loaded {
             config,
-            files: vec![file.clone()],
+            files,
             warnings,
         });
     }
     let (files, warnings) = layered_files(options)?;
+    report(options, &files, &warnings);
     let mut layers = Vec::new();
     for file in &files {
         let (at, text) = read_file(file).map_err(|e| vec![e])?;
@@ -89,6 +94,21 @@ pub fn load(options: &LoadOptions, vars: &[(String, String)]) -> Result<Loaded, 
         files,
         warnings,
     })
+}
+
+/// Logs which files are read, in order, with the `ENV` and `SCOPE` in force, and what an
+/// operator should know of them, before any of them is found wrong.
+fn report(options: &LoadOptions, files: &[PathBuf], warnings: &[String]) {
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    tracing::info!(
+        files = ?files,
+        env = options.env.as_deref().unwrap_or("-"),
+        scope = options.scope.as_deref().unwrap_or("-"),
+        "configuration loaded"
+    );
 }
 
 /// One configuration text, as [`load`] reads a single file: parsed, `FERRY__` overrides

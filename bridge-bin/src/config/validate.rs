@@ -153,16 +153,21 @@ pub fn validate(config: &Config) -> Result<Plan, Vec<ConfigError>> {
     if config.routes.is_empty() {
         errors.push("routes", "no routes configured");
     }
-    if config
-        .admin
-        .token
-        .as_deref()
-        .is_some_and(|t| t.trim().is_empty())
-    {
-        errors.push(
+    match config.admin.token.as_deref().map(str::trim) {
+        Some("") => errors.push(
             "admin.token",
             "is empty (leave it out to not require a token)",
-        );
+        ),
+        // A short token is guessed by trying; the admin server may be reachable by
+        // everything in the cluster.
+        Some(t) if t.chars().count() < MIN_TOKEN_CHARS => errors.push(
+            "admin.token",
+            format!(
+                "is {} characters long; use at least {MIN_TOKEN_CHARS} (e.g. `openssl rand -hex 16`)",
+                t.chars().count()
+            ),
+        ),
+        _ => {}
     }
     let state = config
         .admin
@@ -932,6 +937,9 @@ fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy
     }
 }
 
+/// The shortest admin token accepted.
+const MIN_TOKEN_CHARS: usize = 16;
+
 /// The configuration as `ferry validate` prints it: header values, tokens, URL passwords
 /// and query values replaced, since any of them may hold a secret.
 pub fn redacted(config: &Config) -> Config {
@@ -1205,14 +1213,14 @@ mod tests {
     fn operations_keys() {
         let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
         let text = format!(
-            "[admin]\ntoken = \"t0p\"\n[admin.state]\nredis_url = \"redis://:pw@127.0.0.1:6379\"\n\
+            "[admin]\ntoken = \"t0p-secret-0123456\"\n[admin.state]\nredis_url = \"redis://:pw@127.0.0.1:6379\"\n\
              [audit]\npath = \"audit/ferry.jsonl\"\n{}\nsigning = {{ secret = \"{secret}\" }}\n\
              [routes.orders.delivery]\nbatch = {{ max_messages = 25 }}\n",
             GOOD.replace("[admin]", "")
         );
         let config = parse(&text);
         let plan = validate(&config).expect("valid");
-        assert_eq!(plan.admin_token.as_deref(), Some("t0p"));
+        assert_eq!(plan.admin_token.as_deref(), Some("t0p-secret-0123456"));
         let state = plan.state.expect("shared state");
         assert_eq!(
             (state.key.as_str(), state.poll_interval),
