@@ -23,9 +23,22 @@ if up; then
   for _ in $(seq 1 20); do up || break; sleep 0.5; done
 fi
 
+if ! command -v curl >/dev/null 2>&1 || ! command -v python3 >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing curl and python3..."
+    apt-get update -qq </dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends curl python3 python3-pip </dev/null >/dev/null
+  else
+    echo "the emulator needs curl and python3 with pip: install them (apt-get install curl python3 python3-pip)" >&2
+    exit 1
+  fi
+fi
+
 if ! python3 -c 'import moto.server, flask' >/dev/null 2>&1; then
   echo "installing moto[server] from PyPI..."
-  python3 -m pip install --quiet 'moto[server]' </dev/null
+  # A Debian system Python refuses installs outside a virtualenv unless told otherwise.
+  python3 -m pip install --quiet 'moto[server]' </dev/null \
+    || python3 -m pip install --quiet --break-system-packages 'moto[server]' </dev/null
 fi
 
 CMD=(python3 "$SERVER" -H "$ADDR" -p "$PORT")

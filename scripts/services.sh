@@ -1,19 +1,36 @@
 #!/usr/bin/env bash
 # Makes sure the local brokers the tests use answer on loopback: RabbitMQ on 5672 and
-# Redis on 6379. Starts an installed one that is down; fails loudly if it stays down.
+# Redis on 6379. Starts one that is down, installing its Debian package first when it is
+# missing and this runs as root; fails loudly if it stays down.
 set -euo pipefail
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Installs a Debian package when running as root with apt (a fresh CI machine or
+# container); anywhere else says exactly what to install.
+install_package() {
+  local package=$1 program=$2
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing $package (for $program)..."
+    if [ -z "${FERRY_APT_UPDATED:-}" ]; then
+      apt-get update -qq </dev/null
+      export FERRY_APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package" </dev/null >/dev/null
+  else
+    echo "'$program' is not installed: install the $package package (apt-get install $package), or run this as root to let it do so" >&2
+    exit 1
+  fi
+}
+
 ensure() {
-  local name=$1 port=$2
-  shift 2
+  local name=$1 port=$2 package=$3
+  shift 3
   if listening "$port"; then
     return 0
   fi
   if ! command -v "$1" >/dev/null 2>&1; then
-    echo "$name is not running on 127.0.0.1:$port and '$1' is not installed" >&2
-    exit 1
+    install_package "$package" "$1"
   fi
   echo "starting $name on 127.0.0.1:$port"
   "$@" </dev/null >/dev/null 2>&1 || true
@@ -27,5 +44,5 @@ ensure() {
   exit 1
 }
 
-ensure RabbitMQ 5672 rabbitmq-server -detached
-ensure Redis 6379 redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save ""
+ensure RabbitMQ 5672 rabbitmq-server rabbitmq-server -detached
+ensure Redis 6379 redis-server redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save ""

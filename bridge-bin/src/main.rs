@@ -18,6 +18,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod admin;
 mod audit;
+mod check;
 mod config;
 mod fleet_rate;
 mod logging;
@@ -112,6 +113,10 @@ enum Command {
     Run(ConfigArgs),
     /// Check the configuration and print it resolved, with secrets redacted.
     Validate(ConfigArgs),
+    /// Before a deploy: connect each route's source (credentials, queues, topics, exchanges,
+    /// dead-letter targets) and ask each endpoint, receiving and delivering nothing. One
+    /// line per check; exits 1 if any fails.
+    Check(ConfigArgs),
     /// Move a route's dead letters back to its queue (SQS and RabbitMQ routes).
     Redrive(RedriveArgs),
 }
@@ -177,6 +182,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate(args) => validate(&args),
         Command::Run(args) => run(&args),
+        Command::Check(args) => check(&args),
         Command::Redrive(args) => redrive(args),
     };
     match result {
@@ -235,6 +241,20 @@ fn validate(args: &ConfigArgs) -> Result<(), Failure> {
         toml::to_string_pretty(&config::redacted(&config)).context("printing the configuration")?;
     print!("{text}");
     Ok(())
+}
+
+fn check(args: &ConfigArgs) -> Result<(), Failure> {
+    let (_config, plan) = load(args)?;
+    let lines = runtime(1)?.block_on(check::run(plan));
+    for line in &lines {
+        println!("{line}");
+    }
+    let failed = lines.iter().filter(|l| l.outcome.is_err()).count();
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("{failed} of {} checks failed", lines.len()).into())
+    }
 }
 
 fn run(args: &ConfigArgs) -> Result<(), Failure> {

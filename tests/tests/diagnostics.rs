@@ -246,3 +246,81 @@ fn an_unreachable_sqs_endpoint_is_one_readable_line() {
         lines[0].len()
     );
 }
+
+/// `ferry check` before a deploy: a route whose queue and endpoint are there passes; a
+/// route whose queue does not exist and whose endpoint does not answer fails on both
+/// lines, with the reason, and nothing is received or delivered.
+// Two threads: the endpoint answers while the test waits for the `ferry check` process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_what_is_there_and_what_is_not() {
+    let sqs = ferry_e2e::sqs::client().await;
+    let queue = ferry_e2e::sqs::create_queue(&sqs, "check").await;
+    ferry_e2e::sqs::send(&sqs, &queue, &["stays".to_owned()]).await;
+    let endpoint = ferry_e2e::endpoint::Endpoint::start(|_| ferry_e2e::endpoint::Reply::ok()).await;
+    let closed = ferry_e2e::free_port();
+    let dir = scratch("diag-check");
+    let text = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+[routes.good.source]
+type = "sqs"
+queue_url = "{queue}"
+endpoint_url = "{sqs_endpoint}"
+region = "us-east-1"
+[routes.good.sink]
+type = "http"
+url = "{url}"
+[routes.bad.source]
+type = "amqp"
+uri = "{amqp}"
+queue = "ferry-check-no-such-queue"
+dead_letters = "drop"
+[routes.bad.sink]
+type = "http"
+url = "http://127.0.0.1:{closed}/x"
+"#,
+        sqs_endpoint = ferry_e2e::sqs_endpoint(),
+        url = endpoint.url(),
+        amqp = ferry_e2e::amqp::amqp_uri(),
+    );
+    let file = write(&dir, "check.toml", &text);
+    let out = run_cli(&["check", "--config", &file]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", stderr(&out));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    let line = |prefix: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} line in {stdout}"))
+            .to_string()
+    };
+    assert!(line("routes.good.source").starts_with("✓"), "{stdout}");
+    assert!(line("routes.good.sink").starts_with("✓"), "{stdout}");
+    let bad_source = line("routes.bad.source");
+    assert!(
+        bad_source.starts_with("✗") && bad_source.contains("ferry-check-no-such-queue"),
+        "{stdout}"
+    );
+    let bad_sink = line("routes.bad.sink");
+    assert!(
+        bad_sink.starts_with("✗") && bad_sink.contains(&closed.to_string()),
+        "{stdout}"
+    );
+    assert!(
+        stderr(&out).contains("2 of 4 checks failed"),
+        "{}",
+        stderr(&out)
+    );
+    // The endpoint was asked once and given no message; the message is still on its queue.
+    let seen = endpoint.seen();
+    assert_eq!(seen.len(), 1, "one probe");
+    assert!(
+        seen[0].id.is_empty() && seen[0].body.is_empty(),
+        "a message was delivered"
+    );
+    let (visible, invisible) = ferry_e2e::sqs::depth(&sqs, &queue).await;
+    assert_eq!((visible, invisible), (1, 0));
+}

@@ -15,9 +15,9 @@ pub use load::{load, LoadOptions};
 // For the library target (fuzzing, embedding): the binary only loads files.
 #[allow(unused_imports)]
 pub use load::{load_str, Format};
-pub use validate::{
-    redacted, validate, AuditPlan, OtlpPlan, Plan, RoutePlan, SourcePlan, StatePlan,
-};
+#[cfg(feature = "otlp")]
+pub use validate::OtlpPlan;
+pub use validate::{redacted, validate, AuditPlan, Plan, RoutePlan, SourcePlan, StatePlan};
 
 /// One error in the configuration, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]

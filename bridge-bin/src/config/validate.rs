@@ -61,7 +61,8 @@ pub struct Plan {
     pub state: Option<StatePlan>,
     /// The audit trail file.
     pub audit: Option<AuditPlan>,
-    /// The span exporter.
+    /// The span exporter (only ever set in a build with the `otlp` feature).
+    #[cfg_attr(not(feature = "otlp"), allow(dead_code))]
     pub otlp: Option<OtlpPlan>,
     /// Threads of the async runtime.
     pub worker_threads: usize,

@@ -44,6 +44,20 @@ pub(crate) struct Origin {
     idle: Mutex<Vec<(SendRequest<Full<Bytes>>, Instant)>>,
 }
 
+impl Origin {
+    /// Where requests go, as shown to an operator: scheme, host, port and path, the query
+    /// (which may hold a key) left out.
+    pub(crate) fn shown(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("{scheme}://{host}:{}{}", self.port, self.path.path())
+    }
+}
+
 impl std::fmt::Debug for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Origin")

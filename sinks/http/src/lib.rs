@@ -201,6 +201,25 @@ impl HttpSink {
         })
     }
 
+    /// Whether the endpoint answers, without delivering anything: `GET health_url` when
+    /// one is set (which must answer 2xx), else `OPTIONS` on the URL, where any HTTP
+    /// answer shows that something listens. `Ok` holds what was asked and its status.
+    pub async fn probe(&self) -> Result<String, String> {
+        let (origin, method, wants_success) = match &self.health {
+            Some(health) => (health, Method::GET, true),
+            None => (&self.origin, Method::OPTIONS, false),
+        };
+        let asked = format!("{method} {}", origin.shown());
+        match origin.send(method, HeaderMap::new(), Bytes::new(), 0).await {
+            Ok(answer) if wants_success && !answer.status.is_success() => {
+                Err(format!("{asked} answered {}", answer.status.as_u16()))
+            }
+            Ok(answer) => Ok(format!("{asked} answered {}", answer.status.as_u16())),
+            Err(Failure::Timeout) => Err(format!("{asked}: no answer within the timeout")),
+            Err(Failure::Error(e) | Failure::Unreachable(e)) => Err(format!("{asked}: {e}")),
+        }
+    }
+
     /// POSTs to the endpoint; a request that got no answer is already a [`SinkResponse`].
     async fn post(
         &self,
