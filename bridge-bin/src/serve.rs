@@ -33,7 +33,7 @@ pub(crate) async fn run_routes(plan: Plan) -> Result<(), Failure> {
         Some(otlp) => {
             let (tracer, provider) =
                 otlp::start(otlp).context("otlp: cannot build the exporter")?;
-            info!(endpoint = %otlp.traces_url, "exporting delivery spans");
+            info!(endpoint = %ferry_core::redact::url(&otlp.traces_url), "exporting delivery spans");
             (
                 Some(tracer as std::sync::Arc<dyn ferry_core::DeliveryTracer>),
                 Some(provider),

@@ -152,31 +152,52 @@ impl Ferry {
     /// arguments, such as `unshare --pid --fork --kill-child`); killing the wrapper must
     /// end ferry.
     pub fn start_in(route: &Route<'_>, admin: &str, wrapper: &[&str]) -> Self {
-        Self::start_config_in(|admin_port| route.config_with(admin_port, admin), wrapper)
+        Self::start_config_in(
+            |admin_port| route.config_with(admin_port, admin),
+            wrapper,
+            &[],
+            None,
+        )
     }
 
     /// Starts `ferry run` with the configuration `config(admin_port)` (several routes, say;
     /// see [`Route::section`]) and a fresh admin port.
     pub fn start_config(config: impl FnOnce(u16) -> String) -> Self {
-        Self::start_config_in(config, &[])
+        Self::start_config_in(config, &[], &[], None)
     }
 
-    fn start_config_in(config: impl FnOnce(u16) -> String, wrapper: &[&str]) -> Self {
+    /// [`Ferry::start_config`] with options before `run` (`--log-format json`) and this
+    /// `FERRY_LOG`.
+    pub fn start_config_logged(
+        config: impl FnOnce(u16) -> String,
+        options: &[&str],
+        ferry_log: &str,
+    ) -> Self {
+        Self::start_config_in(config, &[], options, Some(ferry_log))
+    }
+
+    fn start_config_in(
+        config: impl FnOnce(u16) -> String,
+        wrapper: &[&str],
+        options: &[&str],
+        ferry_log: Option<&str>,
+    ) -> Self {
         let admin_port = crate::free_port();
         let dir = scratch("ferry");
         let file = dir.join("ferry.toml");
         std::fs::write(&file, config(admin_port)).expect("write config");
         let config = file;
         let log = dir.join("ferry.log");
+        // FERRY_TEST_LOG widens the log of a test that needs more detail.
+        let ferry_log = ferry_log.map(str::to_owned).unwrap_or_else(|| {
+            std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "info,ferry_core=debug".into())
+        });
         let child = command_in(wrapper)
+            .args(options)
             .arg("run")
             .arg("--config")
             .arg(&config)
-            // FERRY_TEST_LOG widens the log of a test that needs more detail.
-            .env(
-                "FERRY_LOG",
-                std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "info,ferry_core=debug".into()),
-            )
+            .env("FERRY_LOG", ferry_log)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()

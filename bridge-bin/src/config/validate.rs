@@ -297,8 +297,11 @@ fn otlp_plan(otlp: &super::OtlpConfig, errors: &mut Errors) -> Option<OtlpPlan> 
     }
     let mut ok = true;
     let traces_url = match Url::parse(&otlp.endpoint) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
-            format!("{}/v1/traces", url.as_str().trim_end_matches('/'))
+        Ok(mut url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
+            // The signal's path goes after the base path, before any query.
+            let path = format!("{}/v1/traces", url.path().trim_end_matches('/'));
+            url.set_path(&path);
+            url.to_string()
         }
         _ => {
             ok = false;
