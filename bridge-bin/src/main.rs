@@ -248,8 +248,8 @@ fn validate(args: &ConfigArgs) -> Result<(), Failure> {
 }
 
 fn run(args: &ConfigArgs) -> Result<(), Failure> {
-    let (_config, plan) = load(args)?;
-    runtime(plan.worker_threads)?.block_on(serve::run_routes(plan))
+    let (config, plan) = load(args)?;
+    runtime(plan.worker_threads)?.block_on(serve::run_routes(config, plan, args.options()))
 }
 
 /// The async runtime, with `[runtime] worker_threads` threads.
