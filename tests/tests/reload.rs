@@ -275,3 +275,54 @@ async fn a_paused_route_stays_paused_across_a_reload() {
         ferry.log()
     );
 }
+
+/// SIGTERM right behind a SIGHUP, while the reload connects its new route or drains the
+/// changed one: ferry still drains every route and exits 0; nothing is lost or delivered
+/// twice (what was not delivered is back in its queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_reload_still_drains_everything() {
+    let rabbit = Rabbit::connect().await;
+    for gap in [Duration::from_millis(5), Duration::from_millis(150)] {
+        let qa = rabbit.queue("reload-term-a").await;
+        let qb = rabbit.queue("reload-term-b").await;
+        let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(200))).await;
+        let url = endpoint.url();
+        let sent_a = rabbit.publish_numbered(&qa.name, "a", 100).await;
+        let sent_b = rabbit.publish_numbered(&qb.name, "b", 100).await;
+        let a4 = route(&qa.name, &url, "concurrency = 4");
+        let a6 = route(&qa.name, &url, "concurrency = 6");
+        let b3 = route(&qb.name, &url, "concurrency = 3");
+        let mut ferry = Ferry::start_config(|port| config(port, &[("a", &a4)]));
+        ferry.wait_ready(Duration::from_secs(30)).await;
+        assert!(wait_until(Duration::from_secs(20), || endpoint.delivered().len() >= 8).await);
+        ferry.rewrite_config(&config(ferry.admin_port, &[("a", &a6), ("b", &b3)]));
+        ferry.reload();
+        tokio::time::sleep(gap).await;
+        ferry.signal("TERM");
+        let status = ferry.wait_exit(Duration::from_secs(30)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "ferry did not stop cleanly ({status:?}) with SIGTERM {gap:?} after SIGHUP; log:\n{}",
+            ferry.log()
+        );
+        assert!(ferry.log().contains("ferry stopped"), "{}", ferry.log());
+        for (prefix, queue, sent) in [("a-", &qa, &sent_a), ("b-", &qb, &sent_b)] {
+            let delivered = delivered_with(&endpoint, prefix);
+            let left = rabbit.depth(&queue.name).await as usize;
+            assert_eq!(
+                delivered.len() + left,
+                sent.len(),
+                "{prefix}: {} delivered + {left} left of {} (gap {gap:?}); log:\n{}",
+                delivered.len(),
+                sent.len(),
+                ferry.log()
+            );
+        }
+        let repeated = endpoint
+            .delivered_counts()
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .count();
+        assert_eq!(repeated, 0, "messages answered 2xx twice (gap {gap:?})");
+    }
+}
