@@ -576,3 +576,47 @@ async fn wait_for_signal(shutdown: CancellationToken) {
     }
     shutdown.cancel();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load_str, Format};
+
+    fn config(text: &str) -> Config {
+        load_str("test.toml", text, Format::Toml, &[]).expect("a valid test configuration")
+    }
+
+    const ROUTE: &str = "[routes.a.source]\ntype = \"amqp\"\nuri = \"amqp://127.0.0.1/%2f\"\n\
+        queue = \"q\"\ndead_letters = \"queue\"\n[routes.a.sink]\ntype = \"http\"\n\
+        url = \"http://127.0.0.1:9/\"\n";
+
+    #[test]
+    fn restart_only_settings_are_named() {
+        let old = config(&format!("[admin]\nlisten = \"127.0.0.1:1\"\n{ROUTE}"));
+        let same = config(&format!(
+            "[admin]\nlisten = \"127.0.0.1:1\"\ntoken = \"t\"\n{ROUTE}[routes.a.delivery]\nconcurrency = 3\n"
+        ));
+        assert!(
+            needs_restart(&old, &same).is_empty(),
+            "the token and routes apply"
+        );
+        let moved = config(&format!(
+            "[admin]\nlisten = \"127.0.0.1:2\"\n[runtime]\nworker_threads = 2\n\
+             [audit]\npath = \"a.jsonl\"\n{ROUTE}"
+        ));
+        assert_eq!(
+            needs_restart(&old, &moved),
+            ["admin.listen", "runtime.worker_threads", "audit"]
+        );
+    }
+
+    #[test]
+    fn a_route_changes_with_any_of_its_settings() {
+        let old = route_settings(&config(ROUTE));
+        assert_eq!(old, route_settings(&config(ROUTE)));
+        let new = route_settings(&config(&format!(
+            "{ROUTE}[routes.a.delivery]\nmax_attempts = 3\n"
+        )));
+        assert_ne!(old.get("a"), new.get("a"));
+    }
+}

@@ -247,8 +247,13 @@ async fn a_paused_route_stays_paused_across_a_reload() {
 
     let (status, body) = ferry.admin(reqwest::Method::PUT, "/routes/p/pause").await;
     assert_eq!(status, 200, "{body}");
-    // The new file moves the admin server too, which needs a restart.
-    let moved = config(ferry_e2e::free_port(), &[("p", &c7)]);
+    // The new file moves the admin server too, which needs a restart, and sets a token,
+    // which applies at once.
+    let moved = config(ferry_e2e::free_port(), &[("p", &c7)]).replacen(
+        "[admin]\n",
+        "[admin]\ntoken = \"reloaded-token\"\n",
+        1,
+    );
     reload(&ferry, &moved, "applied").await;
     assert_eq!(stops(&ferry, "p"), 1, "the changed route was not restarted");
     assert!(
@@ -268,7 +273,21 @@ async fn a_paused_route_stays_paused_across_a_reload() {
     );
 
     let (status, body) = ferry.admin(reqwest::Method::PUT, "/routes/p/resume").await;
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        status, 401,
+        "the reloaded admin token is not required: {body}"
+    );
+    let status = reqwest::Client::new()
+        .put(format!(
+            "http://127.0.0.1:{}/routes/p/resume",
+            ferry.admin_port
+        ))
+        .bearer_auth("reloaded-token")
+        .send()
+        .await
+        .expect("resume")
+        .status();
+    assert_eq!(status, 200);
     assert!(
         wait_until(Duration::from_secs(20), || endpoint.delivered_set() == sent).await,
         "not delivered after resume; log:\n{}",
