@@ -534,6 +534,17 @@ impl Supervisor {
             .map(|(name, _)| name.as_str())
             .filter(|name| !settings.contains_key(*name))
             .collect();
+        // A removed route's series stay in `/metrics` (counters must not go back), but
+        // its gauges say it holds nothing and is neither paused nor failing any more.
+        for (_, route) in stopped
+            .iter()
+            .filter(|(name, _)| !settings.contains_key(name))
+        {
+            let m = &route.view.metrics;
+            for gauge in [&m.in_flight, &m.paused, &m.circuit_open, &m.backlog] {
+                gauge.set(0);
+            }
+        }
         let added: Vec<&str> = prepared
             .iter()
             .map(|(name, _)| name.as_str())
