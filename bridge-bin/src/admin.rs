@@ -2,7 +2,7 @@
 //! resume, and the original consumer service's `/consumer/*` calls.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -19,6 +19,7 @@ use tracing::info;
 use crate::pause::{SwitchError, Switches};
 
 /// What the admin server can see of one route.
+#[derive(Clone)]
 pub struct RouteView {
     pub name: Arc<str>,
     pub source: &'static str,
@@ -29,19 +30,51 @@ pub struct RouteView {
 /// Everything the admin server serves.
 pub struct AdminState {
     pub registry: Registry,
-    pub routes: Vec<RouteView>,
+    /// The running routes; a reload replaces them (see [`AdminState::set_routes`]).
+    pub routes: RwLock<Vec<RouteView>>,
     pub switches: Arc<Switches>,
-    /// Required as `Authorization: Bearer <token>` on state-changing calls, when set.
-    pub token: Option<String>,
+    /// Required as `Authorization: Bearer <token>` on state-changing calls, when set; a
+    /// reload may change it.
+    pub token: RwLock<Option<String>>,
     /// Cancelled when ferry starts to drain: from then on `/readyz` answers 503, so a
     /// load balancer or Kubernetes stops counting this replica while it finishes.
     pub draining: CancellationToken,
 }
 
+impl AdminState {
+    /// The routes now, for one answer (the lock is not held while answering).
+    fn routes(&self) -> Vec<RouteView> {
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The route called `name` now.
+    fn route(&self, name: &str) -> Option<RouteView> {
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|r| *r.name == *name)
+            .cloned()
+    }
+
+    /// After a reload: `/routes`, `/readyz` and `/consumer/*` follow the new set.
+    pub fn set_routes(&self, routes: Vec<RouteView>) {
+        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = routes;
+    }
+
+    /// After a reload: the admin token in force from now on.
+    pub fn set_token(&self, token: Option<String>) {
+        *self.token.write().unwrap_or_else(PoisonError::into_inner) = token;
+    }
+}
+
 /// Binds the admin address (so a taken port is a start error) and returns the server task.
 pub async fn serve(
     listen: SocketAddr,
-    state: AdminState,
+    state: Arc<AdminState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
     let app = Router::new()
@@ -58,7 +91,7 @@ pub async fn serve(
         .route("/consumer/stop", put(consumer_stop))
         .fallback(no_such_path)
         .method_not_allowed_fallback(no_such_method)
-        .with_state(Arc::new(state));
+        .with_state(state);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     Ok(tokio::spawn(async move {
         axum::serve(listener, app)
@@ -73,8 +106,8 @@ async fn readyz(State(state): Shared) -> impl IntoResponse {
     if state.draining.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining".to_owned());
     }
-    let waiting: Vec<&str> = state
-        .routes
+    let routes = state.routes();
+    let waiting: Vec<&str> = routes
         .iter()
         .filter(|r| !r.ctx.is_connected())
         .map(|r| &*r.name)
@@ -143,7 +176,7 @@ fn describe(r: &RouteView) -> Value {
 }
 
 async fn list_routes(State(state): Shared) -> impl IntoResponse {
-    let routes: Vec<_> = state.routes.iter().map(describe).collect();
+    let routes: Vec<_> = state.routes().iter().map(describe).collect();
     Json(json!({ "routes": routes }))
 }
 
@@ -174,15 +207,16 @@ fn unknown(name: &str) -> Response {
 }
 
 async fn one_route(State(state): Shared, Path(name): Path<String>) -> Response {
-    match state.routes.iter().find(|r| *r.name == *name) {
-        Some(r) => Json(describe(r)).into_response(),
+    match state.route(&name) {
+        Some(r) => Json(describe(&r)).into_response(),
         None => unknown(&name),
     }
 }
 
 /// Whether the call carries the admin token (always, when none is configured).
 fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
-    let Some(token) = &state.token else {
+    let token = state.token.read().unwrap_or_else(PoisonError::into_inner);
+    let Some(token) = &*token else {
         return true;
     };
     // The scheme's name is case-insensitive (RFC 7235): `bearer` is `Bearer`.
@@ -214,8 +248,8 @@ async fn switch(
     match state.switches.set(name, paused).await {
         Ok(()) => {
             info!(route = name, paused, "admin call");
-            match state.routes.iter().find(|r| *r.name == *name) {
-                Some(r) => Json(view(r)).into_response(),
+            match state.route(name) {
+                Some(r) => Json(view(&r)).into_response(),
                 None => unknown(name),
             }
         }
@@ -243,9 +277,9 @@ fn consumer(r: &RouteView) -> Value {
 }
 
 /// The single route the `/consumer/*` calls act on.
-fn single(state: &AdminState) -> Option<&RouteView> {
-    match state.routes.as_slice() {
-        [only] => Some(only),
+fn single(state: &AdminState) -> Option<RouteView> {
+    match state.routes().as_slice() {
+        [only] => Some(only.clone()),
         _ => None,
     }
 }
@@ -259,7 +293,7 @@ fn not_single() -> Response {
 
 async fn consumer_status(State(state): Shared) -> Response {
     match single(&state) {
-        Some(r) => Json(consumer(r)).into_response(),
+        Some(r) => Json(consumer(&r)).into_response(),
         None => not_single(),
     }
 }

@@ -109,7 +109,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every configured route until SIGTERM or SIGINT.
+    /// Run every configured route until SIGTERM or SIGINT; SIGHUP reloads the configuration.
     Run(ConfigArgs),
     /// Check the configuration and print it resolved, with secrets redacted.
     Validate(ConfigArgs),
@@ -258,8 +258,8 @@ fn check(args: &ConfigArgs) -> Result<(), Failure> {
 }
 
 fn run(args: &ConfigArgs) -> Result<(), Failure> {
-    let (_config, plan) = load(args)?;
-    runtime(plan.worker_threads)?.block_on(serve::run_routes(plan))
+    let (config, plan) = load(args)?;
+    runtime(plan.worker_threads)?.block_on(serve::run_routes(config, plan, args.options()))
 }
 
 /// The async runtime, with `[runtime] worker_threads` threads.

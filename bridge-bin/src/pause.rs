@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use ferry_core::SourceContext;
@@ -37,7 +37,8 @@ pub enum SwitchError {
 
 /// The pause switches of every route.
 pub struct Switches {
-    routes: Vec<SourceContext>,
+    /// The running routes; a reload replaces them ([`Switches::replace`]).
+    routes: RwLock<Vec<SourceContext>>,
     shared: Option<Shared>,
 }
 
@@ -63,27 +64,50 @@ impl Switches {
                 reachable: AtomicBool::new(true),
             }),
         };
-        Ok(Self { routes, shared })
+        Ok(Self {
+            routes: RwLock::new(routes),
+            shared,
+        })
     }
 
-    /// The route called `name`.
-    pub fn route(&self, name: &str) -> Option<&SourceContext> {
-        self.routes.iter().find(|ctx| &*ctx.route == name)
+    fn routes(&self) -> std::sync::RwLockReadGuard<'_, Vec<SourceContext>> {
+        self.routes.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Pauses or resumes one route, for every replica when the state is shared.
     pub async fn set(&self, name: &str, paused: bool) -> Result<(), SwitchError> {
-        let ctx = self
-            .route(name)
-            .ok_or_else(|| SwitchError::UnknownRoute(name.to_owned()))?;
+        let unknown = || SwitchError::UnknownRoute(name.to_owned());
+        if !self.routes().iter().any(|ctx| &*ctx.route == name) {
+            return Err(unknown());
+        }
         if let Some(shared) = &self.shared {
             shared
                 .write(name, paused)
                 .await
                 .map_err(SwitchError::Unreachable)?;
         }
+        // Looked up again, under the lock a reload replaces routes with: a route restarted
+        // meanwhile gets the switch, not the context it had before.
+        let routes = self.routes();
+        let ctx = routes
+            .iter()
+            .find(|ctx| &*ctx.route == name)
+            .ok_or_else(unknown)?;
         ctx.set_paused(paused);
         Ok(())
+    }
+
+    /// After a reload: switches for this set of routes. A route that replaces one of the
+    /// same name takes over its paused state, so an operator's pause survives the restart
+    /// (call before the new routes receive).
+    pub fn replace(&self, routes: Vec<SourceContext>) {
+        let mut now = self.routes.write().unwrap_or_else(PoisonError::into_inner);
+        for ctx in &routes {
+            if let Some(old) = now.iter().find(|old| old.route == ctx.route) {
+                ctx.set_paused(old.is_paused());
+            }
+        }
+        *now = routes;
     }
 
     /// Applies the shared state once; called at start, before the routes receive, so a
@@ -91,7 +115,7 @@ impl Switches {
     pub async fn load(&self) {
         let Some(shared) = &self.shared else { return };
         if let Some(paused) = shared.read().await {
-            for ctx in &self.routes {
+            for ctx in self.routes().iter() {
                 ctx.set_paused(paused.contains_key(&*ctx.route));
             }
         }

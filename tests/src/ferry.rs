@@ -113,6 +113,8 @@ pub struct Ferry {
     log: PathBuf,
     /// For a program without an admin server: the log line that says it receives.
     ready_marker: Option<String>,
+    /// The configuration file `ferry run --config` reads (also on SIGHUP).
+    config: Option<PathBuf>,
 }
 
 fn command() -> Command {
@@ -186,7 +188,6 @@ impl Ferry {
         let dir = scratch("ferry");
         let file = dir.join("ferry.toml");
         std::fs::write(&file, config(admin_port)).expect("write config");
-        let config = file;
         let log = dir.join("ferry.log");
         // FERRY_TEST_LOG widens the log of a test that needs more detail.
         let ferry_log = ferry_log.map(str::to_owned).unwrap_or_else(|| {
@@ -196,7 +197,7 @@ impl Ferry {
             .args(options)
             .arg("run")
             .arg("--config")
-            .arg(&config)
+            .arg(&file)
             .env("FERRY_LOG", ferry_log)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -207,6 +208,7 @@ impl Ferry {
             admin_port,
             log,
             ready_marker: None,
+            config: Some(file),
         }
     }
 
@@ -228,6 +230,7 @@ impl Ferry {
             admin_port: 0,
             log,
             ready_marker: Some(ready_marker.to_owned()),
+            config: None,
         }
     }
 
@@ -303,6 +306,23 @@ impl Ferry {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+
+    /// Replaces the configuration file with `text` (`ferry run` reads it again on SIGHUP).
+    /// Written to a temporary file and renamed, so a reload never reads half a file.
+    pub fn rewrite_config(&self, text: &str) {
+        let file = self
+            .config
+            .as_ref()
+            .expect("a ferry started with a config file");
+        let next = file.with_extension("toml.next");
+        std::fs::write(&next, text).expect("write config");
+        std::fs::rename(&next, file).expect("replace config");
+    }
+
+    /// Asks ferry to read its configuration again (SIGHUP).
+    pub fn reload(&self) {
+        self.signal("HUP");
     }
 
     /// Waits for the process to exit, up to `limit`.
