@@ -31,6 +31,12 @@ pub struct Message {
     pub group: Option<String>,
     /// W3C trace context carried by the message, when there is one.
     pub traceparent: Option<String>,
+    /// Why the source will not vouch for this message (a forged or unverifiable envelope,
+    /// say), when it will not: the engine then dead-letters it with this reason before any
+    /// request, through the route's normal dead-letter path (metrics, audit, the broker's
+    /// dead-letter queue). A source that knows a message is not genuine must hand it over
+    /// refused rather than drop it or deliver it, so that it is neither lost nor trusted.
+    pub refused: Option<String>,
 }
 
 impl Message {
@@ -46,7 +52,14 @@ impl Message {
             first_received_at: None,
             group: None,
             traceparent: None,
+            refused: None,
         }
+    }
+
+    /// Marks the message as refused by its source, with the reason its dead letter carries
+    /// (see [`Message::refused`]).
+    pub fn refuse(&mut self, reason: impl Into<String>) {
+        self.refused = Some(reason.into());
     }
 }
 

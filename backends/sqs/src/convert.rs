@@ -10,7 +10,18 @@ use ferry_core::message::{plausible_since_epoch, plausible_time};
 use ferry_core::Message;
 use tracing::debug;
 
+use crate::signature::Judgement;
 use crate::sns;
+
+/// What is known of a body's SNS envelope before it is converted.
+#[derive(Debug)]
+pub(crate) enum Envelope {
+    /// The source checks nothing: every body that is a `Notification` is unwrapped.
+    Trusted,
+    /// The source's `sns` section judged it (never [`Judgement::Later`]: such a message is
+    /// not converted).
+    Judged(Judgement),
+}
 
 /// What the dead-letter queue needs to get an exact copy of the original.
 #[derive(Debug)]
@@ -53,14 +64,17 @@ fn epoch_millis(v: &str) -> Option<SystemTime> {
 /// to the topic) enter ferry: fuzz targets and programs that embed the source decode exactly
 /// as the receive loop does.
 pub fn decode(m: aws_sdk_sqs::types::Message, source: &Arc<str>) -> Option<Message> {
-    convert(m, source, false).map(|r| r.message)
+    convert(m, source, false, Envelope::Trusted).map(|r| r.message)
 }
 
-/// Converts one SQS message; `None` when SQS left out the id or receipt handle.
+/// Converts one SQS message; `None` when SQS left out the id or receipt handle. A body
+/// whose envelope was refused keeps its SQS id and body (not what the envelope claims) and
+/// is handed over refused, for the engine to dead-letter.
 pub(crate) fn convert(
     m: aws_sdk_sqs::types::Message,
     source: &Arc<str>,
     keep_original: bool,
+    envelope: Envelope,
 ) -> Option<Received> {
     let receipt = m.receipt_handle?;
     let sqs_id = m.message_id?;
@@ -68,7 +82,17 @@ pub(crate) fn convert(
     let system = m.attributes.unwrap_or_default();
     let message_attributes = m.message_attributes.unwrap_or_default();
 
-    let mut message = match sns::unwrap(&body) {
+    let mut refused = None;
+    let notification = match envelope {
+        Envelope::Trusted => sns::unwrap(&body),
+        Envelope::Judged(Judgement::Genuine(n)) => Some(n),
+        Envelope::Judged(Judgement::NotSns) => None,
+        Envelope::Judged(Judgement::Refused(reason) | Judgement::Later(reason)) => {
+            refused = Some(reason);
+            None
+        }
+    };
+    let mut message = match notification {
         Some(n) => {
             let id = if usable_as_key(&n.id) {
                 n.id
@@ -114,6 +138,7 @@ pub(crate) fn convert(
         .get(&Sys::ApproximateFirstReceiveTimestamp)
         .and_then(|v| epoch_millis(v));
     message.group = system.get(&Sys::MessageGroupId).cloned();
+    message.refused = refused;
 
     let original = keep_original.then(|| {
         Box::new(Original {
@@ -134,6 +159,31 @@ mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
 
+    fn convert_trusted(
+        m: aws_sdk_sqs::types::Message,
+        source: &Arc<str>,
+        keep: bool,
+    ) -> Option<Received> {
+        convert(m, source, keep, Envelope::Trusted)
+    }
+
+    /// A refused envelope keeps the SQS id and body, not what the envelope claims.
+    #[test]
+    fn a_refused_envelope_is_handed_over_as_it_came_and_refused() {
+        let source: Arc<str> = Arc::from("q");
+        let body = r#"{"Type":"Notification","MessageId":"chosen","Message":"hi"}"#;
+        let judged = Envelope::Judged(Judgement::Refused("forged".into()));
+        let r = convert(sqs_message(body), &source, true, judged).expect("converted");
+        assert_eq!(r.message.id, "sqs-id");
+        assert_eq!(&r.message.payload[..], body.as_bytes());
+        assert_eq!(r.message.refused.as_deref(), Some("forged"));
+        assert_eq!(r.original.expect("kept").body, body);
+        let judged = Envelope::Judged(Judgement::NotSns);
+        let r = convert(sqs_message(body), &source, false, judged).expect("converted");
+        assert_eq!(r.message.id, "sqs-id");
+        assert_eq!(r.message.refused, None);
+    }
+
     fn sqs_message(body: &str) -> aws_sdk_sqs::types::Message {
         aws_sdk_sqs::types::Message::builder()
             .message_id("sqs-id")
@@ -147,7 +197,7 @@ mod tests {
     #[test]
     fn raw_body_keeps_sqs_id_and_receive_count() {
         let source: Arc<str> = Arc::from("q");
-        let r = convert(sqs_message("plain"), &source, true).expect("converted");
+        let r = convert_trusted(sqs_message("plain"), &source, true).expect("converted");
         assert_eq!(r.message.id, "sqs-id");
         assert_eq!(&r.message.payload[..], b"plain");
         assert_eq!(r.message.attempt, 3);
@@ -174,12 +224,12 @@ mod tests {
                 "18446744073709551615",
             )
             .build();
-        let r = convert(m, &source, false).expect("converted");
+        let r = convert_trusted(m, &source, false).expect("converted");
         let tomorrow = SystemTime::now() + Duration::from_secs(86_400);
         assert!(r.message.timestamp <= tomorrow);
         assert_eq!(r.message.first_received_at, None);
         let body = r#"{"Type":"Notification","MessageId":"sns-id","Message":"hi","Timestamp":"9999-12-31T23:59:60Z"}"#;
-        let r = convert(sqs_message(body), &source, false).expect("converted");
+        let r = convert_trusted(sqs_message(body), &source, false).expect("converted");
         assert_eq!(r.message.id, "sns-id");
         assert!(r.message.timestamp <= tomorrow);
     }
@@ -198,12 +248,12 @@ mod tests {
             "trail ",
         ] {
             let body = format!(r#"{{"Type":"Notification","MessageId":"{id}","Message":"hi"}}"#);
-            let r = convert(sqs_message(&body), &source, false).expect("converted");
+            let r = convert_trusted(sqs_message(&body), &source, false).expect("converted");
             assert_eq!(r.message.id, "sqs-id", "{id:?}");
             assert_eq!(&r.message.payload[..], b"hi");
         }
         let body = r#"{"Type":"Notification","MessageId":"an id/with:odd=chars","Message":"hi"}"#;
-        let r = convert(sqs_message(body), &source, false).expect("converted");
+        let r = convert_trusted(sqs_message(body), &source, false).expect("converted");
         assert_eq!(r.message.id, "an id/with:odd=chars");
     }
 
@@ -211,7 +261,7 @@ mod tests {
     fn sns_body_takes_sns_id_and_message() {
         let body = r#"{"Type":"Notification","MessageId":"sns-id","Message":"hello","Timestamp":"2024-01-02T03:04:05.678Z"}"#;
         let source: Arc<str> = Arc::from("q");
-        let r = convert(sqs_message(body), &source, false).expect("converted");
+        let r = convert_trusted(sqs_message(body), &source, false).expect("converted");
         assert_eq!(r.message.id, "sns-id");
         assert_eq!(&r.message.payload[..], b"hello");
         assert_eq!(

@@ -13,11 +13,13 @@ mod lease;
 mod receive;
 mod redrive;
 mod settle;
+mod signature;
 pub mod sns;
 
 pub use convert::decode;
 pub use dead_letter::ORIGINAL_ATTRIBUTES;
 pub use redrive::{Redriven, DEAD_LETTER_ATTRIBUTES};
+pub use signature::SetupError as SnsSetupError;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +51,22 @@ pub struct SqsConfig {
     pub visibility_timeout: Duration,
     /// Where dead-letters go; without one they are left to the queue's redrive policy.
     pub dead_letter_queue_url: Option<String>,
+    /// Which SNS envelopes are genuine. Without it every body that looks like an SNS
+    /// `Notification` is unwrapped, so anyone who may send to the queue can choose the
+    /// id, attributes and time the endpoint sees.
+    pub sns: Option<SnsConfig>,
+}
+
+/// The `sns` key of an SQS source: only notifications from these topics, signed by SNS
+/// (when `verify_signature`), are unwrapped; any other body that claims to be an SNS
+/// envelope is dead-lettered with the reason. Bodies that are no SNS envelope at all (raw
+/// message delivery) are delivered as they are, under the SQS `MessageId`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnsConfig {
+    /// The topics whose notifications this queue takes (exact ARNs).
+    pub topic_arns: Vec<String>,
+    /// Whether the signature must hold under the certificate SNS publishes.
+    pub verify_signature: bool,
 }
 
 /// Why the source could not start.
@@ -83,6 +101,9 @@ pub enum SqsError {
     /// A redrive was asked of a route without `dead_letter_queue_url`.
     #[error("dead_letter_queue_url: not set, so there is nothing to redrive from")]
     NoDeadLetterQueue,
+    /// The SNS signature check could not be set up.
+    #[error(transparent)]
+    Sns(#[from] signature::SetupError),
 }
 
 impl SqsError {
@@ -93,6 +114,7 @@ impl SqsError {
             SqsError::Queue { not_found, .. } => *not_found,
             SqsError::NoDeadLetterQueue => true,
             SqsError::NoCredentials { .. } => true,
+            SqsError::Sns(_) => false,
         }
     }
 }
@@ -103,6 +125,7 @@ pub struct SqsSource {
     client: Client,
     config: Arc<SqsConfig>,
     queue_name: Arc<str>,
+    sns: Option<Arc<signature::SnsCheck>>,
 }
 
 impl SqsSource {
@@ -116,6 +139,10 @@ impl SqsSource {
         if let Some(endpoint) = &config.endpoint_url {
             loader = loader.endpoint_url(endpoint);
         }
+        let sns = match &config.sns {
+            Some(sns) => Some(Arc::new(signature::SnsCheck::new(sns)?)),
+            None => None,
+        };
         let shared = loader.load().await;
         if shared.region().is_none() {
             return Err(SqsError::NoRegion);
@@ -138,6 +165,7 @@ impl SqsSource {
             client,
             config: Arc::new(config),
             queue_name,
+            sns,
         })
     }
 
@@ -264,6 +292,7 @@ impl Source for SqsSource {
                     leases: leases.clone(),
                     settle: settle_tx.clone(),
                     failing: failing.clone(),
+                    sns: self.sns.clone(),
                 },
                 out.clone(),
                 ctx.clone(),

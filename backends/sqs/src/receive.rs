@@ -8,11 +8,12 @@ use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use aws_sdk_sqs::Client;
 use ferry_core::{AckHandle, Delivery, SourceContext};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::convert::convert;
+use crate::convert::{convert, Envelope};
 use crate::lease::Leases;
 use crate::settle::{Op, SqsAck};
+use crate::signature::{Judgement, SnsCheck};
 use crate::SqsConfig;
 
 /// How long a receive call already under way may finish after shutdown: what it returns is
@@ -28,6 +29,13 @@ pub(crate) struct Receiver {
     /// Whether receiving fails, shared by the route's receivers: the first to fail and
     /// the first to get through again say so, once for all of them.
     pub(crate) failing: Arc<AtomicBool>,
+    pub(crate) sns: Option<Arc<SnsCheck>>,
+}
+
+/// How long a message whose signing certificate could not be fetched stays invisible: longer
+/// with each receive, at most five minutes.
+fn later(receive_count: u32) -> i32 {
+    10 * receive_count.clamp(1, 30) as i32
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -81,7 +89,29 @@ pub(crate) async fn receive_loop(r: Receiver, out: mpsc::Sender<Delivery>, ctx: 
                 ctx.set_connected(true);
                 let mut permits = permits;
                 for m in resp.messages.unwrap_or_default() {
-                    let Some(received) = convert(m, &r.queue_name, keep_original) else {
+                    let envelope = match &r.sns {
+                        None => Envelope::Trusted,
+                        Some(check) => match check.judge(m.body().unwrap_or_default()).await {
+                            Judgement::Later(reason) => {
+                                // Says nothing about the message: it stays on the queue.
+                                ctx.counts.broker_errors.count("sns_certificate", 1);
+                                let count = m
+                                    .attributes()
+                                    .and_then(|a| {
+                                        a.get(&MessageSystemAttributeName::ApproximateReceiveCount)
+                                    })
+                                    .and_then(|v| v.parse().ok())
+                                    .unwrap_or(1);
+                                debug!(route = %ctx.route, %reason, "SNS certificate not fetched; the message waits on the queue");
+                                if let Some(receipt) = m.receipt_handle {
+                                    let _ = r.settle.send(Op::Visibility(receipt, later(count)));
+                                }
+                                continue;
+                            }
+                            judged => Envelope::Judged(judged),
+                        },
+                    };
+                    let Some(received) = convert(m, &r.queue_name, keep_original, envelope) else {
                         warn!(route = %ctx.route, "SQS returned a message without id or receipt handle; skipped");
                         continue;
                     };

@@ -437,6 +437,26 @@ pub struct SqsSourceConfig {
     /// Where dead-letters go; without it the queue's redrive policy applies.
     #[serde(default)]
     pub dead_letter_queue_url: Option<String>,
+    /// Which SNS envelopes are genuine; without it every `Notification` body is unwrapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sns: Option<SqsSnsConfig>,
+}
+
+/// `sns = { topic_arns = [...], verify_signature = true }` of an SQS source: anyone who may
+/// send to the queue can write a body that looks like an SNS notification, so only those
+/// from these topics, signed by SNS, are unwrapped; other envelopes are dead-lettered.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsSnsConfig {
+    /// The topics this queue is subscribed to (exact ARNs), at least one.
+    pub topic_arns: Vec<String>,
+    /// Whether the SNS signature must hold; on unless turned off.
+    #[serde(default = "default_verify_signature")]
+    pub verify_signature: bool,
+}
+
+fn default_verify_signature() -> bool {
+    true
 }
 
 fn default_receivers() -> usize {

@@ -502,6 +502,44 @@ fn amqp_dead_letters(amqp: &AmqpSourceConfig, at: &str, errors: &mut Errors) -> 
     }
 }
 
+/// The `sns` key of an SQS source: at least one topic, each an SNS topic ARN.
+#[cfg(feature = "sqs")]
+fn sns_plan(sns: &super::SqsSnsConfig, at: &str, errors: &mut Errors) -> ferry_sqs::SnsConfig {
+    check_topic_arns(&sns.topic_arns, at, errors);
+    ferry_sqs::SnsConfig {
+        topic_arns: sns.topic_arns.clone(),
+        verify_signature: sns.verify_signature,
+    }
+}
+
+#[cfg(not(feature = "sqs"))]
+fn sns_plan(sns: &super::SqsSnsConfig, at: &str, errors: &mut Errors) {
+    check_topic_arns(&sns.topic_arns, at, errors);
+}
+
+fn check_topic_arns(arns: &[String], at: &str, errors: &mut Errors) {
+    if arns.is_empty() {
+        errors.push(
+            format!("{at}.sns.topic_arns"),
+            "list at least one topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)",
+        );
+    }
+    for (i, arn) in arns.iter().enumerate() {
+        let parts: Vec<&str> = arn.split(':').collect();
+        let sns_arn = parts.len() == 6
+            && parts[0] == "arn"
+            && parts[1].starts_with("aws")
+            && parts[2] == "sns"
+            && parts[3..].iter().all(|p| !p.is_empty());
+        if !sns_arn {
+            errors.push(
+                format!("{at}.sns.topic_arns[{i}]"),
+                format!("{arn:?} is not an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)"),
+            );
+        }
+    }
+}
+
 #[cfg_attr(
     not(all(feature = "sqs", feature = "amqp", feature = "kafka")),
     allow(unused_variables)
@@ -537,6 +575,7 @@ fn source_plan(
                     "must be between 1s and 12h",
                 );
             }
+            let sns = sqs.sns.as_ref().map(|sns| sns_plan(sns, at, errors));
             #[cfg(feature = "sqs")]
             {
                 Some(SourcePlan::Sqs(ferry_sqs::SqsConfig {
@@ -548,6 +587,7 @@ fn source_plan(
                     wait_time: sqs.wait_time.0,
                     visibility_timeout: vis,
                     dead_letter_queue_url: sqs.dead_letter_queue_url.clone(),
+                    sns,
                 }))
             }
             #[cfg(not(feature = "sqs"))]
@@ -1068,6 +1108,60 @@ mod tests {
         assert_eq!(more.expect("valid").worker_threads, 4);
         let shown = toml::to_string(&redacted(&config)).expect("toml");
         assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn sns_topics_are_listed_and_checked_and_verification_is_on_by_default() {
+        let with = |sns: &str| {
+            let text = GOOD.replace(
+                "queue_url = \"http://localhost:4566/000000000000/orders\"",
+                &format!("queue_url = \"http://localhost:4566/000000000000/orders\"\nsns = {sns}"),
+            );
+            validate(&parse(&text))
+        };
+        #[cfg(feature = "sqs")]
+        {
+            let plan = with(r#"{ topic_arns = ["arn:aws:sns:us-east-1:000000000000:orders"] }"#)
+                .expect("valid");
+            let SourcePlan::Sqs(sqs) = &plan.routes[0].source else {
+                panic!("an SQS plan");
+            };
+            let sns = sqs.sns.as_ref().expect("sns");
+            assert!(sns.verify_signature);
+            assert_eq!(
+                sns.topic_arns,
+                ["arn:aws:sns:us-east-1:000000000000:orders"]
+            );
+            let plan = with(
+                r#"{ topic_arns = ["arn:aws-cn:sns:cn-north-1:1:t"], verify_signature = false }"#,
+            )
+            .expect("valid");
+            let SourcePlan::Sqs(sqs) = &plan.routes[0].source else {
+                panic!("an SQS plan");
+            };
+            assert!(!sqs.sns.as_ref().expect("sns").verify_signature);
+        }
+        let errors: Vec<String> = with(r#"{ topic_arns = [] }"#)
+            .expect_err("empty")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("routes.orders.source.sns.topic_arns: list at least one")),
+            "{errors:#?}"
+        );
+        let errors: Vec<String> =
+            with(r#"{ topic_arns = ["arn:aws:sqs:us-east-1:1:q", "orders"] }"#)
+                .expect_err("not SNS ARNs")
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+        for i in 0..2 {
+            let at = format!("routes.orders.source.sns.topic_arns[{i}]: ");
+            assert!(errors.iter().any(|e| e.starts_with(&at)), "{errors:#?}");
+        }
     }
 
     #[test]

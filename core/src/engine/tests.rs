@@ -44,6 +44,8 @@ struct VecSource {
     /// Message `i` gets ordering key `k{i % keys}`; 0 = no keys.
     keys: usize,
     revoked: Revoked,
+    /// Every message whose index is a multiple of this is handed over refused; 0 = none.
+    refuse_every: usize,
 }
 
 impl Source for VecSource {
@@ -57,6 +59,9 @@ impl Source for VecSource {
             let mut message = Message::new(id.clone(), format!("payload {i}"), source.clone());
             if self.keys > 0 {
                 message.group = Some(format!("k{}", i % self.keys));
+            }
+            if self.refuse_every > 0 && i % self.refuse_every == 0 {
+                message.refuse(format!("not genuine: {id}"));
             }
             let delivery = Delivery {
                 message,
@@ -144,6 +149,21 @@ fn start_keyed<F>(
 where
     F: Fn(&Message) -> SinkResponse + Send + Sync + 'static,
 {
+    start_refusing(count, keys, 0, holds, policy, latency, answer)
+}
+
+fn start_refusing<F>(
+    count: usize,
+    keys: usize,
+    refuse_every: usize,
+    holds: bool,
+    policy: DeliveryPolicy,
+    latency: Duration,
+    answer: F,
+) -> Harness
+where
+    F: Fn(&Message) -> SinkResponse + Send + Sync + 'static,
+{
     let log: Log = Arc::default();
     let revoked = Revoked::default();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -163,6 +183,7 @@ where
             holds,
             keys,
             revoked: revoked.clone(),
+            refuse_every,
         },
         sink: Scripted {
             answer,
@@ -324,6 +345,35 @@ async fn bad_message_is_dead_lettered_at_once() {
         }
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// A message its source refused (a forged envelope) is dead-lettered with the source's
+/// reason before any request; the others are delivered.
+#[tokio::test(start_paused = true)]
+async fn refused_messages_are_dead_lettered_unsent() {
+    let h = start_refusing(12, 0, 3, true, policy(2, 5), Duration::ZERO, |m| {
+        assert!(
+            m.refused.is_none(),
+            "a refused message reached the sink: {}",
+            m.id
+        );
+        ok()
+    });
+    let calls = h.calls.clone();
+    let settled = h.settle_all(12).await;
+    assert_eq!(settled.len(), 12);
+    for (id, s) in &settled {
+        let i: usize = id[1..].parse().expect("index");
+        match s.as_slice() {
+            [Settlement::DeadLetter(dl)] if i % 3 == 0 => {
+                assert_eq!(dl.reason, format!("not genuine: {id}"));
+                assert_eq!(dl.status, None);
+            }
+            [Settlement::Ack] if i % 3 != 0 => {}
+            other => panic!("{id}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 8);
 }
 
 #[tokio::test(start_paused = true)]
