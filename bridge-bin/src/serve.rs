@@ -47,8 +47,8 @@ pub(crate) async fn run_routes(
     let shutdown = CancellationToken::new();
     let (audit, audit_thread) = match &plan.audit {
         Some(audit) => {
-            let (trail, thread) = audit::start(audit, &mut registry)
-                .with_context(|| format!("audit.path: cannot open {}", audit.path.display()))?;
+            let (trail, thread) =
+                audit::start(audit, &mut registry).context("starting the audit trail")?;
             (
                 Some(trail as std::sync::Arc<dyn ferry_core::AuditTrail>),
                 Some(thread),

@@ -17,7 +17,10 @@ pub use load::{load, LoadOptions};
 pub use load::{load_str, Format};
 #[cfg(feature = "otlp")]
 pub use validate::OtlpPlan;
-pub use validate::{redacted, validate, AuditPlan, Plan, RoutePlan, SourcePlan, StatePlan};
+pub use validate::{
+    redacted, validate, AuditFilePlan, AuditOutputPlan, AuditPlan, AwsTarget, Plan, RoutePlan,
+    SourcePlan, StatePlan,
+};
 
 /// One error in the configuration, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,18 +150,70 @@ fn default_worker_threads() -> usize {
     1
 }
 
-/// `[audit]`: one JSON line per message that ended here.
+/// `[audit]`: one JSON record per message that ended here, to the `output` chosen.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
-    /// The file; rotated copies get `.1`, `.2`, ... appended.
-    pub path: String,
-    /// Size in MB beyond which the file is rotated.
-    #[serde(default = "default_max_file_mb")]
-    pub max_file_mb: u64,
-    /// Rotated files kept.
-    #[serde(default = "default_max_files")]
-    pub max_files: usize,
+    /// `file` (the default), `stdout`, `firehose` or `s3`.
+    #[serde(default)]
+    pub output: AuditOutput,
+    /// `file`: the file; rotated copies get `.1`, `.2`, ... appended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `file`: size in MB beyond which the file is rotated (100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_file_mb: Option<u64>,
+    /// `file`: rotated files kept (5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_files: Option<usize>,
+    /// `firehose`: the delivery stream's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_stream: Option<String>,
+    /// `s3`: the bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    /// `s3`: what every object key starts with (`audit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// `firehose` (1s) and `s3` (60s): the longest a record waits to be sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush_interval: Option<Dur>,
+    /// `s3`: an object is written once it holds this many MB of records (64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_object_mb: Option<u64>,
+    /// `firehose`, `s3`: the AWS region; from the environment when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// `firehose`, `s3`: only for local emulators.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+}
+
+/// Where audit records go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditOutput {
+    /// JSON lines in a local file, rotated by size.
+    #[default]
+    File,
+    /// One JSON line per record on standard output, for a log shipper.
+    Stdout,
+    /// Amazon Data Firehose `PutRecordBatch`.
+    Firehose,
+    /// Gzipped JSON-lines objects in S3.
+    S3,
+}
+
+impl AuditOutput {
+    /// The name in the configuration and in the `output` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditOutput::File => "file",
+            AuditOutput::Stdout => "stdout",
+            AuditOutput::Firehose => "firehose",
+            AuditOutput::S3 => "s3",
+        }
+    }
 }
 
 /// `[otlp]`: one span per delivery attempt, exported to an OpenTelemetry collector.
@@ -200,13 +255,6 @@ fn default_otlp_timeout() -> Dur {
     Dur(Duration::from_secs(10))
 }
 
-fn default_max_file_mb() -> u64 {
-    100
-}
-
-fn default_max_files() -> usize {
-    5
-}
 
 /// `[admin]`
 #[derive(Clone, Deserialize, Serialize)]

@@ -90,12 +90,65 @@ pub struct StatePlan {
 /// `[audit]`, validated.
 #[derive(Debug, Clone)]
 pub struct AuditPlan {
+    /// Where the records go.
+    pub output: AuditOutputPlan,
+    /// How long the records still queued at shutdown may take to go out: the longest
+    /// `shutdown_grace` of the routes.
+    pub flush_within: Duration,
+}
+
+/// An audit output, validated.
+#[derive(Debug, Clone)]
+pub enum AuditOutputPlan {
+    /// JSON lines in a file.
+    File(AuditFilePlan),
+    /// JSON lines on standard output.
+    Stdout,
+    /// Amazon Data Firehose.
+    #[cfg(feature = "audit-firehose")]
+    Firehose {
+        /// The delivery stream.
+        stream: String,
+        /// The longest a record waits for its batch.
+        flush_interval: Duration,
+        /// Region and endpoint.
+        aws: AwsTarget,
+    },
+    /// Objects in S3.
+    #[cfg(feature = "audit-s3")]
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// What every key starts with (no trailing slash).
+        prefix: String,
+        /// The longest a record waits for its object.
+        flush_interval: Duration,
+        /// An object is written once it holds this many bytes of records.
+        max_object_bytes: usize,
+        /// Region and endpoint.
+        aws: AwsTarget,
+    },
+}
+
+/// `[audit] output = "file"`, validated.
+#[derive(Debug, Clone)]
+pub struct AuditFilePlan {
     /// The file.
     pub path: std::path::PathBuf,
     /// Rotate beyond this many bytes.
     pub max_bytes: u64,
     /// Rotated files kept.
     pub keep: usize,
+}
+
+/// Where an AWS client of an audit output connects.
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(not(any(feature = "audit-firehose", feature = "audit-s3")), allow(dead_code))]
+pub struct AwsTarget {
+    /// The region, else the environment's.
+    pub region: Option<String>,
+    /// A local emulator, else AWS.
+    pub endpoint_url: Option<String>,
 }
 
 /// `[otlp]`, validated.
@@ -175,25 +228,16 @@ pub fn validate(config: &Config) -> Result<Plan, Vec<ConfigError>> {
         .state
         .as_ref()
         .and_then(|s| state_plan(s, &mut errors));
-    let audit = config.audit.as_ref().and_then(|a| {
-        let mut ok = !a.path.trim().is_empty();
-        if !ok {
-            errors.push("audit.path", "is empty");
-        }
-        if !(1..=100_000).contains(&a.max_file_mb) {
-            ok = false;
-            errors.push("audit.max_file_mb", "must be between 1 and 100000");
-        }
-        if a.max_files > 1000 {
-            ok = false;
-            errors.push("audit.max_files", "must be at most 1000");
-        }
-        ok.then(|| AuditPlan {
-            path: a.path.clone().into(),
-            max_bytes: a.max_file_mb * 1024 * 1024,
-            keep: a.max_files,
-        })
-    });
+    let flush_within = config
+        .routes
+        .values()
+        .map(|r| r.delivery.shutdown_grace.0)
+        .max()
+        .unwrap_or(Duration::from_secs(30));
+    let audit = config
+        .audit
+        .as_ref()
+        .and_then(|a| audit_plan(a, flush_within, &mut errors));
     let otlp = config.otlp.as_ref().and_then(|o| otlp_plan(o, &mut errors));
     let worker_threads = config.runtime.worker_threads;
     if !(1..=MAX_WORKER_THREADS).contains(&worker_threads) {
@@ -981,6 +1025,159 @@ fn delivery(d: &DeliveryConfig, at: &str, errors: &mut Errors) -> DeliveryPolicy
     }
 }
 
+/// `[audit]`: each output's own keys, and only those.
+fn audit_plan(
+    a: &super::AuditConfig,
+    flush_within: Duration,
+    errors: &mut Errors,
+) -> Option<AuditPlan> {
+    use super::AuditOutput;
+    let output = a.output;
+    let keys: [(&str, bool, &[AuditOutput]); 10] = [
+        ("path", a.path.is_some(), &[AuditOutput::File]),
+        ("max_file_mb", a.max_file_mb.is_some(), &[AuditOutput::File]),
+        ("max_files", a.max_files.is_some(), &[AuditOutput::File]),
+        ("delivery_stream", a.delivery_stream.is_some(), &[AuditOutput::Firehose]),
+        ("bucket", a.bucket.is_some(), &[AuditOutput::S3]),
+        ("prefix", a.prefix.is_some(), &[AuditOutput::S3]),
+        ("max_object_mb", a.max_object_mb.is_some(), &[AuditOutput::S3]),
+        ("flush_interval", a.flush_interval.is_some(), &[AuditOutput::Firehose, AuditOutput::S3]),
+        ("region", a.region.is_some(), &[AuditOutput::Firehose, AuditOutput::S3]),
+        ("endpoint_url", a.endpoint_url.is_some(), &[AuditOutput::Firehose, AuditOutput::S3]),
+    ];
+    let mut ok = true;
+    for (key, set, outputs) in keys {
+        if set && !outputs.contains(&output) {
+            ok = false;
+            let names: Vec<String> = outputs.iter().map(|o| format!("{:?}", o.as_str())).collect();
+            errors.push(
+                format!("audit.{key}"),
+                format!("is only for output = {} (this is output = {:?})", names.join(" or "), output.as_str()),
+            );
+        }
+    }
+    let required = |value: &Option<String>, key: &str, errors: &mut Errors| -> Option<String> {
+        match value.as_deref().map(str::trim) {
+            Some(v) if !v.is_empty() => Some(v.to_owned()),
+            _ => {
+                errors.push(
+                    format!("audit.{key}"),
+                    format!("is required with output = {:?}", output.as_str()),
+                );
+                None
+            }
+        }
+    };
+    let plan = match output {
+        AuditOutput::File => {
+            let path = required(&a.path, "path", errors);
+            let max_file_mb = a.max_file_mb.unwrap_or(100);
+            if !(1..=100_000).contains(&max_file_mb) {
+                ok = false;
+                errors.push("audit.max_file_mb", "must be between 1 and 100000");
+            }
+            let keep = a.max_files.unwrap_or(5);
+            if keep > 1000 {
+                ok = false;
+                errors.push("audit.max_files", "must be at most 1000");
+            }
+            path.map(|path| {
+                AuditOutputPlan::File(AuditFilePlan {
+                    path: path.into(),
+                    max_bytes: max_file_mb * 1024 * 1024,
+                    keep,
+                })
+            })
+        }
+        AuditOutput::Stdout => Some(AuditOutputPlan::Stdout),
+        AuditOutput::Firehose | AuditOutput::S3 => {
+            if let Some(url) = &a.endpoint_url {
+                if http_url(url, "audit.endpoint_url", errors).is_none() {
+                    ok = false;
+                }
+            }
+            let flush_interval = a.flush_interval.map(|d| d.0);
+            if flush_interval.is_some_and(|d| d.is_zero()) {
+                ok = false;
+                errors.push("audit.flush_interval", "must be more than 0");
+            }
+            let aws = AwsTarget {
+                region: a.region.clone(),
+                endpoint_url: a.endpoint_url.clone(),
+            };
+            aws_audit_plan(a, output, flush_interval, aws, errors)
+        }
+    };
+    plan.filter(|_| ok).map(|output| AuditPlan {
+        output,
+        flush_within,
+    })
+}
+
+/// The Firehose and S3 outputs, each in a build with its feature.
+fn aws_audit_plan(
+    a: &super::AuditConfig,
+    output: super::AuditOutput,
+    flush_interval: Option<Duration>,
+    aws: AwsTarget,
+    errors: &mut Errors,
+) -> Option<AuditOutputPlan> {
+    let _ = (&aws, flush_interval);
+    match output {
+        #[cfg(feature = "audit-firehose")]
+        super::AuditOutput::Firehose => {
+            let stream = a.delivery_stream.as_deref().map(str::trim).filter(|s| !s.is_empty());
+            if stream.is_none() {
+                errors.push("audit.delivery_stream", "is required with output = \"firehose\"");
+            }
+            Some(AuditOutputPlan::Firehose {
+                stream: stream?.to_owned(),
+                flush_interval: flush_interval.unwrap_or(Duration::from_secs(1)),
+                aws,
+            })
+        }
+        #[cfg(feature = "audit-s3")]
+        super::AuditOutput::S3 => {
+            let bucket = a.bucket.as_deref().map(str::trim).filter(|s| !s.is_empty());
+            if bucket.is_none() {
+                errors.push("audit.bucket", "is required with output = \"s3\"");
+            }
+            let max_object_mb = a.max_object_mb.unwrap_or(64);
+            if !(1..=5_000).contains(&max_object_mb) {
+                errors.push("audit.max_object_mb", "must be between 1 and 5000");
+                return None;
+            }
+            Some(AuditOutputPlan::S3 {
+                bucket: bucket?.to_owned(),
+                prefix: a
+                    .prefix
+                    .as_deref()
+                    .unwrap_or("audit")
+                    .trim_matches('/')
+                    .to_owned(),
+                flush_interval: flush_interval.unwrap_or(Duration::from_secs(60)),
+                max_object_bytes: usize::try_from(max_object_mb * 1024 * 1024).unwrap_or(usize::MAX),
+                aws,
+            })
+        }
+        other => {
+            let _ = a;
+            let feature = match other {
+                super::AuditOutput::Firehose => "audit-firehose",
+                _ => "audit-s3",
+            };
+            errors.push(
+                "audit.output",
+                format!(
+                    "{:?} is not built into this ferry; rebuild with --features {feature}",
+                    other.as_str()
+                ),
+            );
+            None
+        }
+    }
+}
+
 /// The shortest admin token accepted.
 const MIN_TOKEN_CHARS: usize = 16;
 
@@ -1097,6 +1294,38 @@ mod tests {
         url = "http://localhost:4000/orders"
         headers = { Authorization = "Bearer s3cret" }
     "#;
+
+    /// Each audit output takes its own keys and refuses the others', naming both.
+    #[test]
+    fn audit_outputs_take_their_own_keys() {
+        let route = "[routes.r.source]\ntype = \"sqs\"\nqueue_url = \"http://localhost:4566/000000000000/q\"\n\
+                     [routes.r.sink]\ntype = \"http\"\nurl = \"http://localhost:4000/\"\n";
+        for (audit, expect) in [
+            ("output = \"s3\"\nbucket = \"b\"\npath = \"x\"", "audit.path: is only for output = \"file\""),
+            ("output = \"s3\"", "audit.bucket: is required"),
+            ("output = \"firehose\"", "audit.delivery_stream: is required"),
+            ("output = \"stdout\"\nflush_interval = \"1s\"", "audit.flush_interval: is only for"),
+            ("path = \"a.jsonl\"\nbucket = \"b\"", "audit.bucket: is only for output = \"s3\""),
+        ] {
+            let config = parse(&format!("{route}[audit]\n{audit}\n"));
+            let errors = validate(&config).expect_err(audit);
+            assert!(
+                errors.iter().any(|e| e.to_string().starts_with(expect)),
+                "{audit}: {errors:?}"
+            );
+        }
+        let config = parse(&format!(
+            "{route}[audit]\noutput = \"s3\"\nbucket = \"b\"\nprefix = \"/a/b/\"\n"
+        ));
+        let plan = validate(&config).expect("valid").audit.expect("audit");
+        match plan.output {
+            #[cfg(feature = "audit-s3")]
+            AuditOutputPlan::S3 { prefix, flush_interval, .. } => {
+                assert_eq!((prefix.as_str(), flush_interval), ("a/b", Duration::from_secs(60)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn good_config_validates_and_redacts() {
@@ -1325,7 +1554,10 @@ mod tests {
             ("ferry:paused", Duration::from_secs(1))
         );
         let audit = plan.audit.expect("audit");
-        assert_eq!((audit.max_bytes, audit.keep), (100 * 1024 * 1024, 5));
+        let AuditOutputPlan::File(file) = audit.output else {
+            panic!("not the file output: {audit:?}");
+        };
+        assert_eq!((file.max_bytes, file.keep), (100 * 1024 * 1024, 5));
         let route = &plan.routes[0];
         assert!(route.sink.signing.is_some());
         let batch = route.policy.batch.expect("batch");

@@ -1,93 +1,16 @@
-//! The audit trail file (`[audit]`): one JSON line per message that ended here, written by
-//! a thread of its own and rotated by size.
-//!
-//! Deliveries only queue a record (never wait for the disk); when the queue is full or the
-//! file cannot be written, the record is dropped and counted in
-//! `ferry_audit_dropped_total`, and the failure is logged once until writing works again.
+//! `output = "file"`: JSON lines in a local file, rotated by size.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use ferry_core::{AuditRecord, AuditTrail};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::registry::Registry;
-use serde::Serialize;
-use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::config::AuditPlan;
+use crate::config::AuditFilePlan;
 
-/// Records waiting for the writer at most; a burst beyond this is dropped (and counted).
-const QUEUE: usize = 65_536;
-
-/// The delivery side: queues records for the writer thread.
-#[derive(Debug)]
-pub struct AuditFile {
-    queue: mpsc::Sender<AuditRecord>,
-    dropped: Counter,
-}
-
-impl AuditTrail for AuditFile {
-    fn record(&self, record: AuditRecord) {
-        if self.queue.try_send(record).is_err() {
-            self.dropped.inc();
-        }
-    }
-}
-
-/// One line of the file.
-#[derive(Serialize)]
-struct Line<'a> {
-    id: &'a str,
-    route: &'a str,
-    source: &'a str,
-    attempts: u32,
-    outcome: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<u16>,
-    latency_ms: f64,
-    delivered_at: String,
-}
-
-/// Opens the file and starts the writer thread; the thread ends once every route has
-/// dropped its handle and the last record is on disk.
-pub fn start(
-    plan: &AuditPlan,
-    registry: &mut Registry,
-) -> std::io::Result<(Arc<AuditFile>, std::thread::JoinHandle<()>)> {
-    let written = Counter::default();
-    let dropped = Counter::default();
-    registry.register(
-        "ferry_audit_records",
-        "Audit records written to the audit file",
-        written.clone(),
-    );
-    registry.register(
-        "ferry_audit_dropped",
-        "Audit records lost: the writer fell behind or the file could not be written",
-        dropped.clone(),
-    );
-    let mut writer = Writer::open(plan.clone(), written, dropped.clone())?;
-    let (queue, mut records) = mpsc::channel(QUEUE);
-    let thread = std::thread::Builder::new()
-        .name("ferry-audit".into())
-        .spawn(move || {
-            while let Some(record) = records.blocking_recv() {
-                writer.write(&record);
-                // Flush whenever the queue runs dry, so the file is current while idle.
-                if records.is_empty() {
-                    writer.flush();
-                }
-            }
-            writer.flush();
-        })?;
-    Ok((Arc::new(AuditFile { queue, dropped }), thread))
-}
-
-struct Writer {
-    plan: AuditPlan,
+pub(super) struct Writer {
+    plan: AuditFilePlan,
     file: File,
     /// Bytes in the file.
     size: u64,
@@ -119,7 +42,11 @@ fn rotated(path: &Path, n: usize) -> PathBuf {
 }
 
 impl Writer {
-    fn open(plan: AuditPlan, written: Counter, dropped: Counter) -> std::io::Result<Self> {
+    pub(super) fn open(
+        plan: AuditFilePlan,
+        written: Counter,
+        dropped: Counter,
+    ) -> std::io::Result<Self> {
         let (file, size) = open(&plan.path)?;
         Ok(Self {
             plan,
@@ -133,26 +60,15 @@ impl Writer {
         })
     }
 
-    fn write(&mut self, record: &AuditRecord) {
-        let line = Line {
-            id: &record.id,
-            route: &record.route,
-            source: &record.source,
-            attempts: record.attempts,
-            outcome: record.outcome.as_str(),
-            status: record.status,
-            latency_ms: (record.latency.as_secs_f64() * 1e6).round() / 1e3,
-            delivered_at: humantime::format_rfc3339_millis(record.at).to_string(),
-        };
-        let mut text = serde_json::to_vec(&line).unwrap_or_default();
-        text.push(b'\n');
+    /// Buffers one line (a whole JSON record and its newline).
+    pub(super) fn write(&mut self, text: &[u8]) {
         let total = self.size + (self.buffer.len() + text.len()) as u64;
         if total > self.plan.max_bytes && self.size + self.buffer.len() as u64 > 0 {
             self.flush();
             let result = self.rotate();
             self.outcome(result);
         }
-        self.buffer.extend_from_slice(&text);
+        self.buffer.extend_from_slice(text);
         self.pending += 1;
         if self.buffer.len() >= CHUNK {
             self.flush();
@@ -179,7 +95,7 @@ impl Writer {
     }
 
     /// Writes the buffered lines; they count as written or as dropped, never both.
-    fn flush(&mut self) {
+    pub(super) fn flush(&mut self) {
         if self.buffer.is_empty() {
             return;
         }
@@ -216,7 +132,8 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_core::AuditOutcome;
+    use ferry_core::{AuditOutcome, AuditRecord};
+    use std::sync::Arc;
     use std::time::{Duration, SystemTime};
 
     fn record(i: usize) -> AuditRecord {
@@ -239,7 +156,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ferry-audit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("sub").join("audit.jsonl");
-        let plan = AuditPlan {
+        let plan = AuditFilePlan {
             path: path.clone(),
             max_bytes: 10_000,
             keep: 2,
@@ -247,7 +164,7 @@ mod tests {
         let (written, dropped) = (Counter::default(), Counter::default());
         let mut writer = Writer::open(plan, written.clone(), dropped.clone()).expect("open");
         for i in 0..1000 {
-            writer.write(&record(i));
+            writer.write(&super::super::line(&record(i)));
         }
         writer.flush();
         assert_eq!((written.get(), dropped.get()), (1000, 0));
@@ -282,7 +199,7 @@ mod tests {
     /// counts as dropped, none as written, and nothing panics or blocks.
     #[test]
     fn a_full_disk_drops_records_and_counts_them() {
-        let plan = AuditPlan {
+        let plan = AuditFilePlan {
             path: PathBuf::from("/dev/full"),
             max_bytes: u64::MAX,
             keep: 0,
@@ -290,7 +207,7 @@ mod tests {
         let (written, dropped) = (Counter::default(), Counter::default());
         let mut writer = Writer::open(plan, written.clone(), dropped.clone()).expect("open");
         for i in 0..3000 {
-            writer.write(&record(i));
+            writer.write(&super::super::line(&record(i)));
         }
         writer.flush();
         assert_eq!((written.get(), dropped.get()), (0, 3000));
