@@ -199,7 +199,7 @@ impl Ferry {
             .arg("--config")
             .arg(&file)
             .env("FERRY_LOG", ferry_log)
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(log.with_extension("out")).expect("output file"))
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn ferry");
@@ -342,6 +342,12 @@ impl Ferry {
     /// What ferry logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// What `ferry run` wrote to its standard output so far (the audit trail's
+    /// `output = "stdout"`; nothing else goes there).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.log.with_extension("out")).unwrap_or_default()
     }
 
     /// The text of `/metrics`.

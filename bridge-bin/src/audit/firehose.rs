@@ -37,7 +37,12 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn new(stream: String, flush_interval: Duration, aws: AwsTarget, counts: Counts) -> Self {
+    pub(super) fn new(
+        stream: String,
+        flush_interval: Duration,
+        aws: AwsTarget,
+        counts: Counts,
+    ) -> Self {
         let health = Health::new("firehose", stream.clone());
         Self {
             stream,
@@ -115,7 +120,11 @@ impl Writer {
                         self.sending = 0;
                         return;
                     }
-                    error = format!("{} of {} records refused: {code}", refused.len(), batch.len());
+                    error = format!(
+                        "{} of {} records refused: {code}",
+                        refused.len(),
+                        batch.len()
+                    );
                     batch = refused;
                     self.sending = batch.len() as u64;
                 }
@@ -172,7 +181,9 @@ mod tests {
     use super::*;
 
     fn ok() -> PutRecordBatchResponseEntry {
-        PutRecordBatchResponseEntry::builder().record_id("r").build()
+        PutRecordBatchResponseEntry::builder()
+            .record_id("r")
+            .build()
     }
 
     fn failed() -> PutRecordBatchResponseEntry {

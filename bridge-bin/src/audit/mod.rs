@@ -159,7 +159,9 @@ pub fn start(
                 .build()
             {
                 Ok(runtime) => runtime.block_on(run(records, output, flush_within)),
-                Err(e) => warn!(error = %e, "cannot start the audit output; its records are dropped"),
+                Err(e) => {
+                    warn!(error = %e, "cannot start the audit output; its records are dropped")
+                }
             }
         })?;
     Ok((
@@ -188,8 +190,10 @@ enum Output {
     Stdout(stdout::Writer),
     #[cfg(feature = "audit-firehose")]
     Firehose(firehose::Writer),
+    // Boxed: the S3 writer (its client and the object being filled) is the largest, and
+    // there is one output per process.
     #[cfg(feature = "audit-s3")]
-    S3(s3::Writer),
+    S3(Box<s3::Writer>),
 }
 
 impl Output {
@@ -209,7 +213,12 @@ impl Output {
                 stream,
                 flush_interval,
                 aws,
-            } => Output::Firehose(firehose::Writer::new(stream.clone(), *flush_interval, aws.clone(), counts)),
+            } => Output::Firehose(firehose::Writer::new(
+                stream.clone(),
+                *flush_interval,
+                aws.clone(),
+                counts,
+            )),
             #[cfg(feature = "audit-s3")]
             AuditOutputPlan::S3 {
                 bucket,
@@ -217,7 +226,7 @@ impl Output {
                 flush_interval,
                 max_object_bytes,
                 aws,
-            } => Output::S3(s3::Writer::new(
+            } => Output::S3(Box::new(s3::Writer::new(
                 s3::Target {
                     bucket: bucket.clone(),
                     prefix: prefix.clone(),
@@ -226,7 +235,7 @@ impl Output {
                     aws: aws.clone(),
                 },
                 counts,
-            )),
+            ))),
         })
     }
 
@@ -308,7 +317,10 @@ async fn run(mut records: mpsc::Receiver<AuditRecord>, mut output: Output, flush
         }
     }
     // Every route has finished: what is held goes out within the grace.
-    if tokio::time::timeout(flush_within, output.flush()).await.is_err() {
+    if tokio::time::timeout(flush_within, output.flush())
+        .await
+        .is_err()
+    {
         let lost = output.abandon();
         warn!(records = lost, grace = ?flush_within,
             "the audit output did not take the last records within the shutdown grace; they are dropped");
@@ -319,7 +331,8 @@ async fn run(mut records: mpsc::Receiver<AuditRecord>, mut output: Output, flush
 /// 5 s.
 #[cfg(any(feature = "audit-firehose", feature = "audit-s3"))]
 fn backoff(n: u32) -> Duration {
-    Duration::from_millis(200u64.saturating_mul(1 << n.min(5).saturating_sub(1))).min(Duration::from_secs(5))
+    Duration::from_millis(200u64.saturating_mul(1 << n.min(5).saturating_sub(1)))
+        .min(Duration::from_secs(5))
 }
 
 /// Tries of one call to an audit output before its records are dropped.
@@ -330,7 +343,15 @@ const TRIES: u32 = 6;
 /// configured region and endpoint.
 #[cfg(any(feature = "audit-firehose", feature = "audit-s3"))]
 async fn aws_config(target: &crate::config::AwsTarget) -> aws_config::SdkConfig {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    // The outputs retry on their own (counting what they give up on), so the client makes
+    // one try per call, bounded in time.
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .retry_config(aws_config::retry::RetryConfig::disabled())
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .operation_attempt_timeout(Duration::from_secs(10))
+                .build(),
+        );
     if let Some(region) = &target.region {
         loader = loader.region(aws_config::Region::new(region.clone()));
     }

@@ -52,7 +52,11 @@ impl Writer {
     pub(super) fn new(target: Target, counts: Counts) -> Self {
         let host = std::env::var("HOSTNAME")
             .ok()
-            .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+            .filter(|h| {
+                !h.is_empty()
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            })
             .unwrap_or_else(|| "ferry".to_owned());
         let replica = format!("{host}-{:08x}", rand::random::<u32>());
         let health = Health::new("s3", format!("s3://{}/{}", target.bucket, target.prefix));

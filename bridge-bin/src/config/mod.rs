@@ -255,7 +255,6 @@ fn default_otlp_timeout() -> Dur {
     Dur(Duration::from_secs(10))
 }
 
-
 /// `[admin]`
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

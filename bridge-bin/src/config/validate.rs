@@ -143,7 +143,10 @@ pub struct AuditFilePlan {
 
 /// Where an AWS client of an audit output connects.
 #[derive(Debug, Clone, Default)]
-#[cfg_attr(not(any(feature = "audit-firehose", feature = "audit-s3")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "audit-firehose", feature = "audit-s3")),
+    allow(dead_code)
+)]
 pub struct AwsTarget {
     /// The region, else the environment's.
     pub region: Option<String>,
@@ -1037,22 +1040,49 @@ fn audit_plan(
         ("path", a.path.is_some(), &[AuditOutput::File]),
         ("max_file_mb", a.max_file_mb.is_some(), &[AuditOutput::File]),
         ("max_files", a.max_files.is_some(), &[AuditOutput::File]),
-        ("delivery_stream", a.delivery_stream.is_some(), &[AuditOutput::Firehose]),
+        (
+            "delivery_stream",
+            a.delivery_stream.is_some(),
+            &[AuditOutput::Firehose],
+        ),
         ("bucket", a.bucket.is_some(), &[AuditOutput::S3]),
         ("prefix", a.prefix.is_some(), &[AuditOutput::S3]),
-        ("max_object_mb", a.max_object_mb.is_some(), &[AuditOutput::S3]),
-        ("flush_interval", a.flush_interval.is_some(), &[AuditOutput::Firehose, AuditOutput::S3]),
-        ("region", a.region.is_some(), &[AuditOutput::Firehose, AuditOutput::S3]),
-        ("endpoint_url", a.endpoint_url.is_some(), &[AuditOutput::Firehose, AuditOutput::S3]),
+        (
+            "max_object_mb",
+            a.max_object_mb.is_some(),
+            &[AuditOutput::S3],
+        ),
+        (
+            "flush_interval",
+            a.flush_interval.is_some(),
+            &[AuditOutput::Firehose, AuditOutput::S3],
+        ),
+        (
+            "region",
+            a.region.is_some(),
+            &[AuditOutput::Firehose, AuditOutput::S3],
+        ),
+        (
+            "endpoint_url",
+            a.endpoint_url.is_some(),
+            &[AuditOutput::Firehose, AuditOutput::S3],
+        ),
     ];
     let mut ok = true;
     for (key, set, outputs) in keys {
         if set && !outputs.contains(&output) {
             ok = false;
-            let names: Vec<String> = outputs.iter().map(|o| format!("{:?}", o.as_str())).collect();
+            let names: Vec<String> = outputs
+                .iter()
+                .map(|o| format!("{:?}", o.as_str()))
+                .collect();
             errors.push(
                 format!("audit.{key}"),
-                format!("is only for output = {} (this is output = {:?})", names.join(" or "), output.as_str()),
+                format!(
+                    "is only for output = {} (this is output = {:?})",
+                    names.join(" or "),
+                    output.as_str()
+                ),
             );
         }
     }
@@ -1126,9 +1156,16 @@ fn aws_audit_plan(
     match output {
         #[cfg(feature = "audit-firehose")]
         super::AuditOutput::Firehose => {
-            let stream = a.delivery_stream.as_deref().map(str::trim).filter(|s| !s.is_empty());
+            let stream = a
+                .delivery_stream
+                .as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty());
             if stream.is_none() {
-                errors.push("audit.delivery_stream", "is required with output = \"firehose\"");
+                errors.push(
+                    "audit.delivery_stream",
+                    "is required with output = \"firehose\"",
+                );
             }
             Some(AuditOutputPlan::Firehose {
                 stream: stream?.to_owned(),
@@ -1156,7 +1193,8 @@ fn aws_audit_plan(
                     .trim_matches('/')
                     .to_owned(),
                 flush_interval: flush_interval.unwrap_or(Duration::from_secs(60)),
-                max_object_bytes: usize::try_from(max_object_mb * 1024 * 1024).unwrap_or(usize::MAX),
+                max_object_bytes: usize::try_from(max_object_mb * 1024 * 1024)
+                    .unwrap_or(usize::MAX),
                 aws,
             })
         }
@@ -1301,11 +1339,23 @@ mod tests {
         let route = "[routes.r.source]\ntype = \"sqs\"\nqueue_url = \"http://localhost:4566/000000000000/q\"\n\
                      [routes.r.sink]\ntype = \"http\"\nurl = \"http://localhost:4000/\"\n";
         for (audit, expect) in [
-            ("output = \"s3\"\nbucket = \"b\"\npath = \"x\"", "audit.path: is only for output = \"file\""),
+            (
+                "output = \"s3\"\nbucket = \"b\"\npath = \"x\"",
+                "audit.path: is only for output = \"file\"",
+            ),
             ("output = \"s3\"", "audit.bucket: is required"),
-            ("output = \"firehose\"", "audit.delivery_stream: is required"),
-            ("output = \"stdout\"\nflush_interval = \"1s\"", "audit.flush_interval: is only for"),
-            ("path = \"a.jsonl\"\nbucket = \"b\"", "audit.bucket: is only for output = \"s3\""),
+            (
+                "output = \"firehose\"",
+                "audit.delivery_stream: is required",
+            ),
+            (
+                "output = \"stdout\"\nflush_interval = \"1s\"",
+                "audit.flush_interval: is only for",
+            ),
+            (
+                "path = \"a.jsonl\"\nbucket = \"b\"",
+                "audit.bucket: is only for output = \"s3\"",
+            ),
         ] {
             let config = parse(&format!("{route}[audit]\n{audit}\n"));
             let errors = validate(&config).expect_err(audit);
@@ -1320,8 +1370,15 @@ mod tests {
         let plan = validate(&config).expect("valid").audit.expect("audit");
         match plan.output {
             #[cfg(feature = "audit-s3")]
-            AuditOutputPlan::S3 { prefix, flush_interval, .. } => {
-                assert_eq!((prefix.as_str(), flush_interval), ("a/b", Duration::from_secs(60)));
+            AuditOutputPlan::S3 {
+                prefix,
+                flush_interval,
+                ..
+            } => {
+                assert_eq!(
+                    (prefix.as_str(), flush_interval),
+                    ("a/b", Duration::from_secs(60))
+                );
             }
             other => panic!("{other:?}"),
         }
