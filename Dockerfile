@@ -23,8 +23,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-# Every backend by default; e.g. FERRY_FEATURES=sqs,mimalloc for a smaller binary.
-ARG FERRY_FEATURES=sqs,amqp,kafka,mimalloc
+# Every backend and audit output by default; e.g. FERRY_FEATURES=sqs,mimalloc for a smaller binary.
+ARG FERRY_FEATURES=sqs,amqp,kafka,audit-s3,audit-firehose,mimalloc
 RUN cargo build --release --locked -p ferry-bin --no-default-features --features "${FERRY_FEATURES}" \
  && install -D -m 0755 target/release/ferry /out/ferry
 

@@ -99,6 +99,10 @@ struct Args {
     /// requests at once (503 beyond) against each fixed `concurrency` and "adaptive".
     #[arg(long)]
     capacity: Option<usize>,
+    /// A TOML file appended to ferry's configuration (a top-level section such as
+    /// `[audit]`), to measure what it costs against a run without it.
+    #[arg(long)]
+    ferry_extra: Option<PathBuf>,
     /// A smoke run: fewer messages, one round, short ceiling and paced phases.
     #[arg(long)]
     quick: bool,
@@ -233,10 +237,15 @@ fn spawn_ferry_with(
     let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("bench.toml");
+    let extra = match &args.ferry_extra {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("--ferry-extra {}", path.display()))?,
+        None => String::new(),
+    };
     std::fs::write(
         &config,
         format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n[routes.bench.source]\n{source}\n\
+            "[admin]\nlisten = \"127.0.0.1:0\"\n{extra}\n[routes.bench.source]\n{source}\n\
              [routes.bench.sink]\ntype = \"http\"\nurl = \"http://{sink}/bench\"\npool_size = {pool}\n\
              [routes.bench.delivery]\n{delivery}"
         ),

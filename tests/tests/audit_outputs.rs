@@ -223,6 +223,12 @@ async fn an_unreachable_output_drops_only_what_it_counts_and_never_slows_deliver
             .collect::<Vec<_>>(),
     );
     let unique: BTreeSet<&String> = records.iter().collect();
+    eprintln!(
+        "{} delivered with the output up in {up:?}, {} with it cut off in {down:?}; records in the bucket {}, dropped {dropped}",
+        N / 2,
+        N / 2,
+        records.len()
+    );
     assert_eq!(unique.len(), records.len(), "a record arrived twice");
     assert!(
         dropped > 0,
