@@ -4,6 +4,7 @@
 //! Tests that need a broker fail loudly when it is not there; they never skip.
 
 pub mod amqp;
+pub mod browser;
 pub mod conformance;
 pub mod endpoint;
 pub mod faults;
