@@ -233,7 +233,9 @@ async fn the_status_page_in_a_browser() {
                     rabbit.publish(queue, &messages).await;
                 }
                 sent += 20;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // A rate that rises and falls, so that the chart has a shape.
+                let pause = 150 + 40 * ((sent / 20) % 10) as u64;
+                tokio::time::sleep(Duration::from_millis(pause)).await;
             }
             sent
         })
@@ -246,6 +248,11 @@ async fn the_status_page_in_a_browser() {
             && later["delivered_points"] != first["delivered_points"],
         "the chart did not move: {first} then {later}"
     );
+    let readme = std::env::var("FERRY_UPDATE_README_SCREENSHOT").is_ok_and(|v| v == "1");
+    if readme {
+        // The README's picture: a minute of traffic on the chart.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
     flowing.store(false, Ordering::Relaxed);
     let sent = publisher.await.expect("publisher");
     let poison = sent / 50;
@@ -357,7 +364,7 @@ async fn the_status_page_in_a_browser() {
     let screenshots = artifact_dir();
     let shot = screenshots.join("status-page.png");
     browser.screenshot(&shot).await;
-    if std::env::var("FERRY_UPDATE_README_SCREENSHOT").is_ok_and(|v| v == "1") {
+    if readme {
         let docs = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/status-page.png");
         std::fs::copy(&shot, docs).expect("copy the screenshot to docs/");
     }
