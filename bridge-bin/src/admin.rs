@@ -1,5 +1,6 @@
 //! The admin server: `/ping`, `/healthz`, `/readyz`, `/metrics`, `/routes`, pause and
-//! resume, and the original consumer service's `/consumer/*` calls.
+//! resume, the original consumer service's `/consumer/*` calls, and the status page at `/`
+//! (see [`crate::status_page`]).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -43,7 +44,7 @@ pub struct AdminState {
 
 impl AdminState {
     /// The routes now, for one answer (the lock is not held while answering).
-    fn routes(&self) -> Vec<RouteView> {
+    pub(crate) fn routes(&self) -> Vec<RouteView> {
         self.routes
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -58,6 +59,14 @@ impl AdminState {
             .iter()
             .find(|r| *r.name == *name)
             .cloned()
+    }
+
+    /// Whether pause and resume need the admin token (the status page asks for it then).
+    pub(crate) fn token_required(&self) -> bool {
+        self.token
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
     }
 
     /// After a reload: `/routes`, `/readyz` and `/consumer/*` follow the new set.
@@ -89,6 +98,7 @@ pub async fn serve(
         .route("/consumer/status", get(consumer_status))
         .route("/consumer/start", put(consumer_start))
         .route("/consumer/stop", put(consumer_stop))
+        .merge(crate::status_page::routes(&state, shutdown.clone()))
         .fallback(no_such_path)
         .method_not_allowed_fallback(no_such_method)
         .with_state(state);
@@ -141,7 +151,8 @@ async fn metrics(State(state): Shared) -> impl IntoResponse {
     )
 }
 
-fn describe(r: &RouteView) -> Value {
+/// What `/routes` says of one route (the status page's `/status` adds to it).
+pub(crate) fn describe(r: &RouteView) -> Value {
     let m = &r.metrics;
     let paused = r.ctx.is_paused();
     let error = r.ctx.error();
@@ -189,7 +200,7 @@ async fn no_such_path(uri: axum::http::Uri) -> Response {
     error(
         StatusCode::NOT_FOUND,
         format!(
-            "no such admin path {:?} (see /ping, /healthz, /readyz, /metrics, /routes)",
+            "no such admin path {:?} (see /, /ping, /healthz, /readyz, /metrics, /routes, /status)",
             uri.path()
         ),
     )

@@ -27,6 +27,7 @@ mod otlp;
 mod pause;
 mod redrive;
 mod serve;
+mod status_page;
 mod wiring;
 
 use std::path::PathBuf;

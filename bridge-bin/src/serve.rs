@@ -605,7 +605,7 @@ mod tests {
     fn restart_only_settings_are_named() {
         let old = config(&format!("[admin]\nlisten = \"127.0.0.1:1\"\n{ROUTE}"));
         let same = config(&format!(
-            "[admin]\nlisten = \"127.0.0.1:1\"\ntoken = \"t\"\n{ROUTE}[routes.a.delivery]\nconcurrency = 3\n"
+            "[admin]\nlisten = \"127.0.0.1:1\"\ntoken = \"t0ken-of-16-chars\"\n{ROUTE}[routes.a.delivery]\nconcurrency = 3\n"
         ));
         assert!(
             needs_restart(&old, &same).is_empty(),

@@ -684,7 +684,11 @@ async fn timed<K, A: Answer>(
     let response = answer.response();
     shared.metrics.request_duration.observe(took.as_secs_f64());
     slot.finish(response, took);
-    shared.metrics.count_response(response.class());
+    let class = response.class();
+    shared.metrics.count_response(class);
+    if class != "2xx" {
+        shared.metrics.last_failure.set(describe(response));
+    }
     answer
 }
 
@@ -727,6 +731,10 @@ fn dead_letter<K>(
         attempts: message.attempt,
     };
     warn!(route = %shared.route, id = %message.id, reason = %dl, "dead-lettering message");
+    shared
+        .metrics
+        .last_failure
+        .set(format!("dead-lettered: {dl}"));
     // A backend that counts dead letters itself does so once the broker has taken it.
     if !ack.counts_dead_letters() {
         shared.metrics.dead_lettered.inc();

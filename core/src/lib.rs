@@ -107,7 +107,9 @@ pub use engine::{
 };
 pub use error::{error_chain, EngineError, SourceError};
 pub use message::Message;
-pub use metrics::{BrokerErrors, Metrics, RouteLabels, RouteMetrics};
+pub use metrics::{
+    histogram_buckets, BrokerErrors, LastFailure, Metrics, RouteLabels, RouteMetrics,
+};
 pub use policy::{Action, ResponsePolicy, Verdict};
 pub use sink::{BatchResponse, Sink, SinkResponse};
 pub use source::{Delivery, Source, SourceContext, SourceCounts};

@@ -10,6 +10,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 /// The labels every ferry metric carries.
 #[derive(Debug, Clone, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -188,8 +190,58 @@ impl Metrics {
                 family: self.broker_errors.clone(),
                 labels: labels.clone(),
             },
+            last_failure: LastFailure::default(),
         }
     }
+}
+
+/// The latest failure of a route (an endpoint answer that was not 2xx, a timeout, a
+/// connection error, a dead letter) and when it happened. Counters say how often; an
+/// operator looking at a route also wants to know what went wrong last and how long ago,
+/// without searching the logs. Holds the same one-line description the log gets, which
+/// never carries a secret.
+#[derive(Debug, Clone, Default)]
+pub struct LastFailure(Arc<Mutex<Option<(String, SystemTime)>>>);
+
+impl LastFailure {
+    /// Records `what` as the latest failure, now.
+    pub fn set(&self, what: impl Into<String>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((what.into(), SystemTime::now()));
+    }
+
+    /// The latest failure and when it was recorded, if there was one.
+    pub fn get(&self) -> Option<(String, SystemTime)> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The cumulative bucket counts of `histogram` (upper bound, count of observations at or
+/// below it; the last bound is infinite), exactly as `/metrics` shows them. The histogram
+/// type keeps its buckets to itself, so they are read back through the text encoding, the
+/// one view of them that is public; cheap enough for a status page polled every second or so.
+pub fn histogram_buckets(histogram: &Histogram) -> Vec<(f64, u64)> {
+    let mut registry = Registry::default();
+    registry.register("h", "", histogram.clone());
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+        return Vec::new();
+    }
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("h_bucket{le=\"")?;
+            let (bound, count) = rest.split_once("\"}")?;
+            let bound = match bound {
+                "+Inf" => f64::INFINITY,
+                b => b.parse().ok()?,
+            };
+            let count = count.split_whitespace().next()?.parse().ok()?;
+            Some((bound, count))
+        })
+        .collect()
 }
 
 /// `ferry_broker_errors_total{operation}` of one route: broker calls that failed for good
@@ -261,6 +313,8 @@ pub struct RouteMetrics {
     pub end_to_end: Histogram,
     /// `ferry_broker_errors_total{operation}`
     pub broker_errors: BrokerErrors,
+    /// The latest failed request or dead letter, for the admin server's status page.
+    pub last_failure: LastFailure,
 }
 
 impl RouteMetrics {
@@ -283,6 +337,34 @@ impl RouteMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_buckets_are_those_of_the_text_encoding() {
+        let h = latency_histogram();
+        for v in [0.0005, 0.003, 0.003, 100.0] {
+            h.observe(v);
+        }
+        let buckets = histogram_buckets(&h);
+        assert_eq!(buckets.len(), 18, "{buckets:?}");
+        assert_eq!(buckets[0], (0.001, 1));
+        assert_eq!(buckets[1], (0.002, 1));
+        assert_eq!(buckets[2], (0.004, 3));
+        assert_eq!(buckets[16].1, 3);
+        assert_eq!(buckets[17], (f64::INFINITY, 4));
+    }
+
+    #[test]
+    fn the_last_failure_is_the_latest_one() {
+        let last = LastFailure::default();
+        assert!(last.get().is_none());
+        let shared = last.clone();
+        shared.set("status 500");
+        let before = SystemTime::now();
+        shared.set("timeout");
+        let (what, at) = last.get().expect("a failure");
+        assert_eq!(what, "timeout");
+        assert!(at >= before);
+    }
 
     #[test]
     fn every_contract_metric_is_exported() {

@@ -178,13 +178,28 @@ impl Ferry {
         Self::start_config_in(config, &[], options, Some(ferry_log))
     }
 
+    /// [`Ferry::start_config`] with the admin server on `admin_port`: a ferry started again
+    /// where the one before it was, as after a restart.
+    pub fn start_config_at(admin_port: u16, config: impl FnOnce(u16) -> String) -> Self {
+        Self::start_at(admin_port, config, &[], &[], None)
+    }
+
     fn start_config_in(
         config: impl FnOnce(u16) -> String,
         wrapper: &[&str],
         options: &[&str],
         ferry_log: Option<&str>,
     ) -> Self {
-        let admin_port = crate::free_port();
+        Self::start_at(crate::free_port(), config, wrapper, options, ferry_log)
+    }
+
+    fn start_at(
+        admin_port: u16,
+        config: impl FnOnce(u16) -> String,
+        wrapper: &[&str],
+        options: &[&str],
+        ferry_log: Option<&str>,
+    ) -> Self {
         let dir = scratch("ferry");
         let file = dir.join("ferry.toml");
         std::fs::write(&file, config(admin_port)).expect("write config");

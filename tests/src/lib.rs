@@ -5,6 +5,7 @@
 
 pub mod amqp;
 pub mod audit_store;
+pub mod browser;
 pub mod conformance;
 pub mod endpoint;
 pub mod faults;

@@ -19,7 +19,11 @@ const ROUTE: &str = "r";
 const UNKNOWN_ROUTE: &str = "no_such_route";
 
 /// The admin API as it is meant to be: every call must be in the document.
-const CALLS: [(&str, &str); 11] = [
+const CALLS: [(&str, &str); 15] = [
+    ("get", "/"),
+    ("get", "/static/status.js"),
+    ("get", "/static/status.css"),
+    ("get", "/status"),
     ("get", "/ping"),
     ("get", "/healthz"),
     ("get", "/readyz"),

@@ -2,7 +2,7 @@
 //! hold one (URL passwords and query values, headers, the signing key, the admin token,
 //! the Redis password, the OTLP headers), run with `FERRY_LOG=debug` and JSON logs through
 //! deliveries, a retry and an exporter that cannot reach its collector, shows none of them
-//! in the log, `ferry validate`, `/metrics`, `/routes` or the audit file.
+//! in the log, `ferry validate`, `/metrics`, `/routes`, `/status` or the audit file.
 
 use std::time::Duration;
 
@@ -112,6 +112,12 @@ max_backoff = "100ms"
         .text()
         .await
         .expect("routes");
+    let status = reqwest::get(format!("http://127.0.0.1:{}/status", ferry.admin_port))
+        .await
+        .expect("GET /status")
+        .text()
+        .await
+        .expect("status");
     // The exporter has tried (and failed) to reach its collector by now.
     tokio::time::sleep(Duration::from_secs(2)).await;
     ferry.signal("TERM");
@@ -133,6 +139,7 @@ max_backoff = "100ms"
         ("ferry validate", &String::from_utf8_lossy(&validate.stdout)),
         ("/metrics", metrics.as_str()),
         ("/routes", routes.as_str()),
+        ("/status (the status page's data)", status.as_str()),
         ("the audit file", audit_text.as_str()),
     ] {
         for secret in SECRETS {

@@ -122,6 +122,7 @@ struct Harness {
     revoked: Revoked,
     shutdown: CancellationToken,
     ctx: SourceContext,
+    metrics: crate::metrics::RouteMetrics,
     task: tokio::task::JoinHandle<Result<(), EngineError>>,
 }
 
@@ -193,7 +194,7 @@ where
             peak: peak.clone(),
         },
         policy,
-        metrics,
+        metrics: metrics.clone(),
         audit: None,
         tracer: None,
     };
@@ -205,6 +206,7 @@ where
         revoked,
         shutdown,
         ctx,
+        metrics,
         task,
     }
 }
@@ -241,6 +243,28 @@ fn policy(concurrency: usize, max_attempts: u32) -> DeliveryPolicy {
         batch: None,
         max_message_bytes: None,
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_last_failure_is_kept_with_its_time_and_successes_leave_it() {
+    let h = start(
+        3,
+        false,
+        policy(1, 3),
+        Duration::from_millis(5),
+        |m| match (m.id.as_str(), m.attempt) {
+            ("m0", 1) => status(503),
+            ("m1", _) => status(422),
+            _ => ok(),
+        },
+    );
+    let metrics = h.metrics.clone();
+    assert!(metrics.last_failure.get().is_none());
+    let settled = h.settle_all(3).await;
+    assert_eq!(settled.len(), 3);
+    let (what, _at) = metrics.last_failure.get().expect("a failure was recorded");
+    // m1's dead letter came after m0's 503; m2's 2xx left it in place.
+    assert!(what.contains("422"), "{what}");
 }
 
 #[tokio::test(start_paused = true)]
