@@ -15,11 +15,13 @@ pub use load::{load, LoadOptions};
 // For the library target (fuzzing, embedding): the binary only loads files.
 #[allow(unused_imports)]
 pub use load::{load_str, Format};
+#[cfg(any(feature = "audit-firehose", feature = "audit-s3"))]
+pub use validate::AwsTarget;
 #[cfg(feature = "otlp")]
 pub use validate::OtlpPlan;
 pub use validate::{
-    redacted, validate, AuditFilePlan, AuditOutputPlan, AuditPlan, AwsTarget, Plan, RoutePlan,
-    SourcePlan, StatePlan,
+    redacted, validate, AuditFilePlan, AuditOutputPlan, AuditPlan, Plan, RoutePlan, SourcePlan,
+    StatePlan,
 };
 
 /// One error in the configuration, with where it is.

@@ -1405,7 +1405,9 @@ mod tests {
             );
             validate(&parse(&text))
         };
+        // Built with SQS alone, the plan has no other variant.
         #[cfg(feature = "sqs")]
+        #[allow(irrefutable_let_patterns)]
         {
             let plan = with(r#"{ topic_arns = ["arn:aws:sns:us-east-1:000000000000:orders"] }"#)
                 .expect("valid");
