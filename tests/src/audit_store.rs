@@ -5,24 +5,9 @@ use std::io::Read;
 
 use aws_sdk_firehose::types::{DeliveryStreamType, ExtendedS3DestinationConfiguration};
 
-async fn shared() -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(crate::sqs_endpoint())
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "ferry-tests",
-        ))
-        .load()
-        .await
-}
-
 /// An S3 client for the emulator (buckets by path); panics when it is not running.
 pub async fn s3() -> aws_sdk_s3::Client {
-    let config = aws_sdk_s3::config::Builder::from(&shared().await)
+    let config = aws_sdk_s3::config::Builder::from(&crate::sqs::emulator_config().await)
         .force_path_style(true)
         .build();
     let client = aws_sdk_s3::Client::from_conf(config);
@@ -55,7 +40,7 @@ pub async fn bucket(s3: &aws_sdk_s3::Client, prefix: &str) -> String {
 /// A Firehose delivery stream with a unique name that delivers to `bucket` under
 /// `prefix`.
 pub async fn delivery_stream(bucket: &str, prefix: &str) -> String {
-    let client = aws_sdk_firehose::Client::new(&shared().await);
+    let client = aws_sdk_firehose::Client::new(&crate::sqs::emulator_config().await);
     let name = crate::unique("audit");
     let destination = ExtendedS3DestinationConfiguration::builder()
         .role_arn("arn:aws:iam::123456789012:role/firehose")

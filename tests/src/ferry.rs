@@ -437,6 +437,28 @@ pub fn run_cli(args: &[&str]) -> Output {
     command().args(args).output().expect("run ferry")
 }
 
+/// What a `ferry` command wrote to stderr besides its log lines (which files were read,
+/// warnings): the `ferry: ...` lines it ended with, and anything else that should not be
+/// there (a panic, a client library's own output).
+pub fn fatal_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !is_log_line(l))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `2026-01-01T00:00:00.000000Z  INFO target: ...`, a line of ferry's text log.
+fn is_log_line(line: &str) -> bool {
+    let mut words = line.split_whitespace();
+    let stamp = words.next().unwrap_or("");
+    let level = words.next().unwrap_or("");
+    stamp.len() > 20
+        && stamp.as_bytes()[4] == b'-'
+        && stamp.ends_with('Z')
+        && ["INFO", "WARN", "DEBUG", "TRACE"].contains(&level)
+}
+
 /// Runs `ferry` with `args` and these environment variables set (`Some`) or removed
 /// (`None`) on top of the usual test environment.
 pub fn run_cli_env(args: &[&str], env: &[(&str, Option<&str>)]) -> Output {

@@ -6,12 +6,11 @@ use std::sync::{Arc, Mutex};
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
 use aws_sdk_sqs::Client;
 
-/// An SQS client for the emulator; panics with a clear message when it is not running.
-pub async fn client() -> Client {
-    let endpoint = crate::sqs_endpoint();
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+/// The AWS configuration of every client of the emulator (SQS, SNS, S3, Firehose).
+pub async fn emulator_config() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(&endpoint)
+        .endpoint_url(crate::sqs_endpoint())
         .credentials_provider(aws_sdk_sqs::config::Credentials::new(
             "test",
             "test",
@@ -20,8 +19,13 @@ pub async fn client() -> Client {
             "ferry-tests",
         ))
         .load()
-        .await;
-    let client = Client::new(&config);
+        .await
+}
+
+/// An SQS client for the emulator; panics with a clear message when it is not running.
+pub async fn client() -> Client {
+    let endpoint = crate::sqs_endpoint();
+    let client = Client::new(&emulator_config().await);
     if let Err(e) = client.list_queues().send().await {
         panic!(
             "the SQS emulator is not reachable at {endpoint} ({}); start it with scripts/moto.sh \

@@ -292,11 +292,7 @@ fn a_route_that_does_not_say_where_dead_letters_go_is_refused() {
     std::fs::write(&file, route.config(0)).expect("write config");
     let out = run_cli(&["validate", "--config", &file.display().to_string()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    // The lines ferry ends with; the log line before them says which file was read.
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("ferry: "))
-        .collect();
+    let lines = ferry_e2e::ferry::fatal_lines(&out);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert_eq!(lines.len(), 1, "one line expected: {lines:?}");
     assert!(lines[0].contains("routes.r.source:"), "{}", lines[0]);

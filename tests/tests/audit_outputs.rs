@@ -12,18 +12,22 @@ use ferry_e2e::ferry::{amqp_source, Route};
 use ferry_e2e::proxy::Proxy;
 use ferry_e2e::{Endpoint, Ferry, Reply};
 
-/// Starts ferry on a fresh RabbitMQ queue with `audit` as its `[audit]` section and
-/// publishes `n` messages; returns what is needed to check the records.
-async fn run_with_audit(
-    n: usize,
-    audit: &str,
-) -> (Ferry, Endpoint, BTreeSet<String>, Rabbit, String) {
+/// ferry on a fresh RabbitMQ queue, delivering to an endpoint that takes everything.
+struct Run {
+    ferry: Ferry,
+    endpoint: Endpoint,
+    rabbit: Rabbit,
+    queue: String,
+}
+
+/// Starts ferry with `audit` as its `[audit]` section.
+async fn start_with_audit(audit: &str) -> Run {
     let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue("audit-out").await;
+    let queue = rabbit.queue("audit-out").await.name;
     let endpoint = Endpoint::start(|_| Reply::ok()).await;
     let ferry = Ferry::start_with(
         &Route {
-            source: amqp_source(&queue.name, ""),
+            source: amqp_source(&queue, ""),
             sink_url: &endpoint.url(),
             sink: "",
             delivery: "",
@@ -31,8 +35,20 @@ async fn run_with_audit(
         &format!("\n[audit]\n{audit}\n"),
     );
     ferry.wait_ready(Duration::from_secs(30)).await;
-    let ids = rabbit.publish_numbered(&queue.name, "a", n).await;
-    (ferry, endpoint, ids, rabbit, queue.name)
+    Run {
+        ferry,
+        endpoint,
+        rabbit,
+        queue,
+    }
+}
+
+/// [`start_with_audit`], then `n` messages published and delivered.
+async fn deliver_with_audit(n: usize, audit: &str) -> Run {
+    let run = start_with_audit(audit).await;
+    run.rabbit.publish_numbered(&run.queue, "a", n).await;
+    wait_delivered(&run.endpoint, &run.ferry, n).await;
+    run
 }
 
 async fn wait_delivered(endpoint: &Endpoint, ferry: &Ferry, n: usize) {
@@ -83,8 +99,9 @@ async fn every_record_reaches_the_firehose_stream_once() {
          endpoint_url = \"{}\"\nflush_interval = \"200ms\"",
         ferry_e2e::sqs_endpoint()
     );
-    let (ferry, endpoint, _, _rabbit, _) = run_with_audit(N, &audit).await;
-    wait_delivered(&endpoint, &ferry, N).await;
+    let Run {
+        ferry, endpoint, ..
+    } = deliver_with_audit(N, &audit).await;
     let ferry = stop(ferry).await;
     let objects = audit_store::objects(&s3, &bucket, "trail/").await;
     assert!(
@@ -107,8 +124,9 @@ async fn every_record_reaches_s3_once_and_shutdown_flushes_the_last_object() {
          endpoint_url = \"{}\"\nflush_interval = \"1h\"",
         ferry_e2e::sqs_endpoint()
     );
-    let (ferry, endpoint, _, _rabbit, _) = run_with_audit(N, &audit).await;
-    wait_delivered(&endpoint, &ferry, N).await;
+    let Run {
+        ferry, endpoint, ..
+    } = deliver_with_audit(N, &audit).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         audit_store::objects(&s3, &bucket, "ferry/")
@@ -142,8 +160,9 @@ async fn every_record_reaches_s3_once_and_shutdown_flushes_the_last_object() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdout_has_one_json_line_per_record_and_nothing_else() {
     const N: usize = 50;
-    let (ferry, endpoint, _, _rabbit, _) = run_with_audit(N, "output = \"stdout\"").await;
-    wait_delivered(&endpoint, &ferry, N).await;
+    let Run {
+        ferry, endpoint, ..
+    } = deliver_with_audit(N, "output = \"stdout\"").await;
     let ferry = stop(ferry).await;
     let out = ferry.stdout();
     let records = audit_store::ids([out.as_str()]);
@@ -171,22 +190,15 @@ async fn an_unreachable_output_drops_only_what_it_counts_and_never_slows_deliver
          endpoint_url = \"http://{}\"\nflush_interval = \"200ms\"",
         proxy.addr()
     );
-    let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue("audit-cut").await;
-    let endpoint = Endpoint::start(|_| Reply::ok()).await;
-    let ferry = Ferry::start_with(
-        &Route {
-            source: amqp_source(&queue.name, ""),
-            sink_url: &endpoint.url(),
-            sink: "",
-            delivery: "",
-        },
-        &format!("\n[audit]\n{audit}\n"),
-    );
-    ferry.wait_ready(Duration::from_secs(30)).await;
+    let Run {
+        ferry,
+        endpoint,
+        rabbit,
+        queue,
+    } = start_with_audit(&audit).await;
     // The first half with the output up, to measure the pace.
     let began = Instant::now();
-    rabbit.publish_numbered(&queue.name, "up", N / 2).await;
+    rabbit.publish_numbered(&queue, "up", N / 2).await;
     wait_delivered(&endpoint, &ferry, N / 2).await;
     let up = began.elapsed();
     // The second half while the output is cut off for 10 s (its retries give up after ~6 s).
@@ -196,7 +208,7 @@ async fn an_unreachable_output_drops_only_what_it_counts_and_never_slows_deliver
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let began = Instant::now();
-    rabbit.publish_numbered(&queue.name, "down", N / 2).await;
+    rabbit.publish_numbered(&queue, "down", N / 2).await;
     wait_delivered(&endpoint, &ferry, N).await;
     let down = began.elapsed();
     assert!(

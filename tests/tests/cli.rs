@@ -3,7 +3,7 @@
 
 use std::process::Output;
 
-use ferry_e2e::ferry::{run_cli, scratch};
+use ferry_e2e::ferry::{fatal_lines, run_cli, scratch};
 use ferry_e2e::sqs;
 
 fn write(name: &str, text: &str) -> String {
@@ -12,32 +12,11 @@ fn write(name: &str, text: &str) -> String {
     path.display().to_string()
 }
 
-/// The lines ferry ends with (`ferry: ...`), and any panic; log lines before them (which
-/// files were read) are not errors.
-fn stderr_lines(out: &Output) -> Vec<String> {
-    String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .filter(|l| !is_log_line(l))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// `2026-01-01T00:00:00.000000Z  INFO ferry: ...`
-fn is_log_line(line: &str) -> bool {
-    let mut words = line.split_whitespace();
-    let stamp = words.next().unwrap_or("");
-    let level = words.next().unwrap_or("");
-    stamp.len() > 20
-        && stamp.as_bytes()[4] == b'-'
-        && stamp.ends_with('Z')
-        && ["INFO", "WARN", "DEBUG", "TRACE"].contains(&level)
-}
-
 /// Exit 2 and exactly one stderr line that contains every `needle`.
 fn assert_config_error(out: &Output, needles: &[&str]) {
-    let lines = stderr_lines(out);
-    assert_eq!(out.status.code(), Some(2), "stderr: {lines:?}");
+    let lines = fatal_lines(out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert_eq!(lines.len(), 1, "expected one line, got {lines:?}");
     for needle in needles {
         assert!(
@@ -46,7 +25,7 @@ fn assert_config_error(out: &Output, needles: &[&str]) {
             lines[0]
         );
     }
-    assert!(!lines[0].contains("panicked"));
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 fn config(queue_url: &str, sink_url: &str, extra_sink: &str) -> String {
@@ -341,7 +320,7 @@ fn unreachable_kafka_is_one_line_naming_the_brokers() {
     let brokers = format!("127.0.0.1:{port}");
     let file = write("nokafka.toml", &kafka_config(&brokers, "t", ""));
     let out = run_cli(&["run", "--config", &file]);
-    let lines = stderr_lines(&out);
+    let lines = fatal_lines(&out);
     assert_ne!(out.status.code(), Some(0));
     assert_eq!(lines.len(), 1, "expected one line, got {lines:?}");
     assert!(

@@ -4,7 +4,7 @@
 
 use std::process::Output;
 
-use ferry_e2e::ferry::{run_cli, run_cli_env, scratch};
+use ferry_e2e::ferry::{fatal_lines, run_cli, run_cli_env, scratch};
 
 fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
@@ -15,15 +15,6 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// The `ferry: ...` lines a run ended with.
-fn fatal_lines(out: &Output) -> Vec<String> {
-    stderr(out)
-        .lines()
-        .filter(|l| l.starts_with("ferry: "))
-        .map(str::to_owned)
-        .collect()
 }
 
 fn route(sink_extra: &str, delivery: &str) -> String {

@@ -241,12 +241,8 @@ fn an_unknown_route_is_a_configuration_error() {
         "nope",
     ]);
     assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    // The line ferry ends with; log lines before it say which file was read.
-    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("ferry: ")).collect();
     assert_eq!(
-        errors,
-        ["ferry: --route: no route named \"nope\" (routes: r)"],
-        "{err}"
+        ferry_e2e::ferry::fatal_lines(&out),
+        ["ferry: --route: no route named \"nope\" (routes: r)"]
     );
 }

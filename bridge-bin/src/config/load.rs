@@ -273,22 +273,23 @@ fn insert(tree: &mut Value, path: &[Segment], value: Value) -> bool {
     let Some((Segment::Key(last), parents)) = path.split_last() else {
         return false;
     };
-    let mut at = tree;
-    for segment in parents {
-        let next = match (segment, at) {
-            (Segment::Key(k), Value::Object(m)) => m.get_mut(k),
-            (Segment::Index(i), Value::Array(a)) => a.get_mut(*i),
-            _ => None,
-        };
-        match next {
-            Some(v) => at = v,
-            None => return false,
-        }
-    }
-    match at {
-        Value::Object(m) => m.insert(last.clone(), value).is_none(),
+    match tree.pointer_mut(&pointer(parents)) {
+        Some(Value::Object(m)) => m.insert(last.clone(), value).is_none(),
         _ => false,
     }
+}
+
+/// `path` as a JSON pointer (`/routes/r/source`), to find its place with serde_json.
+fn pointer(path: &[Segment]) -> String {
+    let mut out = String::new();
+    for segment in path {
+        out.push('/');
+        match segment {
+            Segment::Key(k) => out.push_str(&k.replace('~', "~0").replace('/', "~1")),
+            Segment::Index(i) => out.push_str(&i.to_string()),
+        }
+    }
+    out
 }
 
 /// The error inside a section chosen by its `type` at `path`, if that is what `path` is:
@@ -308,14 +309,7 @@ fn tagged_error(tree: &Value, path: &[Segment]) -> Option<(Vec<Segment>, String,
     let Some(Segment::Key(section)) = path.last() else {
         return None;
     };
-    let mut node = tree;
-    for segment in path {
-        node = match (segment, node) {
-            (Segment::Key(k), Value::Object(m)) => m.get(k)?,
-            (Segment::Index(i), Value::Array(a)) => a.get(*i)?,
-            _ => return None,
-        };
-    }
+    let node = tree.pointer(&pointer(path))?;
     let table = node.as_object()?;
     match (section.as_str(), table.get("type")?.as_str()?) {
         ("source", "sqs") => inner::<SqsSourceConfig>(table),
@@ -421,19 +415,7 @@ fn missing_field(what: &str) -> Option<&str> {
 
 /// Whether `tree` has a value at `path`.
 fn lookup(tree: &Value, path: &[Segment]) -> bool {
-    let mut at = tree;
-    for segment in path {
-        let next = match (segment, at) {
-            (Segment::Key(k), Value::Object(m)) => m.get(k),
-            (Segment::Index(i), Value::Array(a)) => a.get(*i),
-            _ => None,
-        };
-        match next {
-            Some(v) => at = v,
-            None => return false,
-        }
-    }
-    true
+    tree.pointer(&pointer(path)).is_some()
 }
 
 /// Takes the value at `path` out of `tree`; whether there was one.
@@ -441,21 +423,9 @@ fn remove(tree: &mut Value, path: &[Segment]) -> bool {
     let Some((last, parents)) = path.split_last() else {
         return false;
     };
-    let mut at = tree;
-    for segment in parents {
-        let next = match (segment, at) {
-            (Segment::Key(k), Value::Object(m)) => m.get_mut(k),
-            (Segment::Index(i), Value::Array(a)) => a.get_mut(*i),
-            _ => None,
-        };
-        match next {
-            Some(v) => at = v,
-            None => return false,
-        }
-    }
-    match (last, at) {
-        (Segment::Key(k), Value::Object(m)) => m.remove(k).is_some(),
-        (Segment::Index(i), Value::Array(a)) if *i < a.len() => {
+    match (last, tree.pointer_mut(&pointer(parents))) {
+        (Segment::Key(k), Some(Value::Object(m))) => m.remove(k).is_some(),
+        (Segment::Index(i), Some(Value::Array(a))) if *i < a.len() => {
             a.remove(*i);
             true
         }
@@ -842,6 +812,22 @@ mod tests {
         assert!(!errors
             .iter()
             .any(|e| e.at == "routes.r.source.queue_url" && !e.what.contains("expected a string")));
+    }
+
+    /// Keys holding the characters a JSON pointer escapes still name their place, and the
+    /// value there is taken out so that the next mistake is found too.
+    #[test]
+    fn keys_with_slashes_and_tildes_are_found() {
+        let text = "[routes.\"a/b~c\".delivery]\nconcurrency = -1\nmax_attempts = \"x\"\n";
+        let errors = load_str("t.toml", text, Format::Toml, &[]).expect_err("broken");
+        let at: Vec<&str> = errors.iter().map(|e| e.at.as_str()).collect();
+        assert!(
+            at.starts_with(&[
+                "routes.\"a/b~c\".delivery.concurrency",
+                "routes.\"a/b~c\".delivery.max_attempts"
+            ]),
+            "{errors:?}"
+        );
     }
 
     #[test]
