@@ -228,7 +228,7 @@ impl ConfigArgs {
 pub(crate) fn load_with(options: &LoadOptions) -> Result<(config::Config, Plan), Failure> {
     let vars: Vec<(String, String)> = std::env::vars().collect();
     let loaded = config::load(options, &vars).map_err(Failure::Config)?;
-    let plan = config::validate(&loaded.config).map_err(Failure::Config)?;
+    let plan = loaded.plan;
     if plan.admin_token.is_none() && !plan.admin.ip().is_loopback() {
         warn!(admin = %plan.admin,
             "the admin server listens beyond this machine without [admin] token: anyone who reaches it can pause routes");
