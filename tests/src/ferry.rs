@@ -49,8 +49,14 @@ pub fn sqs_source(queue_url: &str, dead_letter_queue_url: Option<&str>, extra: &
     let dlq = dead_letter_queue_url
         .map(|u| format!("dead_letter_queue_url = \"{u}\"\n"))
         .unwrap_or_default();
+    // Short long polls unless the test says otherwise: a stop waits for the poll under way.
+    let wait = if extra.contains("wait_time") {
+        ""
+    } else {
+        "wait_time = \"1s\"\n"
+    };
     format!(
-        "type = \"sqs\"\nqueue_url = \"{queue_url}\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\n{dlq}{extra}\n",
+        "type = \"sqs\"\nqueue_url = \"{queue_url}\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\n{dlq}{wait}{extra}\n",
         crate::sqs_endpoint()
     )
 }

@@ -194,9 +194,11 @@ pub enum Verdict {
 
 /// An HTTP proxy in front of the emulator that sees each SQS call (the SDK speaks SQS's
 /// JSON protocol) and lets a rule refuse it: faults the emulator cannot make by itself.
+/// It also counts every call by action, which is what SQS bills.
 pub struct SqsProxy {
     addr: std::net::SocketAddr,
     failed: Arc<Mutex<HashMap<String, usize>>>,
+    calls: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 struct ProxyState {
@@ -204,17 +206,20 @@ struct ProxyState {
     http: reqwest::Client,
     rule: Box<dyn Fn(&Call) -> Verdict + Send + Sync>,
     failed: Arc<Mutex<HashMap<String, usize>>>,
+    calls: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl SqsProxy {
     /// Starts a proxy to the emulator that applies `rule` to every call.
     pub async fn start(rule: impl Fn(&Call) -> Verdict + Send + Sync + 'static) -> Self {
         let failed = Arc::new(Mutex::new(HashMap::new()));
+        let calls = Arc::new(Mutex::new(HashMap::new()));
         let state = Arc::new(ProxyState {
             upstream: crate::sqs_endpoint(),
             http: reqwest::Client::new(),
             rule: Box::new(rule),
             failed: failed.clone(),
+            calls: calls.clone(),
         });
         let app = axum::Router::new().fallback(proxy_call).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -222,7 +227,21 @@ impl SqsProxy {
             .expect("bind the SQS proxy");
         let addr = listener.local_addr().expect("proxy address");
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { addr, failed }
+        Self {
+            addr,
+            failed,
+            calls,
+        }
+    }
+
+    /// A proxy that passes every call through, to count them.
+    pub async fn counting() -> Self {
+        Self::start(|_| Verdict::Forward).await
+    }
+
+    /// Calls made so far (answered or not), by action.
+    pub fn calls(&self) -> HashMap<String, usize> {
+        self.calls.lock().expect("lock").clone()
     }
 
     /// The URL to give ferry as `endpoint_url`.
@@ -260,6 +279,12 @@ async fn proxy_call(
         request: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
     };
     let json = [("content-type", "application/x-amz-json-1.0")];
+    *state
+        .calls
+        .lock()
+        .expect("lock")
+        .entry(call.action.clone())
+        .or_default() += 1;
     let verdict = (state.rule)(&call);
     if !matches!(verdict, Verdict::Forward) {
         *state

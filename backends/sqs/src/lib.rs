@@ -275,9 +275,14 @@ impl Source for SqsSource {
             },
             lease_stop.clone(),
         ));
+        // `connect` has just reached the queue; the first receive may take a whole long
+        // poll to answer, and the route is not unready meanwhile.
+        ctx.set_connected(true);
+        let hint = Arc::new(receive::BacklogHint::default());
         let backlog_task = tokio::spawn(receive::poll_backlog(
             self.client.clone(),
             self.config.queue_url.clone(),
+            hint.clone(),
             ctx.clone(),
         ));
         info!(route = %ctx.route, queue = %self.queue_name, receivers = self.config.receivers, "receiving");
@@ -293,6 +298,7 @@ impl Source for SqsSource {
                     settle: settle_tx.clone(),
                     failing: failing.clone(),
                     sns: self.sns.clone(),
+                    backlog: hint.clone(),
                 },
                 out.clone(),
                 ctx.clone(),

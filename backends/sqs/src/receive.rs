@@ -1,6 +1,6 @@
 //! The receive loops and the backlog poller.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,9 +16,58 @@ use crate::settle::{Op, SqsAck};
 use crate::signature::{Judgement, SnsCheck};
 use crate::SqsConfig;
 
-/// How long a receive call already under way may finish after shutdown: what it returns is
-/// released at once instead of staying invisible for a whole visibility timeout.
+/// How much longer than its long-poll wait a receive call already under way at shutdown may
+/// take to answer. It is awaited rather than dropped: SQS goes on receiving for a call whose
+/// client went away, and what it takes then stays invisible for a whole visibility timeout
+/// and comes back counted as a second receive. Awaited, what it returns is released at once.
 const RECEIVE_DRAIN: Duration = Duration::from_secs(2);
+
+/// How often the backlog is asked for (`GetQueueAttributes`) when it may be more than
+/// nothing: about as often as metrics are scraped, and no more.
+const BACKLOG_INTERVAL: Duration = Duration::from_secs(15);
+
+/// What the receive loops tell the backlog poller: whether asking SQS for the backlog is
+/// worth a call. A long poll that came back with less than it asked for, or that has not
+/// come back yet, found no more visible messages than that: the backlog is zero without
+/// asking. Only a full batch, or receivers held back by a full (or paused) route while the
+/// queue may grow, make the backlog worth a `GetQueueAttributes`.
+#[derive(Debug, Default)]
+pub(crate) struct BacklogHint {
+    /// A receive came back full since the poller last looked.
+    full: AtomicBool,
+    /// A receiver waited for room since the poller last looked.
+    waited: AtomicBool,
+    /// Receivers waiting for room right now.
+    waiting: AtomicUsize,
+}
+
+impl BacklogHint {
+    /// Whether the backlog may be more than nothing; forgets what it was told.
+    fn worth_asking(&self) -> bool {
+        let full = self.full.swap(false, Ordering::Relaxed);
+        let waited = self.waited.swap(false, Ordering::Relaxed);
+        full || waited || self.waiting.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// Room for `room` more deliveries, noting in `hint` when the route had none to give.
+async fn room_for<'a>(
+    out: &'a mpsc::Sender<Delivery>,
+    room: usize,
+    hint: &BacklogHint,
+) -> Result<mpsc::PermitIterator<'a, Delivery>, mpsc::error::SendError<()>> {
+    match out.try_reserve_many(room) {
+        Ok(permits) => Ok(permits),
+        Err(mpsc::error::TrySendError::Closed(())) => Err(mpsc::error::SendError(())),
+        Err(mpsc::error::TrySendError::Full(())) => {
+            hint.waited.store(true, Ordering::Relaxed);
+            hint.waiting.fetch_add(1, Ordering::Relaxed);
+            let permits = out.reserve_many(room).await;
+            hint.waiting.fetch_sub(1, Ordering::Relaxed);
+            permits
+        }
+    }
+}
 
 pub(crate) struct Receiver {
     pub(crate) client: Client,
@@ -30,6 +79,7 @@ pub(crate) struct Receiver {
     /// the first to get through again say so, once for all of them.
     pub(crate) failing: Arc<AtomicBool>,
     pub(crate) sns: Option<Arc<SnsCheck>>,
+    pub(crate) backlog: Arc<BacklogHint>,
 }
 
 /// How long a message whose signing certificate could not be fetched stays invisible: longer
@@ -57,7 +107,7 @@ pub(crate) async fn receive_loop(r: Receiver, out: mpsc::Sender<Delivery>, ctx: 
         let permits = tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => return,
-            p = out.reserve_many(room) => match p {
+            p = room_for(&out, room, &r.backlog) => match p {
                 Ok(p) => p,
                 Err(_) => return,
             },
@@ -77,7 +127,7 @@ pub(crate) async fn receive_loop(r: Receiver, out: mpsc::Sender<Delivery>, ctx: 
             r = call => r,
             _ = async {
                 ctx.shutdown.cancelled().await;
-                tokio::time::sleep(RECEIVE_DRAIN).await;
+                tokio::time::sleep(r.config.wait_time + RECEIVE_DRAIN).await;
             } => return,
         };
         match result {
@@ -88,7 +138,11 @@ pub(crate) async fn receive_loop(r: Receiver, out: mpsc::Sender<Delivery>, ctx: 
                 failures = 0;
                 ctx.set_connected(true);
                 let mut permits = permits;
-                for m in resp.messages.unwrap_or_default() {
+                let messages = resp.messages.unwrap_or_default();
+                if messages.len() >= room {
+                    r.backlog.full.store(true, Ordering::Relaxed);
+                }
+                for m in messages {
                     let envelope = match &r.sns {
                         None => Envelope::Trusted,
                         Some(check) => match check.judge(m.body().unwrap_or_default()).await {
@@ -148,28 +202,38 @@ pub(crate) async fn receive_loop(r: Receiver, out: mpsc::Sender<Delivery>, ctx: 
     }
 }
 
-/// Keeps `ferry_source_backlog` at the queue's visible backlog.
-pub(crate) async fn poll_backlog(client: Client, queue_url: String, ctx: SourceContext) {
+/// Keeps `ferry_source_backlog` at the queue's visible backlog, asking SQS only when the
+/// answer may be more than nothing (see [`BacklogHint`]): an idle route makes no call for it.
+pub(crate) async fn poll_backlog(
+    client: Client,
+    queue_url: String,
+    hint: Arc<BacklogHint>,
+    ctx: SourceContext,
+) {
+    let mut first = true;
     loop {
-        let result = client
-            .get_queue_attributes()
-            .queue_url(&queue_url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .send()
-            .await;
-        if let Ok(resp) = result {
-            let visible = resp
-                .attributes
-                .as_ref()
-                .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessages))
-                .and_then(|v| v.parse::<i64>().ok());
+        if std::mem::take(&mut first) || hint.worth_asking() {
+            let result = client
+                .get_queue_attributes()
+                .queue_url(&queue_url)
+                .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                .send()
+                .await;
+            let visible = result.ok().and_then(|resp| {
+                resp.attributes
+                    .as_ref()
+                    .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessages))
+                    .and_then(|v| v.parse::<i64>().ok())
+            });
             if let Some(visible) = visible {
                 ctx.backlog.set(visible);
             }
+        } else if ctx.is_connected() {
+            ctx.backlog.set(0);
         }
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(BACKLOG_INTERVAL) => {}
         }
     }
 }
