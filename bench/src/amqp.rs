@@ -1,6 +1,10 @@
-//! RabbitMQ: the broker's native drain rate (a consumer that only acks, one ack per
-//! message, no HTTP) against ferry end to end into the counting sink, for each
-//! `concurrency` × endpoint latency asked for.
+//! RabbitMQ: the broker's native drain rate against ferry end to end into the counting
+//! sink, for each `concurrency` × endpoint latency asked for. Two plain consumers (no HTTP)
+//! set the ceiling: one that acks every message without waiting for the ack to go out
+//! (pipelined), and one that acks with `multiple` every `--ack-every` deliveries, the
+//! fewest frames the broker can be drained with. Both may hold `--native-prefetch`
+//! unacked, enough that the prefetch does not limit them. A third phase runs the bridge a
+//! team would write by hand (`plain-bridge`): what ferry is for, measured the same way.
 //!
 //! Each phase gets a fresh queue filled with all its messages first, so both sides
 //! drain the same full queue; the clock runs from the first message consumed to the last.
@@ -11,6 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -50,15 +55,29 @@ struct Rabbit {
 impl Phases for Rabbit {
     fn title(&self, args: &Args) -> String {
         format!(
-            "RabbitMQ, {} messages per phase, prefetch {}, {} round(s)",
+            "RabbitMQ, {} messages per phase, prefetch {} (plain consumers {}, multiple acks every {}), {} round(s)",
             args.messages(),
             args.prefetch,
+            args.native_prefetch,
+            args.ack_every,
             args.rounds()
         )
     }
 
-    async fn native(&self, args: &Args, size: usize) -> Result<f64> {
-        native_drain(&self.connection, &self.channel, args, size).await
+    fn natives(&self) -> &'static [&'static str] {
+        &["pipelined-ack drain", "multiple-ack drain"]
+    }
+
+    async fn native(&self, args: &Args, size: usize, which: usize) -> Result<f64> {
+        let acks = match which {
+            0 => Acks::EachPipelined,
+            _ => Acks::Multiple(args.ack_every.max(1)),
+        };
+        native_drain(&self.connection, &self.channel, args, size, acks).await
+    }
+
+    async fn peer(&self, args: &Args, case: &Case) -> Result<Option<FerryRun>> {
+        plain_bridge_run(&self.channel, args, case).await.map(Some)
     }
 
     async fn ferry(&self, args: &Args, case: &Case) -> Result<FerryRun> {
@@ -156,7 +175,7 @@ fn queue_name(prefix: &str) -> String {
 }
 
 /// A fresh, empty queue.
-async fn empty_queue(channel: &Channel, prefix: &str) -> Result<String> {
+pub(crate) async fn empty_queue(channel: &Channel, prefix: &str) -> Result<String> {
     let name = queue_name(prefix);
     channel
         .queue_declare(
@@ -202,23 +221,57 @@ pub(crate) async fn filled_queue(
     Ok(name)
 }
 
-/// Seconds a plain consumer takes to take and ack every message (one ack each).
+/// How a plain consumer acks.
+#[derive(Clone, Copy)]
+enum Acks {
+    /// One `basic.ack` per message, sent without waiting for the previous one.
+    EachPipelined,
+    /// One `basic.ack` with `multiple` every this many deliveries (and one for the rest).
+    Multiple(u64),
+}
+
+/// Seconds a plain consumer takes to take and ack every message.
 async fn native_drain(
     connection: &Connection,
     publisher: &Channel,
     args: &Args,
     size: usize,
+    acks: Acks,
 ) -> Result<f64> {
     let queue = filled_queue(publisher, args.messages(), size, "bench-native").await?;
     let (channel, mut consumer) =
-        native_consumer(connection, args.prefetch, &queue, "bench-native").await?;
+        native_consumer(connection, args.native_prefetch, &queue, "bench-native").await?;
     let mut started = None;
     let mut count = 0u64;
+    // Acks on their way: polled beside the consumer, never waited for one by one.
+    let mut sending = FuturesUnordered::new();
     while count < args.messages() {
-        let delivery = consumer.next().await.context("consumer ended")??;
+        let delivery = tokio::select! {
+            biased;
+            Some(sent) = sending.next(), if !sending.is_empty() => {
+                sent?;
+                continue;
+            }
+            delivery = consumer.next() => delivery.context("consumer ended")??,
+        };
         started.get_or_insert_with(Instant::now);
-        delivery.ack(BasicAckOptions::default()).await?;
         count += 1;
+        let (multiple, due) = match acks {
+            Acks::EachPipelined => (false, true),
+            Acks::Multiple(every) => (true, count % every == 0 || count == args.messages()),
+        };
+        if due {
+            sending.push(async move {
+                delivery
+                    .acker
+                    .ack(BasicAckOptions { multiple })
+                    .await
+                    .map_err(anyhow::Error::from)
+            });
+        }
+    }
+    while let Some(sent) = sending.next().await {
+        sent?;
     }
     let secs = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
     channel.close(200, "done".into()).await?;
@@ -226,6 +279,35 @@ async fn native_drain(
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
     Ok(secs)
+}
+
+/// The hand-written bridge (`plain-bridge`, next to this harness) on a filled queue into
+/// the counting sink, measured as ferry is: from its first delivery, its own CPU and RSS.
+async fn plain_bridge_run(publisher: &Channel, args: &Args, case: &Case) -> Result<FerryRun> {
+    let queue = filled_queue(publisher, args.messages(), case.size, "bench-plain").await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let sink = counting_sink(delivered.clone(), case.latency()).await?;
+    let program = std::env::current_exe()?.with_file_name("plain-bridge");
+    if !program.is_file() {
+        anyhow::bail!(
+            "{} not found: cargo build --release -p ferry-bench",
+            program.display()
+        );
+    }
+    let child = std::process::Command::new(&program)
+        .args(["--amqp-uri", &args.amqp_uri, "--queue", &queue])
+        .args(["--url", &format!("http://{sink}/bench")])
+        .args(["--concurrency", &case.setting.slots().to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    let pid = child.id();
+    let run = measure_ferry(child, pid, delivered, args.messages()).await?;
+    publisher
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    Ok(run)
 }
 
 async fn ferry_run(publisher: &Channel, args: &Args, case: &Case) -> Result<FerryRun> {

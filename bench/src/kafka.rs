@@ -1,5 +1,5 @@
-//! Kafka: the native drain rate (a consumer-group member that only stores and
-//! auto-commits offsets, no HTTP) against ferry end to end into the counting sink, on
+//! Kafka: the native drain rate (a consumer-group member that only commits, asynchronously
+//! and in batches as ferry does, no HTTP) against ferry end to end into the counting sink, on
 //! librdkafka's mock cluster in this process (the real Kafka protocol on a loopback
 //! port). Each drain phase gets a fresh topic and publishes into it while it drains, at most
 //! [`WINDOW_BYTES`] ahead of the consumer: the mock cluster keeps only the last 5 MiB of each
@@ -7,15 +7,16 @@
 //! messages and the drain never finished. The paced (latency) phases start on an empty
 //! topic and publish at their pace.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use crate::latency::{paced, timing_sink, Pace, Percentiles, Recorder};
 use crate::sweep::{measure_ferry, sweep, Case, FerryRun, Phases};
@@ -34,6 +35,9 @@ const WINDOW_BYTES: usize = 4 * 1024 * 1024;
 /// window, waits half a second per window: the figures would be librdkafka's poll interval,
 /// not ferry's.
 const FETCH_WAIT_MS: &str = "5";
+
+/// How often the native consumer commits, as ferry's Kafka source does.
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
 
 /// Runs every combination and prints the table.
 pub async fn run(args: &Args) -> Result<()> {
@@ -125,16 +129,38 @@ impl Kafka {
         Ok(topic)
     }
 
-    /// A consumer-group member of its own group on `topic`, from the earliest offset.
+    /// A consumer-group member of its own group on `topic`, from the earliest offset, that
+    /// commits what it was handed itself, as ferry does (no automatic offset store).
     fn consumer(&self, topic: &str, group: &str, fetch_wait_ms: &str) -> Result<StreamConsumer> {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .set("group.id", unique(group))
             .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
             .set("fetch.wait.max.ms", fetch_wait_ms)
             .create()?;
         consumer.subscribe(&[topic])?;
         Ok(consumer)
+    }
+
+    /// Commits the offsets after the records handed out since the last commit, without
+    /// waiting for the broker's answer.
+    fn commit(
+        &self,
+        consumer: &StreamConsumer,
+        topic: &str,
+        next: &mut HashMap<i32, i64>,
+    ) -> Result<()> {
+        if next.is_empty() {
+            return Ok(());
+        }
+        let mut list = TopicPartitionList::new();
+        for (partition, offset) in next.drain() {
+            list.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        }
+        consumer.commit(&list, CommitMode::Async)?;
+        Ok(())
     }
 
     /// Publishes a paced phase into `topic`; each send is handed to librdkafka at once.
@@ -175,20 +201,36 @@ impl Phases for Kafka {
         )
     }
 
-    async fn native(&self, args: &Args, size: usize) -> Result<f64> {
+    /// A consumer that keeps the offset of each record it was handed and commits them
+    /// asynchronously every 100 ms, as ferry commits what it delivered.
+    fn natives(&self) -> &'static [&'static str] {
+        &["drain with async batch commits"]
+    }
+
+    async fn native(&self, args: &Args, size: usize, _which: usize) -> Result<f64> {
         let topic = self.empty_topic("bench-native")?;
         let consumer = self.consumer(&topic, "bench-native", FETCH_WAIT_MS)?;
         let consumed = Arc::new(AtomicU64::new(0));
         let publisher = self.publish(&topic, args, size, consumed.clone());
         let mut started = None;
         let mut count = 0u64;
+        let mut next: HashMap<i32, i64> = HashMap::new();
+        let mut commit = tokio::time::interval(COMMIT_EVERY);
+        commit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while count < args.messages() {
-            let message = consumer.recv().await?;
-            started.get_or_insert_with(Instant::now);
-            drop(message);
-            count += 1;
-            consumed.store(count, Ordering::Relaxed);
+            tokio::select! {
+                biased;
+                _ = commit.tick() => self.commit(&consumer, &topic, &mut next)?,
+                message = consumer.recv() => {
+                    let message = message?;
+                    started.get_or_insert_with(Instant::now);
+                    next.insert(message.partition(), message.offset() + 1);
+                    count += 1;
+                    consumed.store(count, Ordering::Relaxed);
+                }
+            }
         }
+        self.commit(&consumer, &topic, &mut next)?;
         let secs = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
         publisher.await??;
         Ok(secs)

@@ -15,6 +15,7 @@ mod capacity;
 mod ceiling;
 mod concurrency;
 mod delay;
+mod idle;
 mod kafka;
 mod latency;
 mod sqs;
@@ -70,9 +71,15 @@ struct Args {
     /// RabbitMQ server.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_uri: String,
-    /// Unacked deliveries the RabbitMQ consumers (native and ferry) may hold.
+    /// Unacked deliveries ferry's RabbitMQ consumer may hold.
     #[arg(long, default_value_t = 500)]
     prefetch: u16,
+    /// Unacked deliveries the plain RabbitMQ consumers may hold: enough not to limit them.
+    #[arg(long, default_value_t = 2000)]
+    native_prefetch: u16,
+    /// The multiple-ack drain acks once every this many deliveries.
+    #[arg(long, default_value_t = 100)]
+    ack_every: u64,
     /// Most messages published but not yet consumed.
     #[arg(long, default_value_t = 1000)]
     window: u64,
@@ -103,6 +110,13 @@ struct Args {
     /// `[audit]`), to measure what it costs against a run without it.
     #[arg(long)]
     ferry_extra: Option<PathBuf>,
+    /// Instead of the drain comparison: ferry with each of these numbers of idle routes
+    /// (queues or topics with nothing in them), measured at rest.
+    #[arg(long, value_delimiter = ',')]
+    idle_routes: Vec<usize>,
+    /// Seconds each idle configuration is measured for, once settled.
+    #[arg(long, default_value_t = 30.0)]
+    idle_secs: f64,
     /// A smoke run: fewer messages, one round, short ceiling and paced phases.
     #[arg(long)]
     quick: bool,
@@ -156,6 +170,9 @@ impl Args {
 async fn main() -> Result<()> {
     let mut args = Args::parse();
     args.messages = Some(args.messages());
+    if !args.idle_routes.is_empty() {
+        return idle::run(&args).await;
+    }
     match args.broker {
         Broker::Amqp => match args.capacity {
             Some(capacity) => capacity::run(&args, capacity).await,
@@ -194,13 +211,18 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
 }
 
 fn peak_rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmHWM")
+}
+
+/// A size in KiB from /proc/PID/status (`VmHWM`, `VmRSS`, ...).
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("VmHWM missing")
+        .with_context(|| format!("{field} missing"))
 }
 
 /// Starts the ferry binary with one route `bench` from `source` (the source section's
@@ -228,6 +250,23 @@ fn spawn_ferry_with(
     pool: usize,
     delivery: &str,
 ) -> Result<(std::process::Child, u32)> {
+    let extra = match &args.ferry_extra {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("--ferry-extra {}", path.display()))?,
+        None => String::new(),
+    };
+    spawn_ferry_config(
+        args,
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n{extra}\n[routes.bench.source]\n{source}\n\
+             [routes.bench.sink]\ntype = \"http\"\nurl = \"http://{sink}/bench\"\npool_size = {pool}\n\
+             [routes.bench.delivery]\n{delivery}"
+        ),
+    )
+}
+
+/// Starts the ferry binary on this configuration; returns the process and its pid.
+fn spawn_ferry_config(args: &Args, text: &str) -> Result<(std::process::Child, u32)> {
     if !args.ferry.is_file() {
         bail!(
             "{} not found: cargo build --release -p ferry-bin --all-features",
@@ -237,19 +276,7 @@ fn spawn_ferry_with(
     let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("bench.toml");
-    let extra = match &args.ferry_extra {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("--ferry-extra {}", path.display()))?,
-        None => String::new(),
-    };
-    std::fs::write(
-        &config,
-        format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n{extra}\n[routes.bench.source]\n{source}\n\
-             [routes.bench.sink]\ntype = \"http\"\nurl = \"http://{sink}/bench\"\npool_size = {pool}\n\
-             [routes.bench.delivery]\n{delivery}"
-        ),
-    )?;
+    std::fs::write(&config, text)?;
     let child = Command::new(&args.ferry)
         .args(["run", "--config"])
         .arg(&config)

@@ -11,8 +11,8 @@ use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequest
 use aws_sdk_sqs::Client;
 
 use crate::latency::{Pace, Percentiles};
-use crate::sweep::{finish_ferry, Case, FerryRun, Phases};
-use crate::{counting_sink, cpu_seconds, spawn_ferry, Args};
+use crate::sweep::{finish_ferry, Case, FerryRun, Phases, Start};
+use crate::{counting_sink, spawn_ferry, Args};
 
 /// The emulator and a client for it.
 pub struct Sqs {
@@ -39,7 +39,12 @@ impl Phases for Sqs {
         )
     }
 
-    async fn native(&self, args: &Args, size: usize) -> Result<f64> {
+    /// `receivers` loops of `ReceiveMessage(10)` + `DeleteMessageBatch`, as ferry has.
+    fn natives(&self) -> &'static [&'static str] {
+        &["receive + delete-batch drain"]
+    }
+
+    async fn native(&self, args: &Args, size: usize, _which: usize) -> Result<f64> {
         native_drain(&self.client, args, size).await
     }
 
@@ -62,7 +67,7 @@ impl Phases for Sqs {
     }
 }
 
-async fn client(endpoint: &str) -> Result<Client> {
+pub(crate) async fn client(endpoint: &str) -> Result<Client> {
     let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new("us-east-1"))
         .endpoint_url(endpoint)
@@ -82,7 +87,7 @@ async fn client(endpoint: &str) -> Result<Client> {
     Ok(client)
 }
 
-async fn create_queue(client: &Client, name: &str) -> Result<String> {
+pub(crate) async fn create_queue(client: &Client, name: &str) -> Result<String> {
     let name = format!(
         "{name}-{}",
         std::time::SystemTime::now()
@@ -229,7 +234,7 @@ async fn ferry_run(client: &Client, args: &Args, case: &Case) -> Result<FerryRun
     let (child, pid) = spawn_ferry(args, &source, sink, case.setting)?;
     // Let it connect before the clock starts, like the native drainer's client.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let start = (Instant::now(), cpu_seconds(pid)?);
+    let start = Start::now(pid)?;
     let publisher = publish(client.clone(), url, args, case.size, consumed.clone());
     let run = finish_ferry(child, pid, &consumed, args.messages(), start).await?;
     publisher.await??;

@@ -17,11 +17,35 @@ use crate::concurrency::Setting;
 use crate::latency::{rate_for, Pace, Percentiles};
 use crate::{cpu_seconds, peak_rss_kib, stop_ferry, Args};
 
-/// One ferry phase, measured from its first delivery.
+/// One ferry phase (or a peer bridge's), measured from its first delivery.
 pub struct FerryRun {
     pub secs: f64,
     pub cpu_seconds: f64,
     pub peak_rss_kib: u64,
+    /// Cores the whole machine kept busy meanwhile (every process: the broker, the
+    /// harness and its sink, the bridge), out of [`cores`]: near all of them, the phase
+    /// was bound by the machine rather than by the bridge.
+    pub busy_cores: f64,
+}
+
+/// Busy and total jiffies of the whole machine, from /proc/stat.
+fn machine_jiffies() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().unwrap_or_default();
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    let total: u64 = fields.iter().take(8).sum();
+    Ok((total - idle, total))
+}
+
+/// The machine's cores.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// One row of the sweep.
@@ -46,9 +70,20 @@ impl Case {
 pub trait Phases {
     /// The table's heading line.
     fn title(&self, args: &Args) -> String;
-    /// Seconds a plain consumer takes to drain `args.messages()` of `size` bytes from a
-    /// filled queue.
-    fn native(&self, args: &Args, size: usize) -> impl Future<Output = Result<f64>>;
+    /// The plain consumers (no HTTP) ferry is compared with, by name, fastest last: each a
+    /// way the broker can be drained, so the ratios say how near ferry comes to the broker.
+    fn natives(&self) -> &'static [&'static str] {
+        &["native drain"]
+    }
+    /// Seconds the plain consumer `natives()[which]` takes to drain `args.messages()` of
+    /// `size` bytes from a filled queue.
+    fn native(&self, args: &Args, size: usize, which: usize) -> impl Future<Output = Result<f64>>;
+    /// A bridge a team would write by hand instead of running ferry, draining the same
+    /// amount into the same sink as `case` says, measured as ferry is; `None` when this
+    /// broker has none.
+    fn peer(&self, _args: &Args, _case: &Case) -> impl Future<Output = Result<Option<FerryRun>>> {
+        async { Ok(None) }
+    }
     /// ferry draining the same amount into the counting sink, as `case` says.
     fn ferry(&self, args: &Args, case: &Case) -> impl Future<Output = Result<FerryRun>>;
     /// Whether the paced phases below mean anything on this broker.
@@ -68,11 +103,15 @@ pub trait Phases {
 
 struct Row {
     case: Case,
-    native: f64,
+    /// Each plain consumer's rate, in the order of `natives()`.
+    natives: Vec<f64>,
     ceiling: f64,
     ferry: f64,
     cpu_per_100k: f64,
     rss_mib: f64,
+    busy_cores: f64,
+    /// The hand-written bridge: rate, CPU s per 100k, peak RSS MiB.
+    peer: Option<(f64, f64, f64)>,
     rate: f64,
     /// Native and ferry, when the broker has paced phases.
     latencies: Option<(Percentiles, Percentiles)>,
@@ -92,19 +131,37 @@ pub async fn sweep(args: &Args, phases: &impl Phases) -> Result<()> {
                     setting,
                     latency_ms,
                 };
-                let (mut native_secs, mut ferry_secs, mut cpu, mut rss) = (0.0, 0.0, 0.0, 0u64);
+                let names = phases.natives();
+                let mut native_secs = vec![0.0; names.len()];
+                let (mut ferry_secs, mut cpu, mut rss, mut busy) = (0.0, 0.0, 0u64, 0.0);
+                let (mut peer_secs, mut peer_cpu, mut peer_rss) = (0.0, 0.0, 0u64);
+                let mut has_peer = false;
+                let rate = |secs: f64| args.messages() as f64 / secs;
                 for round in 1..=args.rounds() {
-                    let native = phases.native(args, size).await?;
+                    let mut line =
+                        format!("{size} B, c={setting}, latency={latency_ms}ms, round {round}:");
+                    for (which, name) in names.iter().enumerate() {
+                        let secs = phases.native(args, size, which).await?;
+                        native_secs[which] += secs;
+                        line.push_str(&format!(" {name} {:.0} msg/s,", rate(secs)));
+                    }
                     let ferry = phases.ferry(args, &case).await?;
-                    println!(
-                        "{size} B, c={setting}, latency={latency_ms}ms, round {round}: native {:.0} msg/s, ferry {:.0} msg/s",
-                        args.messages() as f64 / native,
-                        args.messages() as f64 / ferry.secs
-                    );
-                    native_secs += native;
+                    line.push_str(&format!(" ferry {:.0} msg/s", rate(ferry.secs)));
+                    if let Some(peer) = phases.peer(args, &case).await? {
+                        has_peer = true;
+                        line.push_str(&format!(
+                            ", hand-written bridge {:.0} msg/s",
+                            rate(peer.secs)
+                        ));
+                        peer_secs += peer.secs;
+                        peer_cpu += peer.cpu_seconds;
+                        peer_rss = peer_rss.max(peer.peak_rss_kib);
+                    }
+                    println!("{line}");
                     ferry_secs += ferry.secs;
                     cpu += ferry.cpu_seconds;
                     rss = rss.max(ferry.peak_rss_kib);
+                    busy += ferry.busy_cores * ferry.secs;
                 }
                 let ceiling =
                     sink_ceiling(size, setting.slots(), case.latency(), args.ceiling_window())
@@ -137,42 +194,95 @@ pub async fn sweep(args: &Args, phases: &impl Phases) -> Result<()> {
                 let total = (args.messages() * args.rounds()) as f64;
                 rows.push(Row {
                     case,
-                    native: total / native_secs,
+                    natives: native_secs.iter().map(|secs| total / secs).collect(),
                     ceiling,
                     ferry: total / ferry_secs,
                     cpu_per_100k: cpu / total * 100_000.0,
                     rss_mib: rss as f64 / 1024.0,
+                    busy_cores: busy / ferry_secs,
+                    peer: has_peer.then(|| {
+                        (
+                            total / peer_secs,
+                            peer_cpu / total * 100_000.0,
+                            peer_rss as f64 / 1024.0,
+                        )
+                    }),
                     rate: pace.rate,
                     latencies,
                 });
             }
         }
     }
-    print_rates(&rows);
+    print_rates(phases.natives(), &rows);
+    print_peer(&rows);
     print_latencies(&rows);
     Ok(())
 }
 
-fn print_rates(rows: &[Row]) {
+fn print_rates(names: &[&str], rows: &[Row]) {
     println!();
-    println!("| size | concurrency | endpoint latency | native drain msg/s | sink ceiling msg/s | ferry msg/s | ferry ÷ min(drain, ceiling) | lower limit | ferry CPU s per 100k | peak RSS MiB |");
+    let mut head = "| size | concurrency | endpoint latency |".to_owned();
+    let mut rule = "|---|---|---|".to_owned();
+    for name in names {
+        head.push_str(&format!(" {name} msg/s |"));
+        rule.push_str("---|");
+    }
+    head.push_str(" sink ceiling msg/s | ferry msg/s |");
+    rule.push_str("---|---|");
+    for name in names {
+        head.push_str(&format!(" ferry ÷ {name} |"));
+        rule.push_str("---|");
+    }
+    head.push_str(&format!(
+        " ferry ÷ ceiling | machine busy (of {} cores) | ferry CPU s per 100k | peak RSS MiB |",
+        cores()
+    ));
+    rule.push_str("---|---|---|---|");
+    println!("{head}\n{rule}");
+    for r in rows {
+        let mut line = format!(
+            "| {} B | {} | {} ms |",
+            r.case.size, r.case.setting, r.case.latency_ms
+        );
+        for native in &r.natives {
+            line.push_str(&format!(" {native:.0} |"));
+        }
+        line.push_str(&format!(" {:.0} | {:.0} |", r.ceiling, r.ferry));
+        for native in &r.natives {
+            line.push_str(&format!(" {:.2} |", r.ferry / native));
+        }
+        line.push_str(&format!(
+            " {:.2} | {:.2} | {:.2} | {:.1} |",
+            r.ferry / r.ceiling,
+            r.busy_cores,
+            r.cpu_per_100k,
+            r.rss_mib
+        ));
+        println!("{line}");
+    }
+}
+
+/// ferry against the hand-written bridge, where the broker has one.
+fn print_peer(rows: &[Row]) {
+    if rows.iter().all(|r| r.peer.is_none()) {
+        return;
+    }
+    println!();
+    println!("| size | concurrency | endpoint latency | ferry msg/s | hand-written msg/s | ferry ÷ hand-written (rate) | ferry CPU s per 100k | hand-written CPU s per 100k | ferry ÷ hand-written (CPU per message) | peak RSS MiB (ferry / hand-written) |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
-        let (limit, by) = if r.ceiling < r.native {
-            (r.ceiling, "sink")
-        } else {
-            (r.native, "drain")
+        let Some((rate, cpu, rss)) = r.peer else {
+            continue;
         };
         println!(
-            "| {} B | {} | {} ms | {:.0} | {:.0} | {:.0} | {:.2} | {by} | {:.2} | {:.1} |",
+            "| {} B | {} | {} ms | {:.0} | {rate:.0} | {:.2} | {:.2} | {cpu:.2} | {:.2} | {:.1} / {rss:.1} |",
             r.case.size,
             r.case.setting,
             r.case.latency_ms,
-            r.native,
-            r.ceiling,
             r.ferry,
-            r.ferry / limit,
+            r.ferry / rate,
             r.cpu_per_100k,
+            r.cpu_per_100k / cpu,
             r.rss_mib
         );
     }
@@ -220,9 +330,25 @@ pub async fn measure_ferry(
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let started = Instant::now();
-    let cpu_before = cpu_seconds(pid)?;
-    finish_ferry(child, pid, &delivered, messages, (started, cpu_before)).await
+    finish_ferry(child, pid, &delivered, messages, Start::now(pid)?).await
+}
+
+/// Where a phase's clock and CPU counts start: its own process's and the machine's.
+pub struct Start {
+    at: Instant,
+    cpu: f64,
+    machine: (u64, u64),
+}
+
+impl Start {
+    /// Now, for the bridge process `pid`.
+    pub fn now(pid: u32) -> Result<Self> {
+        Ok(Self {
+            at: Instant::now(),
+            cpu: cpu_seconds(pid)?,
+            machine: machine_jiffies()?,
+        })
+    }
 }
 
 /// Waits for a ferry whose clock and CPU count started at `start` to deliver `messages`,
@@ -232,7 +358,7 @@ pub async fn finish_ferry(
     pid: u32,
     delivered: &AtomicU64,
     messages: u64,
-    (started, cpu_before): (Instant, f64),
+    start: Start,
 ) -> Result<FerryRun> {
     while delivered.load(Ordering::SeqCst) < messages {
         if let Some(status) = child.try_wait()? {
@@ -240,13 +366,17 @@ pub async fn finish_ferry(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let secs = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid)? - cpu_before;
+    let secs = start.at.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid)? - start.cpu;
+    let (busy, total) = machine_jiffies()?;
+    let busy_cores =
+        (busy - start.machine.0) as f64 / (total - start.machine.1).max(1) as f64 * cores() as f64;
     let peak_rss_kib = peak_rss_kib(pid)?;
     stop_ferry(child, pid)?;
     Ok(FerryRun {
         secs,
         cpu_seconds: cpu,
         peak_rss_kib,
+        busy_cores,
     })
 }

@@ -242,7 +242,7 @@ fn problems(expr: &str, metrics: &Exposition) -> Vec<String> {
     out
 }
 
-/// Every problem of the whole dashboard: its expressions and the `route` variable.
+/// Every problem of the whole dashboard: its expressions and its variables.
 fn dashboard_problems(dashboard: &Value, metrics: &Exposition) -> Vec<String> {
     let mut all = Vec::new();
     exprs(dashboard, &mut all);
@@ -271,6 +271,8 @@ fn dashboard_problems(dashboard: &Value, metrics: &Exposition) -> Vec<String> {
             continue;
         };
         let (metric, label) = args.rsplit_once(',').unwrap_or(("", args));
+        // `metric{source=~"$source"}`: the metric is what precedes the selector.
+        let metric = metric.split('{').next().unwrap_or_default();
         let (metric, label) = (metric.trim(), label.trim());
         match metrics.get(metric) {
             Some(labels) if labels.contains(label) => {}
