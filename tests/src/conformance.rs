@@ -12,6 +12,7 @@
 pub mod amqp;
 pub mod kafka;
 pub mod redis;
+pub mod redis_example;
 pub mod sqs;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
