@@ -10,10 +10,16 @@ use ferry_e2e::ferry::Route;
 use ferry_e2e::{wait_until, Endpoint, Ferry, Reply};
 use redis::AsyncCommands;
 
+const BROKER_ERRORS: &str =
+    r#"ferry_broker_errors_total{route="r",source="redis",sink="http",operation="dead_letter"}"#;
+const DEAD_LETTERED: &str =
+    r#"ferry_deliveries_total{route="r",source="redis",sink="http",outcome="dead_lettered"}"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_land_with_their_fields_once_and_never_without_their_ack() {
     let redis = Redis::connect().await;
     let mut con = redis.con();
+    let reader = redis.con();
     let stream = ferry_e2e::unique("dl");
     let dead = format!("{stream}.dead-letter");
     let endpoint = Endpoint::start(|seen| match seen.msg() {
@@ -52,7 +58,7 @@ async fn dead_letters_land_with_their_fields_once_and_never_without_their_ack() 
     // The dead letters were refused: counted as broker errors, their entries still pending.
     let refused = wait_until_async(Duration::from_secs(20), || async {
         ferry
-            .metric("ferry_broker_errors_total{route=\"r\",operation=\"dead_letter\"}")
+            .metric(BROKER_ERRORS)
             .await
             .unwrap_or(0.0)
             >= 1.0
@@ -60,9 +66,9 @@ async fn dead_letters_land_with_their_fields_once_and_never_without_their_ack() 
     .await;
     assert!(refused, "no failed dead letter counted; log:\n{}", ferry.log());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(unacked(&redis.con(), &stream).await, 6, "5 poison + 1 misnamed stay pending while the dead letters fail");
+    assert_eq!(unacked(&reader, &stream).await, 6, "5 poison + 1 misnamed stay pending while the dead letters fail");
     assert_eq!(
-        ferry.metric("ferry_deliveries_total{route=\"r\",outcome=\"dead_lettered\"}").await.unwrap_or(0.0),
+        ferry.metric(DEAD_LETTERED).await.unwrap_or(0.0),
         0.0
     );
     let (_, routes) = ferry.admin(reqwest::Method::GET, "/routes").await;
@@ -70,17 +76,17 @@ async fn dead_letters_land_with_their_fields_once_and_never_without_their_ack() 
 
     // The key is fixed: every dead letter lands, once, and is acknowledged with it.
     let _: i64 = con.del(&dead).await.expect("DEL");
-    let drained = ferry_e2e::until_zero(Duration::from_secs(30), || unacked(&redis.con(), &stream)).await;
+    let drained = ferry_e2e::until_zero(Duration::from_secs(30), || unacked(&reader, &stream)).await;
     assert!(drained.is_ok(), "still pending after the fix: {drained:?}; log:\n{}", ferry.log());
     let counted = wait_until_async(Duration::from_secs(10), || async {
         ferry
-            .metric("ferry_deliveries_total{route=\"r\",outcome=\"dead_lettered\"}")
+            .metric(DEAD_LETTERED)
             .await
             == Some(6.0)
     })
     .await;
     assert!(counted, "dead letters not counted 6 times; metrics:\n{}", ferry.metrics().await);
-    let landed = take_all(&redis.con(), &dead).await;
+    let landed = take_all(&reader, &dead).await;
     assert_eq!(landed.len(), 6, "{landed:?}");
     let poison: BTreeSet<String> = sent.iter().filter(|b| b.starts_with("poison")).cloned().collect();
     let bodies: BTreeSet<String> = landed.iter().filter_map(|f| f.get("body").cloned()).collect();
