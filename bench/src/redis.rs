@@ -3,7 +3,7 @@
 //! next read; no HTTP) against ferry end to end into the counting sink. Each phase gets a
 //! fresh stream filled beforehand and deletes it afterwards. There are no paced phases.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -42,12 +42,14 @@ struct Redis {
     url: String,
 }
 
+/// A stream name of this run: the process id and a count.
 fn unique(prefix: &str) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros();
-    format!("{prefix}-{}-{now}", std::process::id())
+    static PHASE: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        PHASE.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 impl Redis {
@@ -126,7 +128,13 @@ impl Phases for Redis {
                 .arg(">");
             let (reply,): (Option<StreamReadReply>,) = pipe.query_async(&mut con).await?;
             acked = reply
-                .map(|r| r.keys.into_iter().flat_map(|k| k.ids).map(|e| e.id).collect())
+                .map(|r| {
+                    r.keys
+                        .into_iter()
+                        .flat_map(|k| k.ids)
+                        .map(|e| e.id)
+                        .collect()
+                })
                 .unwrap_or_default();
             if acked.is_empty() {
                 bail!("the stream ran dry after {count} entries");

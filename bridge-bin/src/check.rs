@@ -107,10 +107,7 @@ async fn connect(source: SourcePlan) -> Result<String, String> {
         }
         #[cfg(feature = "redis")]
         SourcePlan::Redis(config) => {
-            let what = format!(
-                "stream {} and group {} exist",
-                config.stream, config.group
-            );
+            let what = format!("stream {} and group {} exist", config.stream, config.group);
             ferry_redis::RedisSource::connect(config)
                 .await
                 .map(|_| what)

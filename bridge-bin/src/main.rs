@@ -4,7 +4,12 @@
 // Built without any backend, the wiring has nothing to wire; that build exists only to
 // refuse such routes with a clear error.
 #![cfg_attr(
-    not(any(feature = "sqs", feature = "amqp", feature = "kafka", feature = "redis")),
+    not(any(
+        feature = "sqs",
+        feature = "amqp",
+        feature = "kafka",
+        feature = "redis"
+    )),
     allow(unused)
 )]
 

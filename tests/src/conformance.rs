@@ -12,7 +12,6 @@
 pub mod amqp;
 pub mod kafka;
 pub mod redis;
-pub mod redis_example;
 pub mod sqs;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

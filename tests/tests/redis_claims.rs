@@ -10,16 +10,26 @@ use ferry_e2e::ferry::Route;
 use ferry_e2e::{wait_until, Endpoint, Ferry, Reply, Seen};
 use redis::aio::MultiplexedConnection;
 
-fn bridge(stream: &str, consumer: &str, endpoint: &Endpoint, extra: &str, concurrency: usize) -> Ferry {
+fn bridge(
+    stream: &str,
+    consumer: &str,
+    endpoint: &Endpoint,
+    extra: &str,
+    concurrency: usize,
+) -> Ferry {
     Ferry::start(&Route {
         source: source(
             "redis://127.0.0.1:6379/",
             stream,
-            &format!("consumer = \"{consumer}\"\nclaim_idle = \"2s\"\ndead_letters = \"drop\"\n{extra}"),
+            &format!(
+                "consumer = \"{consumer}\"\nclaim_idle = \"2s\"\ndead_letters = \"drop\"\n{extra}"
+            ),
         ),
         sink_url: &endpoint.url(),
         sink: "",
-        delivery: &format!("concurrency = {concurrency}\nmax_attempts = 10\nshutdown_grace = \"5s\""),
+        delivery: &format!(
+            "concurrency = {concurrency}\nmax_attempts = 10\nshutdown_grace = \"5s\""
+        ),
     })
 }
 
@@ -61,7 +71,9 @@ async fn a_dead_consumer_s_entries_are_claimed_by_another_and_nothing_is_lost() 
     let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_millis(300))).await;
     let a = bridge(&stream, "a", &endpoint, "", 8);
     a.wait_ready(Duration::from_secs(30)).await;
-    let messages: Vec<Outgoing> = (0..300).map(|i| Outgoing::plain(format!("c-{i}"))).collect();
+    let messages: Vec<Outgoing> = (0..300)
+        .map(|i| Outgoing::plain(format!("c-{i}")))
+        .collect();
     publish(&con, &stream, &messages).await;
     let started = wait_until(Duration::from_secs(30), || endpoint.delivered().len() >= 16).await;
     assert!(started, "a delivered nothing; log:\n{}", a.log());
@@ -82,31 +94,51 @@ async fn a_dead_consumer_s_entries_are_claimed_by_another_and_nothing_is_lost() 
     })
     .await;
     let got = bodies(&endpoint.delivered());
-    let missing: Vec<&String> = expected.iter().filter(|b| !got.contains_key(*b)).take(10).collect();
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|b| !got.contains_key(*b))
+        .take(10)
+        .collect();
     assert!(all, "missing {missing:?}; b's log:\n{}", b.log());
     assert!(
         wait_until_zero(&con, &stream).await,
         "entries still unacknowledged; b's log:\n{}",
         b.log()
     );
-    assert!(pending_of(&con, &stream, "a").await.is_empty(), "a still owns entries");
+    assert!(
+        pending_of(&con, &stream, "a").await.is_empty(),
+        "a still owns entries"
+    );
     // Every body exactly once, except those a had sent the endpoint before it died.
     for (body, attempts) in &got {
         if attempts.len() > 1 {
-            assert!(at_kill.contains(body), "{body} delivered {attempts:?} but was not in flight at the kill");
-            assert!(attempts.iter().filter(|a| **a <= 1).count() <= 1, "{body}: two copies claim attempt 1: {attempts:?}");
+            assert!(
+                at_kill.contains(body),
+                "{body} delivered {attempts:?} but was not in flight at the kill"
+            );
+            assert!(
+                attempts.iter().filter(|a| **a <= 1).count() <= 1,
+                "{body}: two copies claim attempt 1: {attempts:?}"
+            );
         }
     }
     assert_eq!(got.len(), 300);
     // The orphans came from b, as redeliveries.
     let log = b.log();
-    assert!(log.contains("claimed entries idle longer than claim_idle"), "b claimed nothing; log:\n{log}");
+    assert!(
+        log.contains("claimed entries idle longer than claim_idle"),
+        "b claimed nothing; log:\n{log}"
+    );
     let redelivered = endpoint
         .delivered()
         .iter()
         .filter(|s| s.attempt >= 2)
         .count();
-    assert!(redelivered >= orphaned.len(), "{redelivered} deliveries with attempt >= 2 for {} orphans", orphaned.len());
+    assert!(
+        redelivered >= orphaned.len(),
+        "{redelivered} deliveries with attempt >= 2 for {} orphans",
+        orphaned.len()
+    );
 }
 
 async fn wait_until_zero(con: &MultiplexedConnection, stream: &str) -> bool {
@@ -131,8 +163,17 @@ async fn entries_held_longer_than_claim_idle_are_not_claimed_away() {
     let messages: Vec<Outgoing> = (0..48).map(|i| Outgoing::plain(format!("s-{i}"))).collect();
     publish(&con, &stream, &messages).await;
     let all = wait_until(Duration::from_secs(90), || endpoint.delivered().len() >= 48).await;
-    assert!(all, "{} of 48 delivered; x:\n{}\ny:\n{}", endpoint.delivered().len(), x.log(), y.log());
-    assert!(wait_until_zero(&con, &stream).await, "entries still unacknowledged");
+    assert!(
+        all,
+        "{} of 48 delivered; x:\n{}\ny:\n{}",
+        endpoint.delivered().len(),
+        x.log(),
+        y.log()
+    );
+    assert!(
+        wait_until_zero(&con, &stream).await,
+        "entries still unacknowledged"
+    );
     // Give a claim pass the chance to run after the last answer, then count requests.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let seen = bodies(&endpoint.seen());
@@ -141,7 +182,10 @@ async fn entries_held_longer_than_claim_idle_are_not_claimed_away() {
     assert_eq!(seen.len(), 48);
     assert!(seen.values().all(|a| a == &[1]), "attempts: {seen:?}");
     for (name, log) in [("x", x.log()), ("y", y.log())] {
-        assert!(!log.contains("claimed entries"), "{name} claimed entries a live consumer held:\n{log}");
+        assert!(
+            !log.contains("claimed entries"),
+            "{name} claimed entries a live consumer held:\n{log}"
+        );
     }
     let (pending, lag) = group_counts(&con, &stream).await.expect("group");
     assert_eq!((pending, lag), (0, 0));

@@ -51,13 +51,22 @@ async fn a_missing_group_or_stream_without_declare_exits_2() {
     let stream = ferry_e2e::unique("nogroup");
     let (code, lines) = run(&source("redis://127.0.0.1:6379/", &stream, ""));
     let line = one_line(&lines, code, 2);
-    assert!(line.contains("routes.r.source.stream") && line.contains("declare = true"), "{line}");
+    assert!(
+        line.contains("routes.r.source.stream") && line.contains("declare = true"),
+        "{line}"
+    );
 
     // The stream exists, the group does not.
-    let _: String = con.xadd(&stream, "*", &[("body", "x")]).await.expect("XADD");
+    let _: String = con
+        .xadd(&stream, "*", &[("body", "x")])
+        .await
+        .expect("XADD");
     let (code, lines) = run(&source("redis://127.0.0.1:6379/", &stream, ""));
     let line = one_line(&lines, code, 2);
-    assert!(line.contains("routes.r.source.group") && line.contains(GROUP), "{line}");
+    assert!(
+        line.contains("routes.r.source.group") && line.contains(GROUP),
+        "{line}"
+    );
     let _: i64 = con.del(&stream).await.expect("DEL");
 }
 
@@ -69,7 +78,10 @@ async fn a_key_that_is_not_a_stream_exits_2() {
     let _: i64 = con.rpush(&list, "x").await.expect("RPUSH");
     let (code, lines) = run(&source("redis://127.0.0.1:6379/", &list, "declare = true"));
     let line = one_line(&lines, code, 2);
-    assert!(line.contains("routes.r.source.stream") && line.contains("list"), "{line}");
+    assert!(
+        line.contains("routes.r.source.stream") && line.contains("list"),
+        "{line}"
+    );
 
     // The dead-letter key too.
     let stream = ferry_e2e::unique("dlwrong");
@@ -79,6 +91,9 @@ async fn a_key_that_is_not_a_stream_exits_2() {
     );
     let (code, lines) = run(&with_dead);
     let line = one_line(&lines, code, 2);
-    assert!(line.contains("routes.r.source.dead_letter_stream") && line.contains("list"), "{line}");
+    assert!(
+        line.contains("routes.r.source.dead_letter_stream") && line.contains("list"),
+        "{line}"
+    );
     let _: i64 = con.del(&[&list, &stream]).await.expect("DEL");
 }

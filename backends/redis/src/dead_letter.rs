@@ -92,7 +92,10 @@ pub(crate) async fn run(
             .arg(op.held.id.as_ref())
             .arg(&max_len);
         for (name, value) in op.fields.iter() {
-            if !DEAD_LETTER_FIELDS.iter().any(|f| f.as_bytes() == name.as_ref()) {
+            if !DEAD_LETTER_FIELDS
+                .iter()
+                .any(|f| f.as_bytes() == name.as_ref())
+            {
                 call.arg(name.as_ref()).arg(value.as_ref());
             }
         }

@@ -87,7 +87,10 @@ impl Renew<Arc<str>> for Idle {
             let call = set_idle(&self.state, chunk, Duration::ZERO);
             match link.invoke::<Vec<Value>>(&call).await {
                 Ok(mine) => {
-                    for (id, mine) in chunk.iter().zip(mine.iter().chain(std::iter::repeat(&Value::Int(0)))) {
+                    for (id, mine) in chunk
+                        .iter()
+                        .zip(mine.iter().chain(std::iter::repeat(&Value::Int(0))))
+                    {
                         let ok = matches!(mine, Value::Int(1));
                         if !ok {
                             self.state.taken(id);
@@ -96,7 +99,10 @@ impl Renew<Arc<str>> for Idle {
                     }
                 }
                 Err(e) => {
-                    self.ctx.counts.broker_errors.count("renew", chunk.len() as u64);
+                    self.ctx
+                        .counts
+                        .broker_errors
+                        .count("renew", chunk.len() as u64);
                     warn!(route = %self.ctx.route, count = chunk.len(), error = %crate::setup::one_line(&e),
                         "resetting the idle time of held entries failed; trying again");
                     extended.extend(std::iter::repeat_n(false, chunk.len()));

@@ -221,7 +221,12 @@ impl Source for RedisSource {
         let (ops, ops_rx) = mpsc::unbounded_channel();
         let (dead, dead_rx) = mpsc::unbounded_channel();
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(settle::run(link(CALL_TIMEOUT), state.clone(), ops_rx, ctx.clone()));
+        tasks.spawn(settle::run(
+            link(CALL_TIMEOUT),
+            state.clone(),
+            ops_rx,
+            ctx.clone(),
+        ));
         tasks.spawn(dead_letter::run(
             link(CALL_TIMEOUT),
             state.clone(),
@@ -241,9 +246,14 @@ impl Source for RedisSource {
             ops,
             dead: matches!(self.config.dead_letters, DeadLetters::Stream { .. }).then_some(dead),
         });
-        read::Reader::new(link(read::BLOCK + CALL_TIMEOUT), state.clone(), senders, &ctx)
-            .run(&out)
-            .await;
+        read::Reader::new(
+            link(read::BLOCK + CALL_TIMEOUT),
+            state.clone(),
+            senders,
+            &ctx,
+        )
+        .run(&out)
+        .await;
         // Every handle is gone once the engine returns the channel; the settling tasks
         // then flush what is queued and end.
         drop(out);

@@ -67,7 +67,8 @@ impl<'a> Reader<'a> {
     /// How often a claim pass runs: a fraction of `claim_idle`, so an abandoned entry
     /// waits at most about one and a half times `claim_idle`.
     fn claim_every(&self) -> Duration {
-        (self.state.config.claim_idle / 2).clamp(Duration::from_millis(500), Duration::from_secs(60))
+        (self.state.config.claim_idle / 2)
+            .clamp(Duration::from_millis(500), Duration::from_secs(60))
     }
 
     fn next(&mut self) -> Next {
@@ -146,18 +147,8 @@ impl<'a> Reader<'a> {
             self.ctx.set_error(Some(format!("receive: {error}")));
         }
         if e.code() == Some("NOGROUP") && config.declare {
-            let created: redis::RedisResult<()> = self
-                .link
-                .query(
-                    redis::cmd("XGROUP")
-                        .arg("CREATE")
-                        .arg(&config.stream)
-                        .arg(&config.group)
-                        .arg(config.start.id())
-                        .arg("MKSTREAM"),
-                )
-                .await;
-            if created.is_ok() {
+            let create = crate::setup::create_group(config);
+            if self.link.query::<()>(&create).await.is_ok() {
                 warn!(route = %self.ctx.route, stream = %config.stream, group = %config.group,
                     "the consumer group was gone; created it again (declare = true)");
             }
@@ -172,7 +163,10 @@ impl<'a> Reader<'a> {
         let config = self.state.config.clone();
         let entries = match next {
             Next::Own(after) => {
-                let reply: Value = self.link.query(&self.read_group(count, None, after)).await?;
+                let reply: Value = self
+                    .link
+                    .query(&self.read_group(count, None, after))
+                    .await?;
                 let entries = stream_entries(reply);
                 self.own = entries.last().map(|e| e.id.to_string());
                 entries

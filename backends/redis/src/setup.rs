@@ -28,17 +28,7 @@ pub(crate) async fn check(config: &RedisConfig) -> Result<redis::Client, RedisEr
         (other, _) => return Err(wrong_type("stream", &config.stream, other)),
     }
     if config.declare {
-        let created: redis::RedisResult<()> = link
-            .query(
-                redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(&config.stream)
-                    .arg(&config.group)
-                    .arg(config.start.id())
-                    .arg("MKSTREAM"),
-            )
-            .await;
-        match created {
+        match link.query::<()>(&create_group(config)).await {
             Ok(()) => {}
             Err(e) if e.code() == Some("BUSYGROUP") => {}
             Err(e) => return Err(fail(e)),
@@ -61,6 +51,17 @@ pub(crate) async fn check(config: &RedisConfig) -> Result<redis::Client, RedisEr
     Ok(client)
 }
 
+/// `XGROUP CREATE` of the group at `start`, with the stream if it is missing.
+pub(crate) fn create_group(config: &RedisConfig) -> redis::Cmd {
+    let mut cmd = redis::cmd("XGROUP");
+    cmd.arg("CREATE")
+        .arg(&config.stream)
+        .arg(&config.group)
+        .arg(config.start.id())
+        .arg("MKSTREAM");
+    cmd
+}
+
 async fn key_type(link: &mut Link, key: &str) -> redis::RedisResult<String> {
     link.query(redis::cmd("TYPE").arg(key)).await
 }
@@ -69,17 +70,11 @@ async fn has_group(link: &mut Link, config: &RedisConfig) -> redis::RedisResult<
     let groups: Vec<Value> = link
         .query(redis::cmd("XINFO").arg("GROUPS").arg(&config.stream))
         .await?;
-    Ok(groups
-        .iter()
-        .any(|g| crate::backlog::field(g, "name").is_some_and(|n| text(n) == config.group)))
-}
-
-fn text(value: &Value) -> String {
-    match value {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        _ => String::new(),
-    }
+    Ok(groups.iter().any(|g| {
+        crate::backlog::field(g, "name")
+            .and_then(crate::backlog::bytes)
+            .is_some_and(|n| n == config.group.as_bytes())
+    }))
 }
 
 fn wrong_type(key: &'static str, name: &str, kind: &str) -> RedisError {

@@ -111,13 +111,24 @@ impl RedisSourceConfig {
                 push(key, "must not be empty");
             }
         }
-        if self.consumer.as_deref().is_some_and(|c| c.trim().is_empty()) {
-            push("consumer", "must not be empty (leave it out for the host name)");
+        if self
+            .consumer
+            .as_deref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            push(
+                "consumer",
+                "must not be empty (leave it out for the host name)",
+            );
         }
         if self.start.is_some() && !self.declare {
             push("start", "only applies with declare = true");
         }
-        if self.key_field.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        if self
+            .key_field
+            .as_deref()
+            .is_some_and(|k| k.trim().is_empty())
+        {
             push("key_field", "must not be empty");
         }
         if ordering == Some(Ordering::Key) && self.key_field.is_none() {
@@ -221,9 +232,8 @@ mod tests {
 
     #[test]
     fn each_mistake_names_its_key() {
-        let c = parse(
-            "dead_letters = \"drop\"\nclaim_idle = \"100ms\"\nbatch_size = 0\nstart = \"$\"",
-        );
+        let c =
+            parse("dead_letters = \"drop\"\nclaim_idle = \"100ms\"\nbatch_size = 0\nstart = \"$\"");
         let at: Vec<String> = c
             .check(Some(Ordering::Key), "s")
             .into_iter()

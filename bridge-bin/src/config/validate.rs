@@ -475,7 +475,12 @@ fn range<T: PartialOrd + std::fmt::Display>(
 }
 
 #[cfg_attr(
-    all(feature = "sqs", feature = "amqp", feature = "kafka", feature = "redis"),
+    all(
+        feature = "sqs",
+        feature = "amqp",
+        feature = "kafka",
+        feature = "redis"
+    ),
     allow(dead_code)
 )]
 fn missing_feature(at: &str, kind: &str, errors: &mut Errors) -> Option<SourcePlan> {
@@ -591,7 +596,12 @@ fn check_topic_arns(arns: &[String], at: &str, errors: &mut Errors) {
 }
 
 #[cfg_attr(
-    not(all(feature = "sqs", feature = "amqp", feature = "kafka", feature = "redis")),
+    not(all(
+        feature = "sqs",
+        feature = "amqp",
+        feature = "kafka",
+        feature = "redis"
+    )),
     allow(unused_variables)
 )]
 fn source_plan(

@@ -75,7 +75,11 @@ impl RedisStreamSource {
 /// What the engine decided, for the settling task.
 enum Op {
     Ack(String),
-    DeadLetter { id: String, body: Vec<u8>, reason: String },
+    DeadLetter {
+        id: String,
+        body: Vec<u8>,
+        reason: String,
+    },
 }
 
 struct StreamAck {

@@ -1,7 +1,8 @@
-//! Redis Streams in the conformance suite through ferry's own backend (`type = "redis"`),
-//! and what the Redis tests share: the local Redis, a stream's group counts, its dead
-//! letters. The bridge reaches Redis through a [`Proxy`] so that the suite can cut it off
-//! mid-stream.
+//! Redis Streams in the conformance suite, twice: through ferry's own backend
+//! (`type = "redis"`, [`Redis`]) and through the `redis-streams-bridge` example, a backend
+//! written outside ferry on `ferry-core` alone ([`Example`]). Also what the Redis tests
+//! share: the local Redis, a stream's group counts, its dead letters. The bridge reaches
+//! Redis through a [`Proxy`] so that the suite can cut it off mid-stream.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use redis::streams::StreamRangeReply;
 use redis::AsyncCommands;
 
 use super::{Backend, Bridge, DeadLettered, Outgoing, Settings, TestQueue};
+use crate::ferry::workspace_binary;
 use crate::proxy::Proxy;
 
 /// The group every Redis test reads with.
@@ -57,7 +59,9 @@ pub async fn group_counts(con: &MultiplexedConnection, stream: &str) -> Option<(
     };
     groups
         .iter()
-        .find(|g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == GROUP.as_bytes()))
+        .find(
+            |g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == GROUP.as_bytes()),
+        )
         .map(|g| (int(g.get("pending")), int(g.get("lag"))))
 }
 
@@ -135,11 +139,42 @@ pub fn source(url: &str, stream: &str, extra: &str) -> String {
     )
 }
 
-/// A stream with its dead-letter stream, read by ferry's backend.
+/// The local Redis, read by the `redis-streams-bridge` example.
+pub struct Example(pub Redis);
+
+impl Example {
+    /// Connects; panics with a clear message when Redis is not running.
+    pub async fn connect() -> Self {
+        Self(Redis::connect().await)
+    }
+}
+
+/// Which bridge reads a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    /// ferry, `type = "redis"`.
+    Ferry,
+    /// The example.
+    Example,
+}
+
+/// A stream with its dead-letter stream.
 pub struct RedisStream {
     con: MultiplexedConnection,
     stream: String,
     proxy: Proxy,
+    reader: Reader,
+}
+
+impl Redis {
+    async fn stream(&self, reader: Reader) -> RedisStream {
+        RedisStream {
+            con: self.con.clone(),
+            stream: crate::unique("conf"),
+            proxy: Proxy::start("127.0.0.1:6379").await,
+            reader,
+        }
+    }
 }
 
 impl Backend for Redis {
@@ -149,25 +184,49 @@ impl Backend for Redis {
     const KEEPS_REASON: bool = true;
 
     async fn queue(&self, _ordered: bool) -> RedisStream {
-        RedisStream {
-            con: self.con.clone(),
-            stream: crate::unique("conf"),
-            proxy: Proxy::start("127.0.0.1:6379").await,
-        }
+        self.stream(Reader::Ferry).await
+    }
+}
+
+impl Backend for Example {
+    type Queue = RedisStream;
+    /// An entry read again from the pending list is labelled a second delivery at least.
+    const LABELS_REDELIVERIES: bool = true;
+    const KEEPS_REASON: bool = true;
+
+    async fn queue(&self, _ordered: bool) -> RedisStream {
+        self.0.stream(Reader::Example).await
     }
 }
 
 impl TestQueue for RedisStream {
     fn bridge(&self) -> Bridge {
-        Bridge::Ferry {
-            source: source(
-                &format!("redis://{}/", self.proxy.addr()),
-                &self.stream,
-                &format!(
-                    "consumer = \"conformance\"\nclaim_idle = \"{}s\"",
-                    CLAIM_IDLE.as_secs()
+        let url = format!("redis://{}/", self.proxy.addr());
+        match self.reader {
+            Reader::Ferry => Bridge::Ferry {
+                source: source(
+                    &url,
+                    &self.stream,
+                    &format!(
+                        "consumer = \"conformance\"\nclaim_idle = \"{}s\"",
+                        CLAIM_IDLE.as_secs()
+                    ),
                 ),
-            ),
+            },
+            Reader::Example => Bridge::Program {
+                path: workspace_binary("redis-streams-bridge"),
+                args: vec![
+                    "--redis-url".into(),
+                    url,
+                    "--stream".into(),
+                    self.stream.clone(),
+                    "--group".into(),
+                    GROUP.into(),
+                    "--consumer".into(),
+                    "bridge-1".into(),
+                ],
+                ready_marker: "receiving".into(),
+            },
         }
     }
 
@@ -175,9 +234,15 @@ impl TestQueue for RedisStream {
         publish(&self.con, &self.stream, messages).await;
     }
 
-    /// Entries no consumer has read, and pending ones any consumer may take over now: a
-    /// released entry's idle time is set to `claim_idle`, so it counts at once.
+    /// Entries no consumer has read, and pending ones another consumer may take now. ferry
+    /// sets the idle time of an entry it releases to `claim_idle`, so any consumer's
+    /// `XAUTOCLAIM` takes it at once. The example leaves a released entry pending for its
+    /// consumer name, whose next start reads it first: for the bridge that comes back,
+    /// everything unacknowledged is ready at once.
     async fn ready(&self) -> u64 {
+        if self.reader == Reader::Example {
+            return unacked(&self.con, &self.stream).await;
+        }
         let lag = group_counts(&self.con, &self.stream)
             .await
             .map_or(0, |(_, lag)| lag);
@@ -192,13 +257,21 @@ impl TestQueue for RedisStream {
         take_all(&self.con, &format!("{}.dead-letter", self.stream))
             .await
             .into_iter()
-            .map(|f| DeadLettered {
-                body: f.get("body").cloned().unwrap_or_default(),
-                reason: format!(
-                    "status {}: {}",
-                    f.get("ferry_status").cloned().unwrap_or_default(),
-                    f.get("ferry_reason").cloned().unwrap_or_default()
-                ),
+            .map(|f| {
+                let field = |name: &str| f.get(name).cloned().unwrap_or_default();
+                DeadLettered {
+                    body: field("body"),
+                    reason: match self.reader {
+                        Reader::Ferry => {
+                            format!(
+                                "status {}: {}",
+                                field("ferry_status"),
+                                field("ferry_reason")
+                            )
+                        }
+                        Reader::Example => field("reason"),
+                    },
+                }
             })
             .collect()
     }
@@ -208,7 +281,11 @@ impl TestQueue for RedisStream {
     }
 
     fn max_unacked(&self, settings: &Settings) -> usize {
-        // In flight plus two read batches waiting.
-        settings.concurrency + 200
+        // In flight plus what waits: two read batches of 100 (ferry), one of 64 (the example).
+        settings.concurrency
+            + match self.reader {
+                Reader::Ferry => 200,
+                Reader::Example => 64,
+            }
     }
 }
