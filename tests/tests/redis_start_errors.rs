@@ -27,7 +27,7 @@ fn source(url: &str, stream: &str, extra: &str) -> String {
     )
 }
 
-fn one_line<'a>(lines: &'a [String], code: Option<i32>, expected: i32) -> &'a str {
+fn one_line(lines: &[String], code: Option<i32>, expected: i32) -> &str {
     assert_eq!(code, Some(expected), "exit code; stderr lines: {lines:?}");
     assert_eq!(lines.len(), 1, "one line, not {lines:?}");
     &lines[0]
