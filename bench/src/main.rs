@@ -18,6 +18,7 @@ mod delay;
 mod idle;
 mod kafka;
 mod latency;
+mod redis;
 mod sqs;
 mod sweep;
 
@@ -41,6 +42,8 @@ enum Broker {
     Amqp,
     /// librdkafka's mock cluster, in the bench process.
     Kafka,
+    /// The local Redis (Streams).
+    Redis,
 }
 
 #[derive(Parser, Clone)]
@@ -71,6 +74,9 @@ struct Args {
     /// RabbitMQ server.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_uri: String,
+    /// Redis server (`--broker redis`).
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
     /// Unacked deliveries ferry's RabbitMQ consumer may hold.
     #[arg(long, default_value_t = 500)]
     prefetch: u16,
@@ -126,12 +132,12 @@ impl Args {
     fn messages(&self) -> u64 {
         let default = match self.broker {
             Broker::Sqs => 20_000,
-            Broker::Amqp | Broker::Kafka => 200_000,
+            Broker::Amqp | Broker::Kafka | Broker::Redis => 200_000,
         };
         // A quick sweep of two sizes, three settings and two latencies runs twelve rows.
         let quick_divisor = match self.broker {
             Broker::Sqs => 10,
-            Broker::Amqp | Broker::Kafka => 40,
+            Broker::Amqp | Broker::Kafka | Broker::Redis => 40,
         };
         match (self.messages, self.quick) {
             (Some(n), _) => n,
@@ -179,6 +185,7 @@ async fn main() -> Result<()> {
             None => amqp::run(&args).await,
         },
         Broker::Kafka => kafka::run(&args).await,
+        Broker::Redis => redis::run(&args).await,
         Broker::Sqs => sqs::run(&args).await,
     }
 }

@@ -105,6 +105,14 @@ async fn connect(source: SourcePlan) -> Result<String, String> {
                 .map(|_| what)
                 .map_err(|e| e.to_string())
         }
+        #[cfg(feature = "redis")]
+        SourcePlan::Redis(config) => {
+            let what = format!("stream {} and group {} exist", config.stream, config.group);
+            ferry_redis::RedisSource::connect(config)
+                .await
+                .map(|_| what)
+                .map_err(|e| e.to_string())
+        }
     }
 }
 

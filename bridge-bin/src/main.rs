@@ -4,7 +4,12 @@
 // Built without any backend, the wiring has nothing to wire; that build exists only to
 // refuse such routes with a clear error.
 #![cfg_attr(
-    not(any(feature = "sqs", feature = "amqp", feature = "kafka")),
+    not(any(
+        feature = "sqs",
+        feature = "amqp",
+        feature = "kafka",
+        feature = "redis"
+    )),
     allow(unused)
 )]
 
@@ -44,7 +49,7 @@ use crate::config::{ConfigError, LoadOptions, Plan};
 
 /// What `ferry --help` says ferry is.
 const ABOUT: &str =
-    "ferry receives messages from a broker (Amazon SQS, RabbitMQ, Kafka) and POSTs \
+    "ferry receives messages from a broker (Amazon SQS, RabbitMQ, Kafka, Redis Streams) and POSTs \
 each one to your HTTP endpoint, acknowledging it on the broker only after a 2xx answer.";
 
 const AFTER_HELP: &str = "\
@@ -72,6 +77,7 @@ fn long_version() -> &'static str {
         ("sqs", cfg!(feature = "sqs")),
         ("amqp", cfg!(feature = "amqp")),
         ("kafka", cfg!(feature = "kafka")),
+        ("redis", cfg!(feature = "redis")),
         ("otlp", cfg!(feature = "otlp")),
         ("mimalloc", cfg!(feature = "mimalloc")),
     ];

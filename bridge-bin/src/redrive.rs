@@ -115,5 +115,10 @@ pub async fn run(route: RoutePlan, ask: Redrive) -> anyhow::Result<()> {
             "--route {name}: redrive moves SQS and RabbitMQ dead letters; replay a Kafka \
              dead_letter_topic with your Kafka tools"
         ),
+        #[cfg(feature = "redis")]
+        SourcePlan::Redis(_) => bail!(
+            "--route {name}: redrive moves SQS and RabbitMQ dead letters; a Redis \
+             dead_letter_stream keeps the original fields, XADD them back to the stream"
+        ),
     }
 }

@@ -83,6 +83,8 @@ pub async fn build(
         SourcePlan::Kafka(config) => connected!(ferry_kafka::KafkaSource::connect(config)),
         #[cfg(feature = "amqp")]
         SourcePlan::Amqp(config) => connected!(ferry_amqp::AmqpSource::connect(config)),
+        #[cfg(feature = "redis")]
+        SourcePlan::Redis(config) => connected!(ferry_redis::RedisSource::connect(config)),
     }
 }
 

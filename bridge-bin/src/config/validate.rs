@@ -48,6 +48,9 @@ pub enum SourcePlan {
     /// Kafka.
     #[cfg(feature = "kafka")]
     Kafka(ferry_kafka::KafkaConfig),
+    /// Redis Streams.
+    #[cfg(feature = "redis")]
+    Redis(ferry_redis::RedisConfig),
 }
 
 /// Everything `ferry run` needs, validated.
@@ -472,7 +475,12 @@ fn range<T: PartialOrd + std::fmt::Display>(
 }
 
 #[cfg_attr(
-    all(feature = "sqs", feature = "amqp", feature = "kafka"),
+    all(
+        feature = "sqs",
+        feature = "amqp",
+        feature = "kafka",
+        feature = "redis"
+    ),
     allow(dead_code)
 )]
 fn missing_feature(at: &str, kind: &str, errors: &mut Errors) -> Option<SourcePlan> {
@@ -588,7 +596,12 @@ fn check_topic_arns(arns: &[String], at: &str, errors: &mut Errors) {
 }
 
 #[cfg_attr(
-    not(all(feature = "sqs", feature = "amqp", feature = "kafka")),
+    not(all(
+        feature = "sqs",
+        feature = "amqp",
+        feature = "kafka",
+        feature = "redis"
+    )),
     allow(unused_variables)
 )]
 fn source_plan(
@@ -736,6 +749,20 @@ fn source_plan(
             }
             #[cfg(not(feature = "kafka"))]
             missing_feature(at, "kafka", errors)
+        }
+        SourceConfig::Redis(redis) => {
+            let found = redis.check(ordering, at);
+            let ok = found.is_empty();
+            errors.0.extend(found);
+            #[cfg(feature = "redis")]
+            {
+                ok.then(|| SourcePlan::Redis(redis.plan()))
+            }
+            #[cfg(not(feature = "redis"))]
+            {
+                let _ = ok;
+                missing_feature(at, "redis", errors)
+            }
         }
     }
 }
@@ -1232,6 +1259,7 @@ pub fn redacted(config: &Config) -> Config {
             SourceConfig::Sqs(sqs) => SourceConfig::Sqs(sqs.redacted()),
             SourceConfig::Amqp(amqp) => SourceConfig::Amqp(amqp.redacted()),
             SourceConfig::Kafka(kafka) => SourceConfig::Kafka(kafka.redacted()),
+            SourceConfig::Redis(redis) => SourceConfig::Redis(redis.redacted()),
         };
     }
     config
