@@ -4,7 +4,12 @@
 // Built without any backend, the wiring has nothing to wire; that build exists only to
 // refuse such routes with a clear error.
 #![cfg_attr(
-    not(any(feature = "sqs", feature = "amqp", feature = "kafka")),
+    not(any(
+        feature = "sqs",
+        feature = "amqp",
+        feature = "kafka",
+        feature = "postgres"
+    )),
     allow(unused)
 )]
 
@@ -72,6 +77,7 @@ fn long_version() -> &'static str {
         ("sqs", cfg!(feature = "sqs")),
         ("amqp", cfg!(feature = "amqp")),
         ("kafka", cfg!(feature = "kafka")),
+        ("postgres", cfg!(feature = "postgres")),
         ("otlp", cfg!(feature = "otlp")),
         ("mimalloc", cfg!(feature = "mimalloc")),
     ];

@@ -83,6 +83,8 @@ pub async fn build(
         SourcePlan::Kafka(config) => connected!(ferry_kafka::KafkaSource::connect(config)),
         #[cfg(feature = "amqp")]
         SourcePlan::Amqp(config) => connected!(ferry_amqp::AmqpSource::connect(config)),
+        #[cfg(feature = "postgres")]
+        SourcePlan::Postgres(config) => connected!(ferry_postgres::PostgresSource::connect(config)),
     }
 }
 

@@ -105,6 +105,8 @@ debug_redacted!(
     HttpSinkConfig
 );
 
+pub mod postgres;
+
 /// The whole file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -331,6 +333,8 @@ pub enum SourceConfig {
     Amqp(AmqpSourceConfig),
     /// Apache Kafka.
     Kafka(KafkaSourceConfig),
+    /// A PostgreSQL queue table or transactional outbox.
+    Postgres(postgres::PostgresSourceConfig),
 }
 
 /// `type = "kafka"`

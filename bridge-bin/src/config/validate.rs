@@ -48,6 +48,9 @@ pub enum SourcePlan {
     /// Kafka.
     #[cfg(feature = "kafka")]
     Kafka(ferry_kafka::KafkaConfig),
+    /// PostgreSQL.
+    #[cfg(feature = "postgres")]
+    Postgres(ferry_postgres::PostgresConfig),
 }
 
 /// Everything `ferry run` needs, validated.
@@ -472,7 +475,12 @@ fn range<T: PartialOrd + std::fmt::Display>(
 }
 
 #[cfg_attr(
-    all(feature = "sqs", feature = "amqp", feature = "kafka"),
+    all(
+        feature = "sqs",
+        feature = "amqp",
+        feature = "kafka",
+        feature = "postgres"
+    ),
     allow(dead_code)
 )]
 fn missing_feature(at: &str, kind: &str, errors: &mut Errors) -> Option<SourcePlan> {
@@ -588,7 +596,12 @@ fn check_topic_arns(arns: &[String], at: &str, errors: &mut Errors) {
 }
 
 #[cfg_attr(
-    not(all(feature = "sqs", feature = "amqp", feature = "kafka")),
+    not(all(
+        feature = "sqs",
+        feature = "amqp",
+        feature = "kafka",
+        feature = "postgres"
+    )),
     allow(unused_variables)
 )]
 fn source_plan(
@@ -736,6 +749,15 @@ fn source_plan(
             }
             #[cfg(not(feature = "kafka"))]
             missing_feature(at, "kafka", errors)
+        }
+        SourceConfig::Postgres(postgres) => {
+            postgres.check(at, &mut errors.0);
+            #[cfg(feature = "postgres")]
+            {
+                Some(SourcePlan::Postgres(postgres.plan(ordering)))
+            }
+            #[cfg(not(feature = "postgres"))]
+            missing_feature(at, "postgres", errors)
         }
     }
 }
@@ -1232,6 +1254,7 @@ pub fn redacted(config: &Config) -> Config {
             SourceConfig::Sqs(sqs) => SourceConfig::Sqs(sqs.redacted()),
             SourceConfig::Amqp(amqp) => SourceConfig::Amqp(amqp.redacted()),
             SourceConfig::Kafka(kafka) => SourceConfig::Kafka(kafka.redacted()),
+            SourceConfig::Postgres(postgres) => SourceConfig::Postgres(postgres.redacted()),
         };
     }
     config
