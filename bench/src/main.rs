@@ -17,6 +17,7 @@ mod concurrency;
 mod delay;
 mod kafka;
 mod latency;
+mod postgres;
 mod sqs;
 mod sweep;
 
@@ -40,6 +41,8 @@ enum Broker {
     Amqp,
     /// librdkafka's mock cluster, in the bench process.
     Kafka,
+    /// The local PostgreSQL: a table drained by the claim statement.
+    Postgres,
 }
 
 #[derive(Parser, Clone)]
@@ -48,8 +51,8 @@ struct Args {
     /// The broker.
     #[arg(long, value_enum, default_value = "sqs")]
     broker: Broker,
-    /// Messages per phase [default: 20,000 on SQS, 200,000 on RabbitMQ and Kafka; with
-    /// --quick 2,000 and 5,000].
+    /// Messages per phase [default: 20,000 on SQS, 50,000 on PostgreSQL, 200,000 on
+    /// RabbitMQ and Kafka; with --quick a tenth on SQS and PostgreSQL, 5,000 on the others].
     #[arg(long)]
     messages: Option<u64>,
     /// Payload size in bytes (RabbitMQ and Kafka: each of a comma-separated list, SQS the
@@ -70,6 +73,9 @@ struct Args {
     /// RabbitMQ server.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_uri: String,
+    /// PostgreSQL server and database (the bench creates and drops its tables there).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    pg_url: String,
     /// Unacked deliveries the RabbitMQ consumers (native and ferry) may hold.
     #[arg(long, default_value_t = 500)]
     prefetch: u16,
@@ -112,11 +118,12 @@ impl Args {
     fn messages(&self) -> u64 {
         let default = match self.broker {
             Broker::Sqs => 20_000,
+            Broker::Postgres => 50_000,
             Broker::Amqp | Broker::Kafka => 200_000,
         };
         // A quick sweep of two sizes, three settings and two latencies runs twelve rows.
         let quick_divisor = match self.broker {
-            Broker::Sqs => 10,
+            Broker::Sqs | Broker::Postgres => 10,
             Broker::Amqp | Broker::Kafka => 40,
         };
         match (self.messages, self.quick) {
@@ -162,6 +169,7 @@ async fn main() -> Result<()> {
             None => amqp::run(&args).await,
         },
         Broker::Kafka => kafka::run(&args).await,
+        Broker::Postgres => postgres::run(&args).await,
         Broker::Sqs => sqs::run(&args).await,
     }
 }

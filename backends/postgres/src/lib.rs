@@ -19,7 +19,7 @@ mod receive;
 mod schema;
 mod settle;
 
-pub use schema::ddl;
+pub use schema::{ddl, Sql as Statements};
 
 use std::sync::Arc;
 use std::time::Duration;

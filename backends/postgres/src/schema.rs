@@ -203,34 +203,35 @@ $ferry$;
     out
 }
 
-/// The statements the source runs, prepared on each connection.
+/// The statements the source runs, prepared on each connection (public for benchmarks
+/// that drain the table the way the source does).
 #[derive(Debug, Clone)]
-pub(crate) struct Sql {
+pub struct Sql {
     /// `$1` rows at most, leased for `$2` ms to `$3`; returns id, payload (bytes),
     /// headers (text), key, created_at and attempts.
-    pub(crate) claim: String,
+    pub claim: String,
     /// `$1` ids delivered: deleted or marked done.
-    pub(crate) done: String,
+    pub done: String,
     /// `$1` ids, `$2` their claims' attempts, `$3` delays in ms; `$4` the claimer.
-    pub(crate) retry: String,
+    pub retry: String,
     /// `$1` ids, `$2` attempts; `$3` the claimer. Gives the attempt back.
-    pub(crate) release: String,
+    pub release: String,
     /// `$1` ids, `$2` attempts, `$3` attempts made, `$4` reasons, `$5` last statuses;
     /// `$6` the claimer, `$7` the route (only with a dead-letter table). Moves rows to the
     /// dead-letter table, or deletes them when dead letters are dropped; returns the ids.
-    pub(crate) dead_letter: String,
+    pub dead_letter: String,
     /// `$1` ids, `$2` attempts, `$3` the lease in ms, `$4` the claimer; returns the ids
     /// extended.
-    pub(crate) renew: String,
+    pub renew: String,
     /// Rows ready now (the backlog gauge).
-    pub(crate) backlog: String,
+    pub backlog: String,
     /// Seconds until the next row waiting for a retry is due, if any.
-    pub(crate) next_due: String,
+    pub next_due: String,
 }
 
 impl Sql {
     /// The statements for this table, its payload read as `payload`.
-    pub(crate) fn new(config: &PostgresConfig, payload: PayloadType) -> Self {
+    pub fn new(config: &PostgresConfig, payload: PayloadType) -> Self {
         let t = Name::parse(&config.table).sql();
         let (pending, pending_p) = match config.on_success {
             OnSuccess::Delete => ("", ""),
