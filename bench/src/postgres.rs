@@ -71,10 +71,7 @@ impl Phases for Postgres {
         let mut started = None;
         let mut drained = 0u64;
         while drained < args.messages() {
-            let rows = self
-                .client
-                .query(&claim, &[&limit, &lease_ms, &me])
-                .await?;
+            let rows = self.client.query(&claim, &[&limit, &lease_ms, &me]).await?;
             started.get_or_insert_with(Instant::now);
             if rows.is_empty() {
                 bail!("the table ran dry after {drained} rows");

@@ -73,7 +73,10 @@ async fn marked_rows_stay_done_across_a_restart_of_a_declared_table() {
     for seen in endpoint.delivered() {
         let body: serde_json::Value = serde_json::from_slice(&seen.body).expect("JSON");
         let n = body["n"].as_i64().expect("n");
-        let tenant = seen.headers.get("x-ferry-attr-tenant").and_then(|v| v.to_str().ok());
+        let tenant = seen
+            .headers
+            .get("x-ferry-attr-tenant")
+            .and_then(|v| v.to_str().ok());
         assert_eq!(tenant, Some(format!("t{n}").as_str()), "{seen:?}");
         assert!(seen.id.starts_with(&format!("{table}-")), "{}", seen.id);
     }

@@ -65,7 +65,10 @@ async fn a_rolled_back_row_is_never_delivered_and_a_new_row_wakes_an_idle_bridge
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let delivered = endpoint.delivered_msgs();
-    assert!(!delivered.iter().any(|m| m == "rolled-back"), "{delivered:?}");
+    assert!(
+        !delivered.iter().any(|m| m == "rolled-back"),
+        "{delivered:?}"
+    );
     assert_eq!(delivered.len(), 5, "{delivered:?}");
     assert_eq!(table.count("SELECT count(*) FROM {t}").await, 0);
 }

@@ -50,7 +50,9 @@ async fn two_replicas_deliver_every_id_exactly_once() {
     let a = replica(&table, &endpoint, delivery).await;
     let b = replica(&table, &endpoint, delivery).await;
     let total = 4000;
-    let messages: Vec<Outgoing> = (0..total).map(|i| Outgoing::plain(format!("m-{i}"))).collect();
+    let messages: Vec<Outgoing> = (0..total)
+        .map(|i| Outgoing::plain(format!("m-{i}")))
+        .collect();
     for chunk in messages.chunks(200) {
         table.insert(chunk).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -67,7 +69,9 @@ async fn two_replicas_deliver_every_id_exactly_once() {
         b.log()
     );
     assert_eq!(
-        until_zero(Duration::from_secs(30), || table.count("SELECT count(*) FROM {t}")).await,
+        until_zero(Duration::from_secs(30), || table
+            .count("SELECT count(*) FROM {t}"))
+        .await,
         Ok(()),
         "rows left in the table"
     );

@@ -76,7 +76,9 @@ async fn a_long_retry_survives_kill_9_and_a_restart() {
     let all = wait_until(Duration::from_secs(30), || endpoint.delivered().len() >= 20).await;
     assert!(all, "retries not delivered; log:\n{}", ferry.log());
     assert_eq!(
-        until_zero(Duration::from_secs(20), || table.count("SELECT count(*) FROM {t}")).await,
+        until_zero(Duration::from_secs(20), || table
+            .count("SELECT count(*) FROM {t}"))
+        .await,
         Ok(())
     );
     let delivered = endpoint.delivered();

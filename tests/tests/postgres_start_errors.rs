@@ -70,7 +70,10 @@ async fn a_missing_table_column_grant_or_dead_letter_table_is_a_configuration_er
     assert_line(
         &start(&source(&url(ADDR), &table.name, &table.dead)),
         2,
-        &["routes.r.source.table:", "has no column attempts, locked_by"],
+        &[
+            "routes.r.source.table:",
+            "has no column attempts, locked_by",
+        ],
     );
 
     let granted = PgTable::create("nogrant", false).await;

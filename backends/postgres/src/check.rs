@@ -21,7 +21,10 @@ struct Found {
 }
 
 /// Runs the checks; returns the payload column's type.
-pub(crate) async fn run(client: &Client, config: &PostgresConfig) -> Result<PayloadType, PostgresError> {
+pub(crate) async fn run(
+    client: &Client,
+    config: &PostgresConfig,
+) -> Result<PayloadType, PostgresError> {
     let table_error = |detail: String| PostgresError::Table {
         table: config.table.clone(),
         detail,
@@ -96,7 +99,11 @@ pub(crate) async fn run(client: &Client, config: &PostgresConfig) -> Result<Payl
 
 /// Creates the tables, indexes and trigger in one transaction, under an advisory lock so
 /// that replicas starting together do not race each other's `CREATE`s.
-async fn declare(client: &Client, config: &PostgresConfig, table: &str) -> Result<(), PostgresError> {
+async fn declare(
+    client: &Client,
+    config: &PostgresConfig,
+    table: &str,
+) -> Result<(), PostgresError> {
     let failed = |e: tokio_postgres::Error| PostgresError::Declare {
         table: config.table.clone(),
         detail: describe(&e),

@@ -143,7 +143,9 @@ impl Batch {
 }
 
 fn claims(ops: &[Op]) -> (Vec<i64>, Vec<i32>) {
-    ops.iter().map(|op| (op.claim.id, op.claim.attempts)).unzip()
+    ops.iter()
+        .map(|op| (op.claim.id, op.claim.attempts))
+        .unzip()
 }
 
 impl Settler {

@@ -113,7 +113,10 @@ impl PostgresSourceConfig {
         };
         match url::Url::parse(&self.url) {
             Ok(url) if matches!(url.scheme(), "postgres" | "postgresql") => {
-                let tls = url.query_pairs().find(|(k, _)| k == "sslmode").map(|(_, v)| v);
+                let tls = url
+                    .query_pairs()
+                    .find(|(k, _)| k == "sslmode")
+                    .map(|(_, v)| v);
                 if let Some(mode @ ("require" | "verify-ca" | "verify-full")) = tls.as_deref() {
                     push(
                         "url",
@@ -230,7 +233,9 @@ impl PostgresSourceConfig {
 fn table_name_problem(name: &str, suffix: usize) -> Option<String> {
     let parts: Vec<&str> = name.split('.').collect();
     if parts.len() > 2 || parts.iter().any(|p| p.is_empty()) {
-        return Some(format!("{name:?} is not a table name (`name` or `schema.name`)"));
+        return Some(format!(
+            "{name:?} is not a table name (`name` or `schema.name`)"
+        ));
     }
     if name.contains('\0') {
         return Some("holds a NUL character".to_owned());
@@ -291,11 +296,16 @@ mod tests {
             "routes.r.source.batch_size: 0 is out of range",
             "routes.r.source.lease: must be between",
         ] {
-            assert!(got.iter().any(|e| e.starts_with(want)), "{want} not in {got:?}");
+            assert!(
+                got.iter().any(|e| e.starts_with(want)),
+                "{want} not in {got:?}"
+            );
         }
         let tls = errors("url = \"postgres://db/app?sslmode=verify-full\"\ntable = \"t\"\ndead_letters = \"drop\"\n");
         assert!(tls[0].contains("does not speak TLS"), "{tls:?}");
-        let same = errors("url = \"postgres://db/app\"\ntable = \"t\"\ndead_letter_table = \"public.t\"\n");
+        let same = errors(
+            "url = \"postgres://db/app\"\ntable = \"t\"\ndead_letter_table = \"public.t\"\n",
+        );
         assert!(same[0].contains("is the source table"), "{same:?}");
     }
 }

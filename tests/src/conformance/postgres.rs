@@ -103,7 +103,10 @@ impl PgTable {
 
     /// Inserts the messages, in order, in one statement (one transaction).
     pub async fn insert(&self, messages: &[Outgoing]) {
-        let bodies: Vec<Vec<u8>> = messages.iter().map(|m| m.body.clone().into_bytes()).collect();
+        let bodies: Vec<Vec<u8>> = messages
+            .iter()
+            .map(|m| m.body.clone().into_bytes())
+            .collect();
         let keys: Vec<Option<String>> = messages.iter().map(|m| m.key.clone()).collect();
         self.client
             .execute(
