@@ -7,7 +7,7 @@ use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use ferry_e2e::conformance::postgres::PgTable;
-use ferry_e2e::conformance::{assert_key_order, Outgoing};
+use ferry_e2e::conformance::{assert_key_order, keyed, random_latency_endpoint, Outgoing};
 use ferry_e2e::ferry::Route;
 use ferry_e2e::{until_zero, wait_until, Endpoint, Ferry, Reply};
 
@@ -38,6 +38,21 @@ async fn stop(mut ferry: Ferry) {
     );
 }
 
+/// Waits until every one of `total` bodies was accepted, or fails with both logs.
+async fn wait_all(endpoint: &Endpoint, total: usize, a: &Ferry, b: &Ferry) {
+    let all = wait_until(Duration::from_secs(120), || {
+        endpoint.delivered_set().len() == total
+    })
+    .await;
+    assert!(
+        all,
+        "{} of {total} delivered; logs:\n{}\n---\n{}",
+        endpoint.delivered_set().len(),
+        a.log(),
+        b.log()
+    );
+}
+
 const DELIVERED: &str =
     r#"ferry_deliveries_total{route="r",source="postgres",sink="http",outcome="delivered"}"#;
 
@@ -57,17 +72,7 @@ async fn two_replicas_deliver_every_id_exactly_once() {
         table.insert(chunk).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let all = wait_until(Duration::from_secs(120), || {
-        endpoint.delivered_set().len() == total
-    })
-    .await;
-    assert!(
-        all,
-        "{} of {total} delivered; logs:\n{}\n---\n{}",
-        endpoint.delivered_set().len(),
-        a.log(),
-        b.log()
-    );
+    wait_all(&endpoint, total, &a, &b).await;
     assert_eq!(
         until_zero(Duration::from_secs(30), || table
             .count("SELECT count(*) FROM {t}"))
@@ -98,44 +103,16 @@ async fn two_replicas_deliver_every_id_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_keep_key_order() {
     let table = PgTable::create("replicas_keyed", true).await;
-    let endpoint = Endpoint::start(|seen| {
-        let roll = roll(seen);
-        let reply = if roll % 10 == 0 {
-            Reply::status(500)
-        } else {
-            Reply::ok()
-        };
-        reply.after(Duration::from_millis((roll >> 8) % 21))
-    })
-    .await;
+    let endpoint = random_latency_endpoint().await;
     let delivery = "concurrency = 16\nordering = \"key\"\nmax_attempts = 20\nmin_backoff = \"50ms\"\nmax_backoff = \"500ms\"";
     let a = replica(&table, &endpoint, delivery).await;
     let b = replica(&table, &endpoint, delivery).await;
-    let (keys, per_key) = (8, 30);
-    let mut messages = Vec::new();
-    for i in 0..per_key {
-        for k in 0..keys {
-            messages.push(Outgoing {
-                body: format!("k{k}-{i}"),
-                key: Some(format!("key-{k}")),
-            });
-        }
-    }
+    let messages = keyed(8, 30);
     for chunk in messages.chunks(40) {
         table.insert(chunk).await;
     }
-    let total = keys * per_key;
-    let all = wait_until(Duration::from_secs(120), || {
-        endpoint.delivered_set().len() == total
-    })
-    .await;
-    assert!(
-        all,
-        "{} of {total} delivered; logs:\n{}\n---\n{}",
-        endpoint.delivered_set().len(),
-        a.log(),
-        b.log()
-    );
+    let total = messages.len();
+    wait_all(&endpoint, total, &a, &b).await;
     let (by_a, by_b) = (
         a.metric(DELIVERED).await.unwrap_or(0.0),
         b.metric(DELIVERED).await.unwrap_or(0.0),

@@ -10,6 +10,10 @@ use crate::conn::describe;
 use crate::schema::{literal, Name, Sql, COLUMNS, DEAD_LETTER_COLUMNS, DONE_AT};
 use crate::{DeadLetters, OnSuccess, PayloadType, PostgresConfig, PostgresError};
 
+/// What a table that is not there is told.
+const NOT_THERE: &str =
+    "does not exist: create it with the DDL in the README, or set declare = true";
+
 /// What one table is, as far as the checks need.
 struct Found {
     /// Column names and their types (`format_type`).
@@ -36,12 +40,7 @@ pub(crate) async fn run(
     let found = find(client, &table, &["SELECT", "UPDATE", "DELETE"])
         .await
         .map_err(|e| table_error(describe(&e)))?
-        .ok_or_else(|| {
-            table_error(
-                "does not exist: create it with the DDL in the README, or set declare = true"
-                    .to_owned(),
-            )
-        })?;
+        .ok_or_else(|| table_error(NOT_THERE.to_owned()))?;
     let mut needed: Vec<&str> = COLUMNS.to_vec();
     if config.on_success == OnSuccess::Mark {
         needed.push(DONE_AT);
@@ -71,12 +70,7 @@ pub(crate) async fn run(
         let found = find(client, &Name::parse(dead).sql(), &["INSERT"])
             .await
             .map_err(|e| dead_error(describe(&e)))?
-            .ok_or_else(|| {
-                dead_error(
-                    "does not exist: create it with the DDL in the README, or set declare = true"
-                        .to_owned(),
-                )
-            })?;
+            .ok_or_else(|| dead_error(NOT_THERE.to_owned()))?;
         missing_columns(&found, &DEAD_LETTER_COLUMNS).map_err(dead_error)?;
         privileges(client, &found).await.map_err(dead_error)?;
     }

@@ -100,16 +100,14 @@ impl Conn {
 }
 
 async fn prepare(client: Client, sql: &Sql) -> Result<Session, tokio_postgres::Error> {
-    let (claim, done, retry, release, dead_letter, renew, backlog, next_due) = futures::try_join!(
-        client.prepare(&sql.claim),
-        client.prepare(&sql.done),
-        client.prepare(&sql.retry),
-        client.prepare(&sql.release),
-        client.prepare(&sql.dead_letter),
-        client.prepare(&sql.renew),
-        client.prepare(&sql.backlog),
-        client.prepare(&sql.next_due),
-    )?;
+    let prepared =
+        futures::future::try_join_all(sql.all().map(|(_, text)| client.prepare(text))).await?;
+    // `Sql::all` lists the statements in this order.
+    let Ok([claim, done, retry, release, dead_letter, renew, backlog, next_due]) =
+        <[Statement; 8]>::try_from(prepared)
+    else {
+        unreachable!("one prepared statement for each of Sql::all");
+    };
     Ok(Session {
         client,
         claim,

@@ -21,8 +21,8 @@ pub(crate) struct Renewal {
 
 impl Renew<Claim> for Renewal {
     /// A row the statement did not extend is one claimed again since (its lease had
-    /// lapsed in the database): it is not renewed again. A failed statement is counted
-    /// (`renew`) and tried again at the next check.
+    /// lapsed in the database): it stays unrenewed, so its lease lapses here too. A
+    /// failed statement is counted (`renew`) and tried again at the next check.
     async fn renew(&self, due: Vec<Claim>, length: Duration) -> Vec<bool> {
         let ids: Vec<i64> = due.iter().map(|c| c.id).collect();
         let attempts: Vec<i32> = due.iter().map(|c| c.attempts).collect();

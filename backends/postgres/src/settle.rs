@@ -227,19 +227,13 @@ impl Settler {
             dead,
         } = batch;
         let client = &session.client;
+        let me: &str = &self.me;
         let mut wake = false;
         if !done.is_empty() {
             let (ids, _) = claims(&done);
-            match client.execute(&session.done, &[&ids]).await {
-                Ok(_) => {
-                    self.finish(&done);
-                    wake |= self.ordered;
-                }
-                Err(e) => {
-                    self.failed("settle", done.len(), &describe(&e), false);
-                    done.into_iter().for_each(|op| failed.push(op));
-                }
-            }
+            let result = client.execute(&session.done, &[&ids]).await;
+            // Fewer rows than ids: a duplicate delivered elsewhere was settled first.
+            wake |= self.settled("settle", done, result.map(|_| None), &mut failed) && self.ordered;
         }
         if !retry.is_empty() {
             let (ids, attempts) = claims(&retry);
@@ -250,52 +244,25 @@ impl Settler {
                     _ => 0.0,
                 })
                 .collect();
-            let me: &str = &self.me;
-            match client
+            let result = client
                 .execute(&session.retry, &[&ids, &attempts, &delays, &me])
-                .await
-            {
-                Ok(n) => {
-                    self.moot("retry", retry.len(), n);
-                    self.finish(&retry);
-                    wake = true;
-                }
-                Err(e) => {
-                    self.failed("retry", retry.len(), &describe(&e), false);
-                    retry.into_iter().for_each(|op| failed.push(op));
-                }
-            }
+                .await;
+            wake |= self.settled("retry", retry, result.map(Some), &mut failed);
         }
         if !release.is_empty() {
             let (ids, attempts) = claims(&release);
-            let me: &str = &self.me;
-            match client
+            let result = client
                 .execute(&session.release, &[&ids, &attempts, &me])
-                .await
-            {
-                Ok(n) => {
-                    self.moot("release", release.len(), n);
-                    self.finish(&release);
-                    wake = true;
-                }
-                Err(e) => {
-                    self.failed("release", release.len(), &describe(&e), false);
-                    release.into_iter().for_each(|op| failed.push(op));
-                }
-            }
+                .await;
+            wake |= self.settled("release", release, result.map(Some), &mut failed);
         }
         if !dead.is_empty() {
-            match self.dead_letter(&session, &dead).await {
-                Ok(()) => {
-                    self.ctx.set_error(None);
-                    self.finish(&dead);
-                    wake |= self.ordered;
-                }
-                Err(detail) => {
-                    self.failed("dead_letter", dead.len(), &detail, true);
-                    dead.into_iter().for_each(|op| failed.push(op));
-                }
+            let result = self.dead_letter(&session, &dead).await;
+            let moved = self.settled("dead_letter", dead, result.map(|_| None), &mut failed);
+            if moved {
+                self.ctx.set_error(None);
             }
+            wake |= moved && self.ordered;
         }
         if failed.len() > 0 {
             // A statement that failed for another reason than a lost connection (a
@@ -310,7 +277,11 @@ impl Settler {
 
     /// Moves dead letters to the dead-letter table (or deletes them when dropped), in
     /// one statement, and counts those that landed.
-    async fn dead_letter(&self, session: &crate::conn::Session, ops: &[Op]) -> Result<(), String> {
+    async fn dead_letter(
+        &self,
+        session: &crate::conn::Session,
+        ops: &[Op],
+    ) -> Result<u64, tokio_postgres::Error> {
         let (ids, attempts) = claims(ops);
         let (made, (reasons, statuses)): (Vec<i32>, (Vec<String>, Vec<String>)) = ops
             .iter()
@@ -343,8 +314,7 @@ impl Settler {
                     )
                     .await
             }
-        }
-        .map_err(|e| describe(&e))?;
+        }?;
         let landed: HashSet<i64> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
         for op in ops {
             let What::DeadLetter(why) = &op.what else {
@@ -363,22 +333,43 @@ impl Settler {
             Some(_) => self.ctx.counts.dead_lettered.inc_by(n),
             None => self.ctx.counts.dropped.inc_by(n),
         };
-        Ok(())
+        Ok(n)
     }
 
-    /// The rows are settled: they are no longer held.
-    fn finish(&self, ops: &[Op]) {
-        for op in ops {
-            self.leases.release(op.key);
-        }
-    }
-
-    /// Says when a statement settled fewer rows than it carried: the others were
-    /// claimed again after their lease lapsed, and are another claim's now.
-    fn moot(&self, what: &str, carried: usize, applied: u64) {
-        if applied < carried as u64 {
-            debug!(route = %self.ctx.route, what, rows = carried as u64 - applied,
-                "rows claimed again since (their lease lapsed); left to that claim");
+    /// Ends what a statement settled, or keeps it for the next try when it failed;
+    /// `applied` (rows the statement matched) fewer than it carried means the others
+    /// were claimed again after their lease lapsed, and are another claim's now.
+    /// Returns whether it went through.
+    fn settled(
+        &self,
+        operation: &'static str,
+        ops: Vec<Op>,
+        result: Result<Option<u64>, tokio_postgres::Error>,
+        failed: &mut Batch,
+    ) -> bool {
+        match result {
+            Ok(applied) => {
+                if let Some(stale) = applied.and_then(|n| (ops.len() as u64).checked_sub(n)) {
+                    if stale > 0 {
+                        debug!(route = %self.ctx.route, operation, rows = stale,
+                            "rows claimed again since (their lease lapsed); left to that claim");
+                    }
+                }
+                for op in &ops {
+                    self.leases.release(op.key);
+                }
+                true
+            }
+            Err(e) => {
+                self.failed(
+                    operation,
+                    ops.len(),
+                    &describe(&e),
+                    operation == "dead_letter",
+                );
+                ops.into_iter().for_each(|op| failed.push(op));
+                false
+            }
         }
     }
 
