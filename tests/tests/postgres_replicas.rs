@@ -102,12 +102,15 @@ async fn two_replicas_deliver_every_id_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_keep_key_order() {
-    let table = PgTable::create("replicas_keyed", true).await;
+    let mut table = PgTable::create("replicas_keyed", true).await;
+    // One claim takes the first row of 8 keys at most, so neither replica can hold every
+    // key's head: both claim, and a key's rows pass from one replica to the other.
+    table.batch_size = 8;
     let endpoint = random_latency_endpoint().await;
-    let delivery = "concurrency = 16\nordering = \"key\"\nmax_attempts = 20\nmin_backoff = \"50ms\"\nmax_backoff = \"500ms\"";
+    let delivery = "concurrency = 8\nordering = \"key\"\nmax_attempts = 20\nmin_backoff = \"50ms\"\nmax_backoff = \"500ms\"";
     let a = replica(&table, &endpoint, delivery).await;
     let b = replica(&table, &endpoint, delivery).await;
-    let messages = keyed(8, 30);
+    let messages = keyed(64, 5);
     for chunk in messages.chunks(40) {
         table.insert(chunk).await;
     }

@@ -52,6 +52,8 @@ pub struct PgTable {
     pub proxy: Proxy,
     /// More `[routes.r.source]` lines.
     pub extra: String,
+    /// `batch_size` of the bridge ([`BATCH`] unless a test sets it).
+    pub batch_size: usize,
 }
 
 /// A table name no other test uses (a valid identifier: `unique` with `_` for `-`).
@@ -86,6 +88,7 @@ impl PgTable {
             dead,
             proxy: Proxy::start(ADDR).await,
             extra: String::new(),
+            batch_size: BATCH,
         }
     }
 
@@ -93,10 +96,11 @@ impl PgTable {
     pub fn source(&self) -> String {
         format!(
             "type = \"postgres\"\nurl = \"{}\"\ntable = \"{}\"\ndead_letter_table = \"{}\"\n\
-             batch_size = {BATCH}\nlease = \"10s\"\n{}\n",
+             batch_size = {}\nlease = \"10s\"\n{}\n",
             url(&self.proxy.addr().to_string()),
             self.name,
             self.dead,
+            self.batch_size,
             self.extra
         )
     }
