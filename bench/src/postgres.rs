@@ -130,7 +130,7 @@ impl Postgres {
             .execute(
                 &format!(
                     "INSERT INTO \"{table}\" (payload) \
-                     SELECT convert_to(repeat('x', $2), 'UTF8') FROM generate_series(1, $1)"
+                     SELECT convert_to(repeat('x', $2::int4), 'UTF8') FROM generate_series(1, $1::int8)"
                 ),
                 &[&rows, &size],
             )
