@@ -46,3 +46,4 @@ ensure() {
 
 ensure RabbitMQ 5672 rabbitmq-server rabbitmq-server -detached
 ensure Redis 6379 redis-server redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save ""
+ensure PostgreSQL 5432 postgresql pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1 | grep . || echo 15)" main start

@@ -98,7 +98,9 @@ async fn sources(
 ) -> Result<Vec<String>> {
     let mut out = Vec::with_capacity(routes);
     match args.broker {
-        Broker::Redis => anyhow::bail!("--idle-routes measures SQS, RabbitMQ and Kafka"),
+        Broker::Redis | Broker::Postgres => {
+            anyhow::bail!("--idle-routes measures SQS, RabbitMQ and Kafka")
+        }
         Broker::Sqs => {
             let client = crate::sqs::client(&args.endpoint).await?;
             for i in 0..routes {

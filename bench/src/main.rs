@@ -18,6 +18,7 @@ mod delay;
 mod idle;
 mod kafka;
 mod latency;
+mod postgres;
 mod redis;
 mod sqs;
 mod sweep;
@@ -44,6 +45,8 @@ enum Broker {
     Kafka,
     /// The local Redis (Streams).
     Redis,
+    /// The local PostgreSQL: a table drained by the claim statement.
+    Postgres,
 }
 
 #[derive(Parser, Clone)]
@@ -52,8 +55,8 @@ struct Args {
     /// The broker.
     #[arg(long, value_enum, default_value = "sqs")]
     broker: Broker,
-    /// Messages per phase [default: 20,000 on SQS, 200,000 on RabbitMQ and Kafka; with
-    /// --quick 2,000 and 5,000].
+    /// Messages per phase [default: 20,000 on SQS, 50,000 on PostgreSQL, 200,000 on
+    /// RabbitMQ and Kafka; with --quick a tenth on SQS and PostgreSQL, 5,000 on the others].
     #[arg(long)]
     messages: Option<u64>,
     /// Payload size in bytes (RabbitMQ and Kafka: each of a comma-separated list, SQS the
@@ -77,6 +80,9 @@ struct Args {
     /// Redis server (`--broker redis`).
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
+    /// PostgreSQL server and database (the bench creates and drops its tables there).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    pg_url: String,
     /// Unacked deliveries ferry's RabbitMQ consumer may hold.
     #[arg(long, default_value_t = 500)]
     prefetch: u16,
@@ -132,11 +138,12 @@ impl Args {
     fn messages(&self) -> u64 {
         let default = match self.broker {
             Broker::Sqs => 20_000,
+            Broker::Postgres => 50_000,
             Broker::Amqp | Broker::Kafka | Broker::Redis => 200_000,
         };
         // A quick sweep of two sizes, three settings and two latencies runs twelve rows.
         let quick_divisor = match self.broker {
-            Broker::Sqs => 10,
+            Broker::Sqs | Broker::Postgres => 10,
             Broker::Amqp | Broker::Kafka | Broker::Redis => 40,
         };
         match (self.messages, self.quick) {
@@ -186,6 +193,7 @@ async fn main() -> Result<()> {
         },
         Broker::Kafka => kafka::run(&args).await,
         Broker::Redis => redis::run(&args).await,
+        Broker::Postgres => postgres::run(&args).await,
         Broker::Sqs => sqs::run(&args).await,
     }
 }

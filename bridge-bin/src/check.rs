@@ -113,6 +113,22 @@ async fn connect(source: SourcePlan) -> Result<String, String> {
                 .map(|_| what)
                 .map_err(|e| e.to_string())
         }
+        #[cfg(feature = "postgres")]
+        SourcePlan::Postgres(config) => {
+            let what = match &config.dead_letters {
+                ferry_postgres::DeadLetters::Table(dead) => format!(
+                    "connected; table {} and dead-letter table {dead} have their columns and grants",
+                    config.table
+                ),
+                ferry_postgres::DeadLetters::Drop => {
+                    format!("connected; table {} has its columns and grants", config.table)
+                }
+            };
+            ferry_postgres::PostgresSource::connect(config)
+                .await
+                .map(|_| what)
+                .map_err(|e| e.to_string())
+        }
     }
 }
 

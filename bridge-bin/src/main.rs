@@ -8,7 +8,8 @@
         feature = "sqs",
         feature = "amqp",
         feature = "kafka",
-        feature = "redis"
+        feature = "redis",
+        feature = "postgres"
     )),
     allow(unused)
 )]
@@ -78,6 +79,7 @@ fn long_version() -> &'static str {
         ("amqp", cfg!(feature = "amqp")),
         ("kafka", cfg!(feature = "kafka")),
         ("redis", cfg!(feature = "redis")),
+        ("postgres", cfg!(feature = "postgres")),
         ("otlp", cfg!(feature = "otlp")),
         ("mimalloc", cfg!(feature = "mimalloc")),
     ];

@@ -120,5 +120,16 @@ pub async fn run(route: RoutePlan, ask: Redrive) -> anyhow::Result<()> {
             "--route {name}: redrive moves SQS and RabbitMQ dead letters; a Redis \
              dead_letter_stream keeps the original fields, XADD them back to the stream"
         ),
+        #[cfg(feature = "postgres")]
+        SourcePlan::Postgres(config) => bail!(
+            "--route {name}: redrive moves SQS and RabbitMQ dead letters; move PostgreSQL dead \
+             letters back with one statement: WITH moved AS (DELETE FROM {} RETURNING payload, \
+             headers, key) INSERT INTO {} (payload, headers, key) SELECT * FROM moved",
+            match &config.dead_letters {
+                ferry_postgres::DeadLetters::Table(dead) => dead.as_str(),
+                ferry_postgres::DeadLetters::Drop => "<dead_letter_table>",
+            },
+            config.table
+        ),
     }
 }

@@ -85,6 +85,8 @@ pub async fn build(
         SourcePlan::Amqp(config) => connected!(ferry_amqp::AmqpSource::connect(config)),
         #[cfg(feature = "redis")]
         SourcePlan::Redis(config) => connected!(ferry_redis::RedisSource::connect(config)),
+        #[cfg(feature = "postgres")]
+        SourcePlan::Postgres(config) => connected!(ferry_postgres::PostgresSource::connect(config)),
     }
 }
 

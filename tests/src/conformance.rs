@@ -11,6 +11,7 @@
 
 pub mod amqp;
 pub mod kafka;
+pub mod postgres;
 pub mod redis;
 pub mod sqs;
 
@@ -495,11 +496,10 @@ pub async fn shutdown_releases_unstarted<B: Backend>(backend: &B) {
     assert_drained(&queue).await;
 }
 
-/// Messages that share a key arrive in order even with random latency and failures;
-/// different keys proceed in parallel.
-pub async fn key_order_under_random_latency<B: Backend>(backend: &B) {
-    let queue = backend.queue(true).await;
-    let endpoint = Endpoint::start(|seen| {
+/// An endpoint that answers each attempt after 0 to 20 ms, one in ten with a 500, as
+/// the hash of its body and attempt decides (the same every run).
+pub async fn random_latency_endpoint() -> Endpoint {
+    Endpoint::start(|seen| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (seen.msg(), seen.attempt).hash(&mut h);
         let roll = h.finish();
@@ -510,24 +510,33 @@ pub async fn key_order_under_random_latency<B: Backend>(backend: &B) {
         };
         reply.after(Duration::from_millis((roll >> 8) % 21))
     })
-    .await;
+    .await
+}
+
+/// `per_key` messages `k<K>-<N>` for each of `keys` keys `key-<K>`, the keys interleaved.
+pub fn keyed(keys: usize, per_key: usize) -> Vec<Outgoing> {
+    (0..per_key)
+        .flat_map(|i| {
+            (0..keys).map(move |k| Outgoing {
+                body: format!("k{k}-{i}"),
+                key: Some(format!("key-{k}")),
+            })
+        })
+        .collect()
+}
+
+/// Messages that share a key arrive in order even with random latency and failures;
+/// different keys proceed in parallel.
+pub async fn key_order_under_random_latency<B: Backend>(backend: &B) {
+    let queue = backend.queue(true).await;
+    let endpoint = random_latency_endpoint().await;
     let settings = Settings {
         ordered: true,
         max_attempts: 10,
         ..Settings::default()
     };
     let bridge = start_bridge(&queue, &endpoint, settings).await;
-    let keys = 8;
-    let per_key = 25;
-    let mut messages = Vec::new();
-    for i in 0..per_key {
-        for k in 0..keys {
-            messages.push(Outgoing {
-                body: format!("k{k}-{i}"),
-                key: Some(format!("key-{k}")),
-            });
-        }
-    }
+    let messages = keyed(8, 25);
     queue.publish(&messages).await;
     let expected = messages.iter().map(|m| m.body.clone()).collect();
     wait_delivered(&endpoint, &expected, Duration::from_secs(90), &bridge).await;

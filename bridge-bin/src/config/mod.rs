@@ -105,6 +105,7 @@ debug_redacted!(
     HttpSinkConfig
 );
 
+pub mod postgres;
 pub mod redis;
 
 /// The whole file.
@@ -335,6 +336,8 @@ pub enum SourceConfig {
     Kafka(KafkaSourceConfig),
     /// Redis Streams.
     Redis(redis::RedisSourceConfig),
+    /// A PostgreSQL queue table or transactional outbox.
+    Postgres(postgres::PostgresSourceConfig),
 }
 
 /// `type = "kafka"`

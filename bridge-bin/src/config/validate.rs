@@ -51,6 +51,9 @@ pub enum SourcePlan {
     /// Redis Streams.
     #[cfg(feature = "redis")]
     Redis(ferry_redis::RedisConfig),
+    /// PostgreSQL.
+    #[cfg(feature = "postgres")]
+    Postgres(ferry_postgres::PostgresConfig),
 }
 
 /// Everything `ferry run` needs, validated.
@@ -479,7 +482,8 @@ fn range<T: PartialOrd + std::fmt::Display>(
         feature = "sqs",
         feature = "amqp",
         feature = "kafka",
-        feature = "redis"
+        feature = "redis",
+        feature = "postgres"
     ),
     allow(dead_code)
 )]
@@ -600,7 +604,8 @@ fn check_topic_arns(arns: &[String], at: &str, errors: &mut Errors) {
         feature = "sqs",
         feature = "amqp",
         feature = "kafka",
-        feature = "redis"
+        feature = "redis",
+        feature = "postgres"
     )),
     allow(unused_variables)
 )]
@@ -763,6 +768,15 @@ fn source_plan(
                 let _ = ok;
                 missing_feature(at, "redis", errors)
             }
+        }
+        SourceConfig::Postgres(postgres) => {
+            postgres.check(at, &mut errors.0);
+            #[cfg(feature = "postgres")]
+            {
+                Some(SourcePlan::Postgres(postgres.plan(ordering)))
+            }
+            #[cfg(not(feature = "postgres"))]
+            missing_feature(at, "postgres", errors)
         }
     }
 }
@@ -1260,6 +1274,7 @@ pub fn redacted(config: &Config) -> Config {
             SourceConfig::Amqp(amqp) => SourceConfig::Amqp(amqp.redacted()),
             SourceConfig::Kafka(kafka) => SourceConfig::Kafka(kafka.redacted()),
             SourceConfig::Redis(redis) => SourceConfig::Redis(redis.redacted()),
+            SourceConfig::Postgres(postgres) => SourceConfig::Postgres(postgres.redacted()),
         };
     }
     config

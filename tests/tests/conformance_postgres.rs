@@ -1,0 +1,3 @@
+//! The conformance suite against the local PostgreSQL.
+
+ferry_e2e::conformance_suite!(ferry_e2e::conformance::postgres::Postgres);
