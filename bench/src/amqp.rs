@@ -256,18 +256,26 @@ async fn native_drain(
         };
         started.get_or_insert_with(Instant::now);
         count += 1;
-        let (multiple, due) = match acks {
-            Acks::EachPipelined => (false, true),
-            Acks::Multiple(every) => (true, count % every == 0 || count == args.messages()),
-        };
-        if due {
-            sending.push(async move {
+        match acks {
+            // Acks of single tags may reach the broker in any order.
+            Acks::EachPipelined => sending.push(async move {
                 delivery
                     .acker
-                    .ack(BasicAckOptions { multiple })
+                    .ack(BasicAckOptions::default())
                     .await
                     .map_err(anyhow::Error::from)
-            });
+            }),
+            // A `multiple` ack must not overtake the one before it (the broker refuses a
+            // tag already covered), so each is sent in turn; one wait per `every`
+            // deliveries, while the prefetch keeps the broker sending.
+            Acks::Multiple(every) => {
+                if count % every == 0 || count == args.messages() {
+                    delivery
+                        .acker
+                        .ack(BasicAckOptions { multiple: true })
+                        .await?;
+                }
+            }
         }
     }
     while let Some(sent) = sending.next().await {

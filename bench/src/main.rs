@@ -13,6 +13,7 @@
 mod amqp;
 mod capacity;
 mod ceiling;
+mod chart;
 mod concurrency;
 mod delay;
 mod idle;
@@ -47,6 +48,28 @@ enum Broker {
     Redis,
     /// The local PostgreSQL: a table drained by the claim statement.
     Postgres,
+}
+
+/// How ferry's HTTP sink carries the message in the request body (`[routes.*.sink] mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BodyMode {
+    /// The JSON envelope (ferry's default): the payload escaped into a JSON string.
+    Envelope,
+    /// The payload bytes as the body, metadata in headers.
+    Raw,
+    /// CloudEvents binary mode: the payload as the body, `ce-*` headers.
+    Cloudevents,
+}
+
+impl BodyMode {
+    /// The value of the sink's `mode` key.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Envelope => "envelope",
+            Self::Raw => "raw",
+            Self::Cloudevents => "cloudevents",
+        }
+    }
 }
 
 #[derive(Parser, Clone)]
@@ -129,9 +152,25 @@ struct Args {
     /// Seconds each idle configuration is measured for, once settled.
     #[arg(long, default_value_t = 30.0)]
     idle_secs: f64,
+    /// Body modes of ferry's HTTP sink, each run as its own row [default: the sink's
+    /// default, `envelope`, without a `mode` key].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    mode: Vec<BodyMode>,
+    /// Most payload bytes one phase moves, in MiB: a size whose `--messages` would move
+    /// more runs fewer messages (at least 1,000), so that 256 KiB rows stay within what
+    /// the broker holds in memory.
+    #[arg(long, default_value_t = 1024)]
+    max_phase_mib: u64,
+    /// Also writes an SVG chart of ferry's rate and CPU per message against the message
+    /// size, one line per body mode, concurrency and latency.
+    #[arg(long)]
+    chart: Option<PathBuf>,
     /// A smoke run: fewer messages, one round, short ceiling and paced phases.
     #[arg(long)]
     quick: bool,
+    /// The body mode of the row being measured (set by the sweep from `--mode`).
+    #[arg(skip)]
+    current_mode: Option<BodyMode>,
 }
 
 impl Args {
@@ -172,6 +211,31 @@ impl Args {
     /// The `--concurrency` list as ferry settings.
     fn settings(&self) -> Vec<Setting> {
         concurrency::settings(&self.concurrency)
+    }
+
+    /// These arguments for the rows of one payload size: `--messages`, capped so that a
+    /// phase moves at most `--max-phase-mib`.
+    fn for_size(&self, size: usize) -> Self {
+        let cap = (self.max_phase_mib << 20) / size.max(1) as u64;
+        let mut args = self.clone();
+        args.messages = Some(self.messages().min(cap.max(1_000)));
+        args
+    }
+
+    /// These arguments with ferry's sink in `mode` (`None`: the sink's default).
+    fn with_mode(&self, mode: Option<BodyMode>) -> Self {
+        let mut args = self.clone();
+        args.current_mode = mode;
+        args
+    }
+
+    /// The `--mode` list; the sink's default alone when none was given.
+    fn modes(&self) -> Vec<Option<BodyMode>> {
+        if self.mode.is_empty() {
+            vec![None]
+        } else {
+            self.mode.iter().copied().map(Some).collect()
+        }
     }
 
     fn first_size(&self) -> usize {
@@ -270,11 +334,15 @@ fn spawn_ferry_with(
             .with_context(|| format!("--ferry-extra {}", path.display()))?,
         None => String::new(),
     };
+    let mode = match args.current_mode {
+        Some(mode) => format!("mode = \"{}\"\n", mode.name()),
+        None => String::new(),
+    };
     spawn_ferry_config(
         args,
         &format!(
             "[admin]\nlisten = \"127.0.0.1:0\"\n{extra}\n[routes.bench.source]\n{source}\n\
-             [routes.bench.sink]\ntype = \"http\"\nurl = \"http://{sink}/bench\"\npool_size = {pool}\n\
+             [routes.bench.sink]\ntype = \"http\"\nurl = \"http://{sink}/bench\"\npool_size = {pool}\n{mode}\
              [routes.bench.delivery]\n{delivery}"
         ),
     )

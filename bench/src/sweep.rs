@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 use crate::ceiling::sink_ceiling;
 use crate::concurrency::Setting;
 use crate::latency::{rate_for, Pace, Percentiles};
-use crate::{cpu_seconds, peak_rss_kib, stop_ferry, Args};
+use crate::{cpu_seconds, peak_rss_kib, stop_ferry, Args, BodyMode};
 
 /// One ferry phase (or a peer bridge's), measured from its first delivery.
 pub struct FerryRun {
@@ -101,14 +101,18 @@ pub trait Phases {
     ) -> impl Future<Output = Result<Percentiles>>;
 }
 
-struct Row {
-    case: Case,
+pub struct Row {
+    pub case: Case,
+    /// ferry's body mode (`None`: the sink's default).
+    pub mode: Option<BodyMode>,
+    /// Messages per phase (fewer for big payloads, see `--max-phase-mib`).
+    pub messages: u64,
     /// Each plain consumer's rate, in the order of `natives()`.
     natives: Vec<f64>,
     ceiling: f64,
-    ferry: f64,
-    cpu_per_100k: f64,
-    rss_mib: f64,
+    pub ferry: f64,
+    pub cpu_per_100k: f64,
+    pub rss_mib: f64,
     busy_cores: f64,
     /// The hand-written bridge: rate, CPU s per 100k, peak RSS MiB.
     peer: Option<(f64, f64, f64)>,
@@ -118,13 +122,20 @@ struct Row {
 }
 
 /// Runs every combination and prints the tables.
-pub async fn sweep(args: &Args, phases: &impl Phases) -> Result<()> {
-    println!("{}", phases.title(args));
+pub async fn sweep(all: &Args, phases: &impl Phases) -> Result<()> {
+    println!("{}", phases.title(all));
     let mut rows = Vec::new();
     // The native consumer's latency depends on size and pace only: measured once each.
     let mut native_latencies: HashMap<(usize, u64), Percentiles> = HashMap::new();
-    for &size in &args.size {
-        for &latency_ms in &args.latency_ms {
+    for &size in &all.size {
+        let sized = all.for_size(size);
+        for (mode, &latency_ms) in sized
+            .modes()
+            .into_iter()
+            .flat_map(|m| all.latency_ms.iter().map(move |l| (m, l)))
+        {
+            let args = &sized.with_mode(mode);
+            let shown_mode = mode.map_or(String::new(), |m| format!(", mode={}", m.name()));
             for setting in args.settings() {
                 let case = Case {
                     size,
@@ -138,8 +149,10 @@ pub async fn sweep(args: &Args, phases: &impl Phases) -> Result<()> {
                 let mut has_peer = false;
                 let rate = |secs: f64| args.messages() as f64 / secs;
                 for round in 1..=args.rounds() {
-                    let mut line =
-                        format!("{size} B, c={setting}, latency={latency_ms}ms, round {round}:");
+                    let mut line = format!(
+                        "{size} B{shown_mode}, c={setting}, latency={latency_ms}ms, {} messages, round {round}:",
+                        args.messages()
+                    );
                     for (which, name) in names.iter().enumerate() {
                         let secs = phases.native(args, size, which).await?;
                         native_secs[which] += secs;
@@ -194,6 +207,8 @@ pub async fn sweep(args: &Args, phases: &impl Phases) -> Result<()> {
                 let total = (args.messages() * args.rounds()) as f64;
                 rows.push(Row {
                     case,
+                    mode,
+                    messages: args.messages(),
                     natives: native_secs.iter().map(|secs| total / secs).collect(),
                     ceiling,
                     ferry: total / ferry_secs,
@@ -216,13 +231,24 @@ pub async fn sweep(args: &Args, phases: &impl Phases) -> Result<()> {
     print_rates(phases.natives(), &rows);
     print_peer(&rows);
     print_latencies(&rows);
+    if let Some(path) = &all.chart {
+        std::fs::write(path, crate::chart::size_chart(&phases.title(all), &rows))?;
+        println!("\nchart: {}", path.display());
+    }
     Ok(())
 }
 
 fn print_rates(names: &[&str], rows: &[Row]) {
     println!();
-    let mut head = "| size | concurrency | endpoint latency |".to_owned();
-    let mut rule = "|---|---|---|".to_owned();
+    let modes = rows.iter().any(|r| r.mode.is_some());
+    let mut head = "| size |".to_owned();
+    let mut rule = "|---|".to_owned();
+    if modes {
+        head.push_str(" mode | messages |");
+        rule.push_str("---|---|");
+    }
+    head.push_str(" concurrency | endpoint latency |");
+    rule.push_str("---|---|");
     for name in names {
         head.push_str(&format!(" {name} msg/s |"));
         rule.push_str("---|");
@@ -240,10 +266,12 @@ fn print_rates(names: &[&str], rows: &[Row]) {
     rule.push_str("---|---|---|---|");
     println!("{head}\n{rule}");
     for r in rows {
-        let mut line = format!(
-            "| {} B | {} | {} ms |",
-            r.case.size, r.case.setting, r.case.latency_ms
-        );
+        let mut line = format!("| {} B |", r.case.size);
+        if modes {
+            let mode = r.mode.map_or("envelope", BodyMode::name);
+            line.push_str(&format!(" {mode} | {} |", r.messages));
+        }
+        line.push_str(&format!(" {} | {} ms |", r.case.setting, r.case.latency_ms));
         for native in &r.natives {
             line.push_str(&format!(" {native:.0} |"));
         }

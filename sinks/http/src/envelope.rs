@@ -23,8 +23,11 @@ struct Envelope<'a> {
 /// Encodes `{"id", "msg", "timestamp", "attributes"}`; a payload that is not UTF-8 goes
 /// as `msg_base64` so that no byte is lost or replaced.
 pub fn encode_envelope(message: &Message) -> Vec<u8> {
-    // Serializing strings and a string map cannot fail.
-    serde_json::to_vec(&envelope(message, None)).unwrap_or_default()
+    let envelope = envelope(message, None);
+    let mut body = Vec::with_capacity(envelope.encoded_len());
+    // Serializing strings and a string map into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut body, &envelope);
+    body
 }
 
 /// Encodes a batch: a JSON array of envelopes, each with its `attempt`.
@@ -33,7 +36,28 @@ pub fn encode_batch(messages: &[Message]) -> Vec<u8> {
         .iter()
         .map(|m| envelope(m, Some(m.attempt)))
         .collect();
-    serde_json::to_vec(&envelopes).unwrap_or_default()
+    let len = envelopes.iter().map(|e| e.encoded_len() + 1).sum::<usize>() + 2;
+    let mut body = Vec::with_capacity(len);
+    let _ = serde_json::to_writer(&mut body, &envelopes);
+    body
+}
+
+impl Envelope<'_> {
+    /// Its JSON's length when nothing in it needs escaping: the body is written into a
+    /// buffer of this size, so that a big payload is copied once rather than again at
+    /// every doubling of a growing buffer (escaping may still grow it once).
+    fn encoded_len(&self) -> usize {
+        // Field names, quotes, braces and the attempt.
+        const FIXED: usize = 80;
+        let payload =
+            self.msg.map_or(0, str::len) + self.msg_base64.as_ref().map_or(0, String::len);
+        let attributes: usize = self
+            .attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 6)
+            .sum();
+        FIXED + self.id.len() + self.timestamp.len() + payload + attributes
+    }
 }
 
 fn envelope(message: &Message, attempt: Option<u32>) -> Envelope<'_> {
@@ -77,6 +101,20 @@ mod tests {
         assert!(v.get("msg").is_none());
         assert_eq!(v["msg_base64"], "/wCA");
         assert!(v.get("attempt").is_none());
+    }
+
+    #[test]
+    fn the_buffer_is_sized_for_a_big_payload_up_front() {
+        let m = Message::new("id-3", "x".repeat(256 * 1024), Arc::from("q"));
+        let body = encode_envelope(&m);
+        // One allocation of about the body's size: not grown by doubling past it.
+        assert!(body.capacity() >= body.len(), "{}", body.capacity());
+        assert!(
+            body.capacity() < body.len() + 256,
+            "{} for {}",
+            body.capacity(),
+            body.len()
+        );
     }
 
     #[test]
