@@ -296,6 +296,8 @@ async fn connect_loop(
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    debug!(route = %ctx.route, conn, session_present = ack.session_present,
+                        held = shared.table.held(), "connected");
                     shared
                         .table
                         .connected(conn, client.clone(), ack.session_present);
@@ -382,8 +384,16 @@ fn arrived(
     let ticket = match p.qos {
         QoS::AtMostOnce => None,
         _ => match shared.table.arrived(conn, p.pkid, p.dup) {
-            Arrival::New(t) => Some(t),
-            Arrival::Held | Arrival::AckedAgain => return None,
+            Arrival::New(t) => {
+                if p.dup {
+                    debug!(route = %shared.ctx.route, conn, pkid = p.pkid, "sent again by the broker, not held: delivering");
+                }
+                Some(t)
+            }
+            other => {
+                debug!(route = %shared.ctx.route, conn, pkid = p.pkid, ?other, "sent again by the broker: held already");
+                return None;
+            }
         },
     };
     let message = convert::message(&p, reading);

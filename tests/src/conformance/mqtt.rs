@@ -88,7 +88,12 @@ pub async fn publish(addr: &str, items: &[(String, String, Vec<(String, String)>
         let mut acked = 0;
         loop {
             match events.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if ack.reason == rumqttc::v5::mqttbytes::v5::PubAckReason::NoMatchingSubscribers {
+                        return Err(
+                            "no subscriber for the topic: the broker discarded the message".to_owned(),
+                        );
+                    }
                     acked += 1;
                     if acked == want {
                         return Ok(());
@@ -381,6 +386,13 @@ impl PrivateBroker {
         let port = crate::free_port();
         let dir = crate::ferry::scratch("mosquitto");
         std::fs::create_dir_all(&dir).expect("broker dir");
+        // Mosquitto started as root drops to its own user, which must write its database
+        // (and read the files) there.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+                .expect("broker dir permissions");
+        }
         let config = format!(
             "listener {port} 127.0.0.1\n{access}persistence true\n\
              persistence_location {}/\nautosave_interval 1\nmax_queued_messages 0\n{}",
