@@ -24,7 +24,10 @@ async fn stop(mut ferry: Ferry) -> String {
     ferry.signal("TERM");
     let status = ferry.wait_exit(Duration::from_secs(30)).await;
     let log = ferry.log();
-    assert!(status.is_some_and(|s| s.success()), "no clean exit; log:\n{log}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "no clean exit; log:\n{log}"
+    );
     log
 }
 
@@ -38,7 +41,7 @@ async fn collect(dead: &DeadLetterTopic, n: usize) -> Vec<Letter> {
     got
 }
 
-fn item(topic: &str, body: &str, id: &str) -> (String, String, Vec<(String, String)>) {
+fn item(topic: &str, body: &str, id: &str) -> mqtt::Item {
     (
         topic.to_owned(),
         body.to_owned(),
@@ -62,7 +65,11 @@ async fn dead_letters_carry_the_reason_as_user_properties_and_the_original_is_ac
         _ => Reply::ok(),
     })
     .await;
-    let ferry = bridge(mqtt::source(ADDR, &base, &client_id, &dead_topic, ""), &endpoint).await;
+    let ferry = bridge(
+        mqtt::source(ADDR, &base, &client_id, &dead_topic, ""),
+        &endpoint,
+    )
+    .await;
     let topic = format!("{base}/orders");
     mqtt::publish(
         ADDR,
@@ -74,7 +81,12 @@ async fn dead_letters_carry_the_reason_as_user_properties_and_the_original_is_ac
     )
     .await;
     let letters = collect(&dead, 2).await;
-    assert_eq!(letters.len(), 2, "dead letters: {letters:?}; log:\n{}", ferry.log());
+    assert_eq!(
+        letters.len(),
+        2,
+        "dead letters: {letters:?}; log:\n{}",
+        ferry.log()
+    );
     let arrived = wait_until(Duration::from_secs(10), || {
         endpoint.delivered_set().contains("fine-1")
     })
@@ -115,7 +127,11 @@ async fn a_dead_letter_topic_without_subscribers_holds_the_message_until_one_com
     let client_id = format!("{base}-bridge");
     let dead_topic = format!("dead/{base}");
     let endpoint = Endpoint::start(|_| Reply::status(422).body("bad")).await;
-    let ferry = bridge(mqtt::source(ADDR, &base, &client_id, &dead_topic, ""), &endpoint).await;
+    let ferry = bridge(
+        mqtt::source(ADDR, &base, &client_id, &dead_topic, ""),
+        &endpoint,
+    )
+    .await;
     mqtt::publish(ADDR, &[item(&format!("{base}/x"), "poison-1", "p1")]).await;
     // The broker would discard it: ferry keeps the message and says why on /routes.
     let shown = {

@@ -22,7 +22,11 @@ async fn replica(base: &str, client_id: &str, endpoint: &Endpoint) -> Ferry {
 async fn stop(mut ferry: Ferry) {
     ferry.signal("TERM");
     let status = ferry.wait_exit(Duration::from_secs(30)).await;
-    assert!(status.is_some_and(|s| s.success()), "no clean exit; log:\n{}", ferry.log());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "no clean exit; log:\n{}",
+        ferry.log()
+    );
 }
 
 const DELIVERED: &str =
@@ -70,9 +74,17 @@ async fn two_replicas_on_a_shared_subscription_split_the_load_without_loss() {
     // Ids in and out: each one exactly once.
     let ids: Vec<String> = endpoint.delivered().iter().map(|s| s.id.clone()).collect();
     let unique: BTreeSet<&String> = ids.iter().collect();
-    assert_eq!(ids.len(), total, "duplicates: {} requests accepted", ids.len());
+    assert_eq!(
+        ids.len(),
+        total,
+        "duplicates: {} requests accepted",
+        ids.len()
+    );
     let expected: BTreeSet<String> = (0..total).map(|i| format!("id-{i}")).collect();
-    assert_eq!(unique.into_iter().cloned().collect::<BTreeSet<_>>(), expected);
+    assert_eq!(
+        unique.into_iter().cloned().collect::<BTreeSet<_>>(),
+        expected
+    );
     // Both took a real share.
     assert_eq!(from_a + from_b, total as f64);
     assert!(
@@ -80,7 +92,11 @@ async fn two_replicas_on_a_shared_subscription_split_the_load_without_loss() {
         "the load was not split: {from_a} and {from_b}"
     );
     for id in [&id_a, &id_b] {
-        assert_eq!(mqtt::held(ADDR, id).await, 0, "session {id} still holds messages");
+        assert_eq!(
+            mqtt::held(ADDR, id).await,
+            0,
+            "session {id} still holds messages"
+        );
         mqtt::end_session(ADDR, id).await;
     }
 }

@@ -18,7 +18,7 @@ fn start(addr: &str, base: &str, client_id: &str, endpoint: &Endpoint) -> Ferry 
     })
 }
 
-fn items(base: &str, range: std::ops::Range<usize>) -> Vec<(String, String, Vec<(String, String)>)> {
+fn items(base: &str, range: std::ops::Range<usize>) -> Vec<mqtt::Item> {
     range
         .map(|i| (format!("{base}/t{}", i % 5), format!("m-{i}"), Vec::new()))
         .collect()
@@ -48,14 +48,22 @@ fn duplicates(endpoint: &Endpoint) -> (usize, Vec<String>) {
         }
     }
     let dups = counts.values().filter(|n| **n > 1).count();
-    let unlabelled = firsts.into_iter().filter(|(_, n)| *n > 1).map(|(b, _)| b).collect();
+    let unlabelled = firsts
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(b, _)| b)
+        .collect();
     (dups, unlabelled)
 }
 
 async fn stop(mut ferry: Ferry) {
     ferry.signal("TERM");
     let status = ferry.wait_exit(Duration::from_secs(30)).await;
-    assert!(status.is_some_and(|s| s.success()), "no clean exit; log:\n{}", ferry.log());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "no clean exit; log:\n{}",
+        ferry.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,8 +87,14 @@ async fn a_killed_ferry_loses_nothing_published_before_or_while_it_was_down() {
     wait_all(&endpoint, 500, &ferry).await;
     stop(ferry).await;
     let (dups, unlabelled) = duplicates(&endpoint);
-    assert!(dups <= WINDOW, "{dups} duplicates, more than the window of {WINDOW}");
-    assert!(unlabelled.is_empty(), "redeliveries not labelled attempt > 1: {unlabelled:?}");
+    assert!(
+        dups <= WINDOW,
+        "{dups} duplicates, more than the window of {WINDOW}"
+    );
+    assert!(
+        unlabelled.is_empty(),
+        "redeliveries not labelled attempt > 1: {unlabelled:?}"
+    );
     assert_eq!(mqtt::held(ADDR, &client_id).await, 0);
     mqtt::end_session(ADDR, &client_id).await;
 }
@@ -112,7 +126,13 @@ async fn a_broker_restart_loses_nothing() {
     assert!(log.contains("connected to the broker again"), "log:\n{log}");
     stop(ferry).await;
     let (dups, unlabelled) = duplicates(&endpoint);
-    assert!(dups <= WINDOW, "{dups} duplicates, more than the window of {WINDOW}");
-    assert!(unlabelled.is_empty(), "redeliveries not labelled attempt > 1: {unlabelled:?}");
+    assert!(
+        dups <= WINDOW,
+        "{dups} duplicates, more than the window of {WINDOW}"
+    );
+    assert!(
+        unlabelled.is_empty(),
+        "redeliveries not labelled attempt > 1: {unlabelled:?}"
+    );
     assert_eq!(mqtt::held(&addr, &client_id).await, 0);
 }

@@ -81,7 +81,10 @@ fn settings_ferry_cannot_take_exit_2_naming_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_login_exits_2_naming_the_url() {
     let broker = PrivateBroker::start_with("allow_anonymous false\n", |_| String::new()).await;
-    let (code, lines) = run(&source(&format!("mqtt://nobody:s3cret@{}", broker.addr), ""));
+    let (code, lines) = run(&source(
+        &format!("mqtt://nobody:s3cret@{}", broker.addr),
+        "",
+    ));
     let line = one_line(&lines, code, 2);
     assert!(line.contains("routes.r.source.url"), "{line}");
     assert!(line.contains("refused"), "{line}");

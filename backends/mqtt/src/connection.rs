@@ -79,7 +79,8 @@ fn subscriptions(config: &MqttConfig) -> Vec<Filter> {
         .map(|f| {
             let mut filter = Filter::new(f, QoS::AtLeastOnce);
             // Retained messages once, when the subscription is made, not at every reconnect.
-            filter.retain_forward_rule = rumqttc::v5::mqttbytes::v5::RetainForwardRule::OnNewSubscribe;
+            filter.retain_forward_rule =
+                rumqttc::v5::mqttbytes::v5::RetainForwardRule::OnNewSubscribe;
             filter
         })
         .collect()
@@ -325,7 +326,9 @@ async fn connect_loop(
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     // After shutdown no more handles: the rest stays unacknowledged
                     // for the next start.
-                    let Some(alive) = shared.alive() else { continue };
+                    let Some(alive) = shared.alive() else {
+                        continue;
+                    };
                     let reading = Reading {
                         id_property: &reading_id,
                         key_property: reading_key.as_deref(),
@@ -336,7 +339,10 @@ async fn connect_loop(
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     let mut waiting = shared.lock_waiting();
-                    if let Some(w) = waiting.as_mut().filter(|w| w.conn == conn && w.pkid.is_none()) {
+                    if let Some(w) = waiting
+                        .as_mut()
+                        .filter(|w| w.conn == conn && w.pkid.is_none())
+                    {
                         w.pkid = Some(pkid);
                     }
                 }

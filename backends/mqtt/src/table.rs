@@ -160,7 +160,11 @@ impl Table {
     /// sends it again at the next connection.
     pub(crate) fn release(&self, t: Ticket) {
         let mut inner = self.lock();
-        if inner.entries.get(&t.pkid).is_some_and(|e| e.token == t.token) {
+        if inner
+            .entries
+            .get(&t.pkid)
+            .is_some_and(|e| e.token == t.token)
+        {
             inner.entries.remove(&t.pkid);
         }
     }
@@ -238,7 +242,10 @@ mod tests {
         };
         assert!(!table.is_current(a));
         table.ack(a);
-        assert!(table.is_current(b), "the stale ack did not touch the new one");
+        assert!(
+            table.is_current(b),
+            "the stale ack did not touch the new one"
+        );
     }
 
     #[test]

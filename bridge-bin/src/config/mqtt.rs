@@ -121,7 +121,10 @@ impl MqttSourceConfig {
             errors.push(ConfigError::new(place, what));
         };
         match url::Url::parse(&self.url) {
-            Ok(url) if url.scheme() == "mqtt" && url.has_host() && url.path().trim_matches('/').is_empty() => {}
+            Ok(url)
+                if url.scheme() == "mqtt"
+                    && url.has_host()
+                    && url.path().trim_matches('/').is_empty() => {}
             _ => push(
                 "url",
                 "not a URL like mqtt://127.0.0.1:1883 (mqtts:// is not built in)",
@@ -163,7 +166,10 @@ impl MqttSourceConfig {
             push("id_property", "must not be empty");
         }
         if self.key_property.as_deref().is_some_and(str::is_empty) {
-            push("key_property", "must not be empty (leave it out to order by topic)");
+            push(
+                "key_property",
+                "must not be empty (leave it out to order by topic)",
+            );
         }
         if self.keep_alive.0 < Duration::from_secs(1) || self.keep_alive.0.as_secs() > 65_535 {
             push("keep_alive", "must be between 1s and 65535s");
@@ -249,7 +255,9 @@ mod tests {
         assert_eq!(both[0].at, "routes.r.source.dead_letters");
         let looped = parse("dead_letter_topic = \"orders/dead\"").check(at);
         assert_eq!(looped[0].at, "routes.r.source.dead_letter_topic");
-        assert!(parse("dead_letter_topic = \"dead/orders\"").check(at).is_empty());
+        assert!(parse("dead_letter_topic = \"dead/orders\"")
+            .check(at)
+            .is_empty());
     }
 
     #[test]

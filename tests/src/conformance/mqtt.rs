@@ -53,7 +53,8 @@ fn options(addr: &str, client_id: &str, persistent: bool, receive_maximum: u16) 
 
 /// Panics with a clear message when no MQTT broker answers at `addr`.
 pub async fn require_broker(addr: &str) {
-    let (client, mut events) = AsyncClient::new(options(addr, &crate::unique("ping"), false, 10), 10);
+    let (client, mut events) =
+        AsyncClient::new(options(addr, &crate::unique("ping"), false, 10), 10);
     let connected = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match events.poll().await {
@@ -74,9 +75,12 @@ pub async fn require_broker(addr: &str) {
     }
 }
 
-/// Publishes each `(topic, payload, user properties)` with QoS 1, in order, and returns
-/// once the broker has acknowledged every one.
-pub async fn publish(addr: &str, items: &[(String, String, Vec<(String, String)>)]) {
+/// One message a test publishes: topic, payload, user properties.
+pub type Item = (String, String, Vec<(String, String)>);
+
+/// Publishes each item with QoS 1, in order, and returns once the broker has
+/// acknowledged every one.
+pub async fn publish(addr: &str, items: &[Item]) {
     if items.is_empty() {
         return;
     }
@@ -89,9 +93,11 @@ pub async fn publish(addr: &str, items: &[(String, String, Vec<(String, String)>
         loop {
             match events.poll().await {
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if ack.reason == rumqttc::v5::mqttbytes::v5::PubAckReason::NoMatchingSubscribers {
+                    if ack.reason == rumqttc::v5::mqttbytes::v5::PubAckReason::NoMatchingSubscribers
+                    {
                         return Err(
-                            "no subscriber for the topic: the broker discarded the message".to_owned(),
+                            "no subscriber for the topic: the broker discarded the message"
+                                .to_owned(),
                         );
                     }
                     acked += 1;
@@ -110,7 +116,13 @@ pub async fn publish(addr: &str, items: &[(String, String, Vec<(String, String)>
             ..PublishProperties::default()
         };
         client
-            .publish_with_properties(topic.clone(), QoS::AtLeastOnce, false, payload.clone(), props)
+            .publish_with_properties(
+                topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+                props,
+            )
             .await
             .expect("queue a publish");
     }
@@ -253,7 +265,13 @@ impl Drop for DeadLetterTopic {
 
 /// The `[routes.r.source]` body of a bridge on `topic/#` at `addr`, shared in group
 /// `ferry`, dead letters to `dead_letter_topic`; `extra` adds keys.
-pub fn source(addr: &str, topic: &str, client_id: &str, dead_letter_topic: &str, extra: &str) -> String {
+pub fn source(
+    addr: &str,
+    topic: &str,
+    client_id: &str,
+    dead_letter_topic: &str,
+    extra: &str,
+) -> String {
     format!(
         "type = \"mqtt\"\nurl = \"mqtt://{addr}\"\ntopics = [\"{topic}/#\"]\nshared_group = \"ferry\"\n\
          client_id = \"{client_id}\"\nsession_expiry = \"{EXPIRY}s\"\nreceive_maximum = {WINDOW}\n\
@@ -420,7 +438,9 @@ impl PrivateBroker {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run mosquitto ({e}): install the mosquitto package"));
+            .unwrap_or_else(|e| {
+                panic!("cannot run mosquitto ({e}): install the mosquitto package")
+            });
         self.child = Some(child);
         let up = crate::wait_until(Duration::from_secs(10), || {
             std::net::TcpStream::connect(&self.addr).is_ok()
