@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Makes sure the local brokers the tests use answer on loopback: RabbitMQ on 5672 and
-# Redis on 6379. Starts one that is down, installing its Debian package first when it is
-# missing and this runs as root; fails loudly if it stays down.
+# Makes sure the local brokers the tests use answer on loopback: RabbitMQ on 5672,
+# Mosquitto on 1883 and Redis on 6379. Starts one that is down, installing its Debian
+# package first when it is missing and this runs as root; fails loudly if it stays down.
 set -euo pipefail
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -45,5 +45,6 @@ ensure() {
 }
 
 ensure RabbitMQ 5672 rabbitmq-server rabbitmq-server -detached
+ensure Mosquitto 1883 mosquitto mosquitto -d -p 1883   # -p alone: loopback only, anonymous
 ensure Redis 6379 redis-server redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save ""
 ensure PostgreSQL 5432 postgresql pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1 | grep . || echo 15)" main start

@@ -129,6 +129,18 @@ async fn connect(source: SourcePlan) -> Result<String, String> {
                 .map(|_| what)
                 .map_err(|e| e.to_string())
         }
+        #[cfg(feature = "mqtt")]
+        SourcePlan::Mqtt(config) => {
+            let what = format!(
+                "connected as {}; subscribed to {}",
+                config.client_id,
+                config.filters().join(", ")
+            );
+            ferry_mqtt::MqttSource::connect(config)
+                .await
+                .map(|_| what)
+                .map_err(|e| e.to_string())
+        }
     }
 }
 

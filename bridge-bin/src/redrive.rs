@@ -131,5 +131,10 @@ pub async fn run(route: RoutePlan, ask: Redrive) -> anyhow::Result<()> {
             },
             config.table
         ),
+        #[cfg(feature = "mqtt")]
+        SourcePlan::Mqtt(_) => bail!(
+            "--route {name}: redrive moves SQS and RabbitMQ dead letters; an MQTT \
+             dead_letter_topic keeps the payload and properties, publish them back to the topic"
+        ),
     }
 }

@@ -54,6 +54,9 @@ pub enum SourcePlan {
     /// PostgreSQL.
     #[cfg(feature = "postgres")]
     Postgres(ferry_postgres::PostgresConfig),
+    /// MQTT 5.
+    #[cfg(feature = "mqtt")]
+    Mqtt(ferry_mqtt::MqttConfig),
 }
 
 /// Everything `ferry run` needs, validated.
@@ -483,7 +486,8 @@ fn range<T: PartialOrd + std::fmt::Display>(
         feature = "amqp",
         feature = "kafka",
         feature = "redis",
-        feature = "postgres"
+        feature = "postgres",
+        feature = "mqtt"
     ),
     allow(dead_code)
 )]
@@ -605,7 +609,8 @@ fn check_topic_arns(arns: &[String], at: &str, errors: &mut Errors) {
         feature = "amqp",
         feature = "kafka",
         feature = "redis",
-        feature = "postgres"
+        feature = "postgres",
+        feature = "mqtt"
     )),
     allow(unused_variables)
 )]
@@ -777,6 +782,24 @@ fn source_plan(
             }
             #[cfg(not(feature = "postgres"))]
             missing_feature(at, "postgres", errors)
+        }
+        SourceConfig::Mqtt(mqtt) => {
+            let found = mqtt.check(at);
+            let ok = found.is_empty();
+            errors.0.extend(found);
+            #[cfg(feature = "mqtt")]
+            {
+                let route = at
+                    .strip_prefix("routes.")
+                    .and_then(|r| r.strip_suffix(".source"))
+                    .unwrap_or(at);
+                ok.then(|| SourcePlan::Mqtt(mqtt.plan(route)))
+            }
+            #[cfg(not(feature = "mqtt"))]
+            {
+                let _ = ok;
+                missing_feature(at, "mqtt", errors)
+            }
         }
     }
 }
@@ -1275,6 +1298,7 @@ pub fn redacted(config: &Config) -> Config {
             SourceConfig::Kafka(kafka) => SourceConfig::Kafka(kafka.redacted()),
             SourceConfig::Redis(redis) => SourceConfig::Redis(redis.redacted()),
             SourceConfig::Postgres(postgres) => SourceConfig::Postgres(postgres.redacted()),
+            SourceConfig::Mqtt(mqtt) => SourceConfig::Mqtt(mqtt.redacted()),
         };
     }
     config
