@@ -15,10 +15,12 @@
     allow(unused)
 )]
 
-/// ferry allocates and frees a few small buffers per message. mimalloc, whose heap the
-/// kernel may back with huge pages, cost about a tenth less CPU per message than the
-/// system allocator end to end (built without huge pages the gain was gone), for some
-/// 15 MiB more resident memory (`BENCHMARKS.md`).
+/// ferry allocates and frees a few small buffers per message; mimalloc costs about a
+/// tenth less CPU per message than the system allocator end to end. It is built without
+/// transparent huge pages (`no_thp`): with them, each 2 MiB page of its heap that one
+/// allocation touched was resident in full, 43 MiB at `concurrency = 64` against 27 MiB
+/// without, for no CPU per message that alternating runs could tell apart
+/// (`BENCHMARKS.md`, "Memory").
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
