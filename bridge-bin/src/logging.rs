@@ -28,7 +28,7 @@ pub enum LogFormat {
 
 /// Targets of libraries whose debug lines describe their own work, not ferry's; capped at
 /// `info` unless `FERRY_LOG` names them.
-const CLIENTS: [&str; 11] = [
+const CLIENTS: [&str; 12] = [
     "aws",
     "hyper",
     "h2",
@@ -39,6 +39,7 @@ const CLIENTS: [&str; 11] = [
     "lapin",
     "rdkafka",
     "redis",
+    "async_nats",
     "opentelemetry",
 ];
 

@@ -9,7 +9,8 @@
         feature = "amqp",
         feature = "kafka",
         feature = "redis",
-        feature = "postgres"
+        feature = "postgres",
+        feature = "nats"
     )),
     allow(unused)
 )]
@@ -80,6 +81,7 @@ fn long_version() -> &'static str {
         ("kafka", cfg!(feature = "kafka")),
         ("redis", cfg!(feature = "redis")),
         ("postgres", cfg!(feature = "postgres")),
+        ("nats", cfg!(feature = "nats")),
         ("otlp", cfg!(feature = "otlp")),
         ("mimalloc", cfg!(feature = "mimalloc")),
     ];

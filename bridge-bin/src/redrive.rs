@@ -131,5 +131,11 @@ pub async fn run(route: RoutePlan, ask: Redrive) -> anyhow::Result<()> {
             },
             config.table
         ),
+        #[cfg(feature = "nats")]
+        SourcePlan::Nats(_) => bail!(
+            "--route {name}: redrive moves SQS and RabbitMQ dead letters; a NATS dead letter \
+             keeps the original headers and payload and its Ferry-Subject header, publish it \
+             back there"
+        ),
     }
 }

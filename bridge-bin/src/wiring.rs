@@ -87,6 +87,8 @@ pub async fn build(
         SourcePlan::Redis(config) => connected!(ferry_redis::RedisSource::connect(config)),
         #[cfg(feature = "postgres")]
         SourcePlan::Postgres(config) => connected!(ferry_postgres::PostgresSource::connect(config)),
+        #[cfg(feature = "nats")]
+        SourcePlan::Nats(config) => connected!(ferry_nats::NatsSource::connect(config)),
     }
 }
 

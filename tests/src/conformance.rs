@@ -11,6 +11,7 @@
 
 pub mod amqp;
 pub mod kafka;
+pub mod nats;
 pub mod postgres;
 pub mod redis;
 pub mod sqs;

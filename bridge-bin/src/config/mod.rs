@@ -105,6 +105,7 @@ debug_redacted!(
     HttpSinkConfig
 );
 
+pub mod nats;
 pub mod postgres;
 pub mod redis;
 
@@ -338,6 +339,8 @@ pub enum SourceConfig {
     Redis(redis::RedisSourceConfig),
     /// A PostgreSQL queue table or transactional outbox.
     Postgres(postgres::PostgresSourceConfig),
+    /// NATS JetStream.
+    Nats(nats::NatsSourceConfig),
 }
 
 /// `type = "kafka"`

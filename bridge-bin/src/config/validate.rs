@@ -54,6 +54,9 @@ pub enum SourcePlan {
     /// PostgreSQL.
     #[cfg(feature = "postgres")]
     Postgres(ferry_postgres::PostgresConfig),
+    /// NATS JetStream.
+    #[cfg(feature = "nats")]
+    Nats(ferry_nats::NatsConfig),
 }
 
 /// Everything `ferry run` needs, validated.
@@ -483,7 +486,8 @@ fn range<T: PartialOrd + std::fmt::Display>(
         feature = "amqp",
         feature = "kafka",
         feature = "redis",
-        feature = "postgres"
+        feature = "postgres",
+        feature = "nats"
     ),
     allow(dead_code)
 )]
@@ -605,7 +609,8 @@ fn check_topic_arns(arns: &[String], at: &str, errors: &mut Errors) {
         feature = "amqp",
         feature = "kafka",
         feature = "redis",
-        feature = "postgres"
+        feature = "postgres",
+        feature = "nats"
     )),
     allow(unused_variables)
 )]
@@ -777,6 +782,20 @@ fn source_plan(
             }
             #[cfg(not(feature = "postgres"))]
             missing_feature(at, "postgres", errors)
+        }
+        SourceConfig::Nats(nats) => {
+            let found = nats.check(ordering, at);
+            let ok = found.is_empty();
+            errors.0.extend(found);
+            #[cfg(feature = "nats")]
+            {
+                ok.then(|| SourcePlan::Nats(nats.plan()))
+            }
+            #[cfg(not(feature = "nats"))]
+            {
+                let _ = ok;
+                missing_feature(at, "nats", errors)
+            }
         }
     }
 }
@@ -1275,6 +1294,7 @@ pub fn redacted(config: &Config) -> Config {
             SourceConfig::Kafka(kafka) => SourceConfig::Kafka(kafka.redacted()),
             SourceConfig::Redis(redis) => SourceConfig::Redis(redis.redacted()),
             SourceConfig::Postgres(postgres) => SourceConfig::Postgres(postgres.redacted()),
+            SourceConfig::Nats(nats) => SourceConfig::Nats(nats.redacted()),
         };
     }
     config
