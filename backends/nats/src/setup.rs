@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::context::GetStreamErrorKind;
-use async_nats::jetstream::errors::ErrorCode;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::stream::{self, Stream};
 use async_nats::jetstream::Context;
 
