@@ -1,5 +1,5 @@
-//! The server itself goes away: a private `nats-server -js` is killed (`kill -9`) while
-//! the bridge drains its stream and started again on the same port and store directory.
+//! The server itself goes away: a private `nats-server -js` is stopped while the bridge
+//! drains its stream and started again on the same port and store directory.
 //! The bridge reconnects by itself and nothing is lost (the conformance scenario, with a
 //! real restart instead of a cut connection).
 

@@ -2,6 +2,7 @@
 //! missing stream or consumer (without `declare`), or a dead-letter subject no stream
 //! captures, exits 2.
 
+use async_nats::jetstream::consumer::{pull, AckPolicy};
 use ferry_e2e::conformance::nats::{self, NatsStream, CONSUMER};
 use ferry_e2e::ferry::{fatal_lines, run_cli, scratch, Route};
 
@@ -65,12 +66,23 @@ async fn a_missing_stream_or_consumer_without_declare_exits_2() {
         "{line}"
     );
 
-    // No stream captures the dead-letter subject.
+    // No stream captures the dead-letter subject (the consumer exists: without
+    // `declare`, nothing is created).
+    s.js.get_stream(&s.stream)
+        .await
+        .expect("stream")
+        .create_consumer(pull::Config {
+            durable_name: Some(CONSUMER.to_owned()),
+            ack_policy: AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .expect("create the consumer");
     let nowhere = ferry_e2e::unique("nowhere");
     let (code, lines) = run(&source(
         &url,
         &s.stream,
-        &format!("declare = true\ndead_letter_subject = \"{nowhere}\""),
+        &format!("dead_letter_subject = \"{nowhere}\""),
     ));
     let line = one_line(&lines, code, 2);
     assert!(

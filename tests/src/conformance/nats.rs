@@ -3,8 +3,9 @@
 //! with its stream kept on disk), a stream's consumer counts, its dead letters.
 //!
 //! On the local server the bridge connects through a [`Proxy`] so that the suite can cut
-//! it off mid-stream; on a private server ([`PrivateNats`]) the cut is a real `kill -9`
-//! of the server and a restart on the same port and store directory.
+//! it off mid-stream; on a private server ([`PrivateNats`]) the cut is a real restart
+//! of the server (stopped, then started again on the same port and store directory; a
+//! `kill -9` of the server may lose its last acks, which then come again: duplicates).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -92,6 +93,17 @@ impl NatsServer {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("nats-server did not listen on {} within 5 s", self.addr());
+    }
+
+    /// Stops the server as an operator does (SIGTERM), which writes every stream's and
+    /// consumer's state to its store first, and waits until it exited.
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().expect("lock").take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
     }
 
     /// `kill -9` of the server.
@@ -219,8 +231,8 @@ impl Nats {
     }
 }
 
-/// Servers of the suite's own, one per queue, restarted (`kill -9`, then the same port and
-/// store) to cut the bridge off.
+/// Servers of the suite's own, one per queue, restarted (stopped, then started on the same
+/// port and store) to cut the bridge off.
 pub struct PrivateNats;
 
 /// A stream with its dead-letter stream, and how the bridge reaches its server.
@@ -383,7 +395,7 @@ impl TestQueue for NatsStream {
         match (&self.proxy, &self.server) {
             (Some(proxy), _) => proxy.cut(down).await,
             (None, Some(server)) => {
-                server.kill();
+                server.stop();
                 tokio::time::sleep(down).await;
                 server.up().await;
             }
