@@ -125,8 +125,8 @@ pub(crate) async fn run(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<Op>, 
             }
         };
         if landed {
-            settle::publish(&state, &ctx, op.held.reply.clone(), Bytes::from_static(b"+ACK")).await;
-            settle::flush(&state, &ctx, "ack").await;
+            let ack = vec![(op.held.reply.clone(), Bytes::from_static(b"+ACK"))];
+            settle::confirm(&state, &ctx, "ack", ack).await;
             ctx.counts.dead_lettered.inc();
         }
         state.forget(&op.held);

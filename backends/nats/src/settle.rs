@@ -1,7 +1,8 @@
 //! Settling messages: the handle the engine settles, and the task that turns settlements
-//! into acks on the message's reply subject (`+ACK`, `-NAK` with a delay, `+TERM`),
-//! published as they come and flushed once per batch, so the delivery path never waits
-//! for the server.
+//! into acks on the message's reply subject (`+ACK`, `-NAK` with a delay, `+TERM`), sent
+//! together (whatever settled while the last ones were out) as requests the server
+//! confirms, so the delivery path never waits for the server and an ack lost with a cut
+//! connection is sent again.
 //!
 //! A message stays leased (its `+WPI` renewals go on) until its settlement is written to
 //! the server: a slow dead-letter publish cannot let `ack_wait` run out under it.
@@ -186,16 +187,65 @@ pub(crate) async fn run(
 ) {
     let mut ops = Vec::new();
     while rx.recv_many(&mut ops, 1024).await > 0 {
-        for op in &ops {
-            publish(&state, &ctx, op.held().reply.clone(), op.body()).await;
-        }
-        flush(&state, &ctx, "ack").await;
+        let sends: Vec<(Subject, Bytes)> = ops
+            .iter()
+            .map(|op| (op.held().reply.clone(), op.body()))
+            .collect();
+        confirm(&state, &ctx, "ack", sends).await;
         for op in ops.drain(..) {
             if let Op::Term(_) = op {
                 ctx.counts.dropped.inc();
             }
             state.forget(op.held());
         }
+    }
+}
+
+/// How long the server may take to confirm one settlement.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends settlements as requests, all at once, so that the server confirms each (it
+/// answers an ack that asks for a reply once it applied it): one lost with a cut
+/// connection is sent again, with backoff, until the server has it. Acks are idempotent,
+/// so a repeat is harmless. After shutdown it gives up after a few failures (the messages
+/// then come back after `ack_wait`: duplicates, never losses). Failures are counted as
+/// `ferry_broker_errors_total{operation}` and logged once per run of failures.
+pub(crate) async fn confirm(
+    state: &State,
+    ctx: &SourceContext,
+    operation: &'static str,
+    mut sends: Vec<(Subject, Bytes)>,
+) {
+    let mut failures = 0u32;
+    while !sends.is_empty() {
+        let answers = futures::future::join_all(sends.iter().map(|(reply, body)| {
+            tokio::time::timeout(
+                CONFIRM_TIMEOUT,
+                state.client.request(reply.clone(), body.clone()),
+            )
+        }))
+        .await;
+        let before = sends.len();
+        let mut answers = answers.into_iter();
+        sends.retain(|_| !matches!(answers.next(), Some(Ok(Ok(_)))));
+        if sends.is_empty() {
+            state.flushed(ctx, operation, true);
+            return;
+        }
+        failures += 1;
+        ctx.counts
+            .broker_errors
+            .count(operation, sends.len() as u64);
+        state.flushed(ctx, operation, false);
+        if sends.len() < before {
+            failures = 1;
+        }
+        if ctx.shutdown.is_cancelled() && failures >= 3 {
+            warn!(route = %ctx.route, operation, count = sends.len(),
+                "shutting down: giving up on unconfirmed settlements; those messages come back after ack_wait");
+            return;
+        }
+        tokio::time::sleep(crate::backoff(failures)).await;
     }
 }
 

@@ -3,13 +3,12 @@
 //! with its stream kept on disk), a stream's consumer counts, its dead letters.
 //!
 //! On the local server the bridge connects through a [`Proxy`] so that the suite can cut
-//! it off mid-stream; on a private server ([`PrivateNats`]) the cut is a real restart
-//! of the server (stopped, then started again on the same port and store directory; a
-//! `kill -9` of the server may lose its last acks, which then come again: duplicates).
+//! it off mid-stream; a private server ([`NatsServer`]) is for restarting the server
+//! itself (stopped, then started again on the same port and store directory).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
@@ -231,10 +230,6 @@ impl Nats {
     }
 }
 
-/// Servers of the suite's own, one per queue, restarted (stopped, then started on the same
-/// port and store) to cut the bridge off.
-pub struct PrivateNats;
-
 /// A stream with its dead-letter stream, and how the bridge reaches its server.
 pub struct NatsStream {
     /// The tests' own connection (straight to the server).
@@ -246,7 +241,6 @@ pub struct NatsStream {
     /// More `[routes.r.source]` lines.
     pub extra: String,
     proxy: Option<Proxy>,
-    server: Option<Arc<NatsServer>>,
 }
 
 impl NatsStream {
@@ -267,7 +261,6 @@ impl NatsStream {
             addr,
             extra: String::new(),
             proxy: None,
-            server: None,
         }
     }
 
@@ -343,20 +336,6 @@ impl Backend for Nats {
     }
 }
 
-impl Backend for PrivateNats {
-    type Queue = NatsStream;
-    const LABELS_REDELIVERIES: bool = true;
-    const KEEPS_REASON: bool = true;
-
-    async fn queue(&self, _ordered: bool) -> NatsStream {
-        let server = Arc::new(NatsServer::start().await);
-        let js = jetstream::new(connect(&server.addr()).await);
-        let mut s = NatsStream::create(js, "conf", server.addr()).await;
-        s.server = Some(server);
-        s
-    }
-}
-
 impl TestQueue for NatsStream {
     fn bridge(&self) -> Bridge {
         Bridge::Ferry {
@@ -392,15 +371,11 @@ impl TestQueue for NatsStream {
     }
 
     async fn disrupt(&self, down: Duration) {
-        match (&self.proxy, &self.server) {
-            (Some(proxy), _) => proxy.cut(down).await,
-            (None, Some(server)) => {
-                server.stop();
-                tokio::time::sleep(down).await;
-                server.up().await;
-            }
-            (None, None) => panic!("nothing to cut"),
-        }
+        self.proxy
+            .as_ref()
+            .expect("a stream on the local server, behind its proxy")
+            .cut(down)
+            .await;
     }
 
     fn max_unacked(&self, settings: &Settings) -> usize {
