@@ -19,6 +19,7 @@ mod idle;
 mod kafka;
 mod latency;
 mod postgres;
+mod nats;
 mod redis;
 mod sqs;
 mod sweep;
@@ -47,6 +48,8 @@ enum Broker {
     Redis,
     /// The local PostgreSQL: a table drained by the claim statement.
     Postgres,
+    /// The local NATS server (JetStream).
+    Nats,
 }
 
 #[derive(Parser, Clone)]
@@ -80,6 +83,9 @@ struct Args {
     /// Redis server (`--broker redis`).
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
+    /// NATS server (`--broker nats`).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
     /// PostgreSQL server and database (the bench creates and drops its tables there).
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
     pg_url: String,
@@ -139,12 +145,12 @@ impl Args {
         let default = match self.broker {
             Broker::Sqs => 20_000,
             Broker::Postgres => 50_000,
-            Broker::Amqp | Broker::Kafka | Broker::Redis => 200_000,
+            Broker::Amqp | Broker::Kafka | Broker::Redis | Broker::Nats => 200_000,
         };
         // A quick sweep of two sizes, three settings and two latencies runs twelve rows.
         let quick_divisor = match self.broker {
             Broker::Sqs | Broker::Postgres => 10,
-            Broker::Amqp | Broker::Kafka | Broker::Redis => 40,
+            Broker::Amqp | Broker::Kafka | Broker::Redis | Broker::Nats => 40,
         };
         match (self.messages, self.quick) {
             (Some(n), _) => n,
@@ -194,6 +200,7 @@ async fn main() -> Result<()> {
         Broker::Kafka => kafka::run(&args).await,
         Broker::Redis => redis::run(&args).await,
         Broker::Postgres => postgres::run(&args).await,
+        Broker::Nats => nats::run(&args).await,
         Broker::Sqs => sqs::run(&args).await,
     }
 }

@@ -32,7 +32,9 @@ async fn dead_letters_reach_the_subject_with_their_reason_and_headers() {
         delivery: "concurrency = 4\nmax_attempts = 3",
     });
     ferry.wait_ready(Duration::from_secs(30)).await;
-    let mut messages: Vec<Outgoing> = (0..10).map(|i| Outgoing::plain(format!("fine-{i}"))).collect();
+    let mut messages: Vec<Outgoing> = (0..10)
+        .map(|i| Outgoing::plain(format!("fine-{i}")))
+        .collect();
     messages.extend((0..3).map(|i| Outgoing {
         body: format!("poison-{i}"),
         key: Some(format!("k{i}")),
@@ -52,16 +54,26 @@ async fn dead_letters_reach_the_subject_with_their_reason_and_headers() {
         assert!(body.starts_with("poison-"), "{body}");
         let i = body.trim_start_matches("poison-");
         assert_eq!(header(m, "Ferry-Status"), "422");
-        assert_eq!(header(m, "Ferry-Reason"), "cannot parse  line two", "one header line");
+        assert_eq!(
+            header(m, "Ferry-Reason"),
+            "cannot parse  line two",
+            "one header line"
+        );
         assert_eq!(header(m, "Ferry-Attempts"), "1");
         assert_eq!(header(m, "Ferry-Route"), "r");
         assert_eq!(header(m, "Ferry-Stream"), s.stream);
         assert_eq!(header(m, "Ferry-Subject"), format!("{}.k{i}", s.stream));
         assert!(header(m, "Ferry-Sequence").parse::<u64>().is_ok());
-        assert_eq!(header(m, "Key"), format!("k{i}"), "the original headers are kept");
+        assert_eq!(
+            header(m, "Key"),
+            format!("k{i}"),
+            "the original headers are kept"
+        );
     }
     assert!(
-        until_zero(Duration::from_secs(20), || unacked(&s.js, &s.stream)).await.is_ok(),
+        until_zero(Duration::from_secs(20), || unacked(&s.js, &s.stream))
+            .await
+            .is_ok(),
         "the originals were not acknowledged"
     );
     assert_eq!(ferry.metric(DEAD_LETTERED).await, Some(3.0));
@@ -94,7 +106,9 @@ async fn term_dead_letters_are_never_handed_out_again() {
         .collect();
     s.publish(&messages).await;
     assert!(
-        until_zero(Duration::from_secs(20), || unacked(&s.js, &s.stream)).await.is_ok(),
+        until_zero(Duration::from_secs(20), || unacked(&s.js, &s.stream))
+            .await
+            .is_ok(),
         "terminated messages still pending"
     );
     assert_eq!(ferry.metric(DROPPED).await, Some(2.0));

@@ -33,7 +33,9 @@ async fn stop(mut ferry: Ferry) {
 }
 
 fn numbered(prefix: &str, n: usize) -> Vec<Outgoing> {
-    (0..n).map(|i| Outgoing::plain(format!("{prefix}-{i}"))).collect()
+    (0..n)
+        .map(|i| Outgoing::plain(format!("{prefix}-{i}")))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,7 +43,9 @@ async fn a_request_slower_than_ack_wait_is_not_handed_out_again() {
     let mut s = NatsStream::on_local("slow").await;
     s.extra = String::new();
     // The consumer's ack_wait is 2 s; each request takes 5 s.
-    let source = s.source().replace("ack_wait = \"10s\"", "ack_wait = \"2s\"");
+    let source = s
+        .source()
+        .replace("ack_wait = \"10s\"", "ack_wait = \"2s\"");
     let endpoint = Endpoint::start(|_| Reply::ok().after(Duration::from_secs(5))).await;
     let ferry = Ferry::start(&Route {
         source,
@@ -54,13 +58,22 @@ async fn a_request_slower_than_ack_wait_is_not_handed_out_again() {
     let done = wait_until(Duration::from_secs(30), || endpoint.delivered().len() >= 5).await;
     assert!(done, "log:\n{}", ferry.log());
     assert!(
-        until_zero(Duration::from_secs(10), || unacked(&s.js, &s.stream)).await.is_ok(),
+        until_zero(Duration::from_secs(10), || unacked(&s.js, &s.stream))
+            .await
+            .is_ok(),
         "not acknowledged"
     );
     // Twice ack_wait more: a message whose lease lapsed would have come back by now.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let seen = endpoint.seen();
-    assert_eq!(seen.len(), 5, "asked more than once: {:?}", seen.iter().map(|s| (s.msg(), s.attempt)).collect::<Vec<_>>());
+    assert_eq!(
+        seen.len(),
+        5,
+        "asked more than once: {:?}",
+        seen.iter()
+            .map(|s| (s.msg(), s.attempt))
+            .collect::<Vec<_>>()
+    );
     assert!(seen.iter().all(|s| s.attempt == 1));
     stop(ferry).await;
 }
@@ -96,7 +109,9 @@ async fn two_replicas_share_one_durable_consumer_without_loss() {
         b.log()
     );
     assert!(
-        until_zero(Duration::from_secs(30), || unacked(&s.js, &s.stream)).await.is_ok(),
+        until_zero(Duration::from_secs(30), || unacked(&s.js, &s.stream))
+            .await
+            .is_ok(),
         "left unacknowledged"
     );
     const DELIVERED: &str =
@@ -106,9 +121,16 @@ async fn two_replicas_share_one_durable_consumer_without_loss() {
     stop(a).await;
     stop(b).await;
     let ids_in: BTreeSet<String> = messages.iter().map(|m| m.body.clone()).collect();
-    assert_eq!(endpoint.delivered_set(), ids_in, "every id out that went in");
+    assert_eq!(
+        endpoint.delivered_set(),
+        ids_in,
+        "every id out that went in"
+    );
     assert_eq!(endpoint.delivered().len(), total, "none twice");
-    assert!(by_a > 0.0 && by_b > 0.0, "one replica did all: {by_a} / {by_b}");
+    assert!(
+        by_a > 0.0 && by_b > 0.0,
+        "one replica did all: {by_a} / {by_b}"
+    );
     assert_eq!((by_a + by_b) as usize, total);
 }
 
@@ -141,7 +163,12 @@ async fn a_retry_held_on_the_server_survives_kill_9() {
 
     let ferry = bridge(&s, &endpoint, "", delivery).await;
     let all = wait_until(Duration::from_secs(40), || endpoint.delivered().len() >= 30).await;
-    assert!(all, "{} delivered; log:\n{}", endpoint.delivered().len(), ferry.log());
+    assert!(
+        all,
+        "{} delivered; log:\n{}",
+        endpoint.delivered().len(),
+        ferry.log()
+    );
     stop(ferry).await;
     let seen = endpoint.seen();
     let first = seen.iter().map(|s| s.at).min().expect("seen");
@@ -156,7 +183,9 @@ async fn a_retry_held_on_the_server_survives_kill_9() {
     let delivered: BTreeSet<String> = endpoint.delivered_set();
     assert_eq!(delivered.len(), 30, "lost across kill -9");
     assert!(
-        until_zero(Duration::from_secs(20), || unacked(&s.js, &s.stream)).await.is_ok(),
+        until_zero(Duration::from_secs(20), || unacked(&s.js, &s.stream))
+            .await
+            .is_ok(),
         "left unacknowledged"
     );
 }

@@ -37,7 +37,11 @@ fn one_line(lines: &[String], code: Option<i32>, expected: i32) -> &str {
 fn an_unreachable_server_exits_1_in_one_line_without_the_password() {
     let port = ferry_e2e::free_port();
     let url = format!("nats://ferry:s3cret@127.0.0.1:{port}");
-    let (code, lines) = run(&source(&url, "ORDERS", "declare = true\ndead_letters = \"term\""));
+    let (code, lines) = run(&source(
+        &url,
+        "ORDERS",
+        "declare = true\ndead_letters = \"term\"",
+    ));
     let line = one_line(&lines, code, 1);
     assert!(line.contains("routes.r.source.url"), "{line}");
     assert!(line.contains(&port.to_string()), "{line}");

@@ -74,14 +74,21 @@ fn headers(state: &State, ctx: &SourceContext, op: &Op) -> HeaderMap {
         headers.insert("Ferry-Original-Msg-Id", id);
         headers.insert(
             "Nats-Msg-Id",
-            format!("{}:{}:dead", state.config.stream, op.original.stream_sequence),
+            format!(
+                "{}:{}:dead",
+                state.config.stream, op.original.stream_sequence
+            ),
         );
     }
     headers
 }
 
 /// Publishes dead letters until every handle is gone.
-pub(crate) async fn run(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<Op>, ctx: SourceContext) {
+pub(crate) async fn run(
+    state: Arc<State>,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    ctx: SourceContext,
+) {
     let DeadLetters::Subject(subject) = state.config.dead_letters.clone() else {
         return;
     };

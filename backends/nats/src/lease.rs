@@ -30,7 +30,13 @@ impl Renew<Subject> for InProgress {
     /// them all due, tried again at the next check.
     async fn renew(&self, due: Vec<Subject>, _length: Duration) -> Vec<bool> {
         for reply in &due {
-            settle::publish(&self.state, &self.ctx, reply.clone(), Bytes::from_static(b"+WPI")).await;
+            settle::publish(
+                &self.state,
+                &self.ctx,
+                reply.clone(),
+                Bytes::from_static(b"+WPI"),
+            )
+            .await;
         }
         let ok = settle::flush(&self.state, &self.ctx, "renew").await;
         vec![ok; due.len()]

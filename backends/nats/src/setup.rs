@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::context::GetStreamErrorKind;
-use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::stream::{self, Stream};
 use async_nats::jetstream::Context;
+use async_nats::jetstream::ErrorCode;
 
 use crate::{DeadLetters, NatsConfig, NatsError};
 
@@ -109,7 +109,9 @@ async fn stream_of(js: &Context, config: &NatsConfig, shown: &str) -> Result<Str
     match js.get_stream(&config.stream).await {
         Ok(stream) => Ok(stream),
         Err(e) => match e.kind() {
-            GetStreamErrorKind::JetStream(err) if err.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+            GetStreamErrorKind::JetStream(err)
+                if err.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
                 if !config.declare {
                     return Err(NatsError::Setup {
                         key: "stream",
@@ -143,7 +145,10 @@ async fn stream_of(js: &Context, config: &NatsConfig, shown: &str) -> Result<Str
             }),
             _ => Err(NatsError::Unreachable {
                 url: shown.to_owned(),
-                detail: format!("JetStream did not answer ({}); is it enabled (-js)?", one_line(&e)),
+                detail: format!(
+                    "JetStream did not answer ({}); is it enabled (-js)?",
+                    one_line(&e)
+                ),
             }),
         },
     }

@@ -67,9 +67,9 @@ const DEFAULT_MAX_ACK_PENDING: i64 = 1000;
 fn valid_subject(subject: &str, wildcards: bool) -> bool {
     !subject.is_empty()
         && !subject.chars().any(char::is_whitespace)
-        && subject.split('.').all(|t| {
-            !t.is_empty() && (wildcards || (t != "*" && t != ">"))
-        })
+        && subject
+            .split('.')
+            .all(|t| !t.is_empty() && (wildcards || (t != "*" && t != ">")))
 }
 
 /// What the server takes as a stream or consumer name.
@@ -124,7 +124,10 @@ impl NatsSourceConfig {
                 push("ack_wait", "at least 1s");
             }
             if !self.declare {
-                push("ack_wait", "only applies with declare = true (an existing consumer's own is used)");
+                push(
+                    "ack_wait",
+                    "only applies with declare = true (an existing consumer's own is used)",
+                );
             }
         }
         if let Some(pending) = self.max_ack_pending {
@@ -140,7 +143,9 @@ impl NatsSourceConfig {
         }
         match self.key.as_deref() {
             None | Some("subject") => {}
-            Some(k) if k.strip_prefix("header:").is_some_and(|h| !h.trim().is_empty()) => {}
+            Some(k)
+                if k.strip_prefix("header:")
+                    .is_some_and(|h| !h.trim().is_empty()) => {}
             Some(_) => push("key", "\"subject\" or \"header:<name>\""),
         }
         if ordering == Some(Ordering::Key) && self.key.is_none() {
@@ -179,10 +184,13 @@ impl NatsSourceConfig {
             ack_wait: self.ack_wait.map_or(DEFAULT_ACK_WAIT, |d| d.0),
             max_ack_pending: self.max_ack_pending.unwrap_or(DEFAULT_MAX_ACK_PENDING),
             batch_size: self.batch_size,
-            key: self.key.as_deref().map(|k| match k.strip_prefix("header:") {
-                Some(header) => ferry_nats::KeyFrom::Header(header.trim().to_owned()),
-                None => ferry_nats::KeyFrom::Subject,
-            }),
+            key: self
+                .key
+                .as_deref()
+                .map(|k| match k.strip_prefix("header:") {
+                    Some(header) => ferry_nats::KeyFrom::Header(header.trim().to_owned()),
+                    None => ferry_nats::KeyFrom::Subject,
+                }),
             dead_letters: match &self.dead_letter_subject {
                 Some(subject) => ferry_nats::DeadLetters::Subject(subject.clone()),
                 None => ferry_nats::DeadLetters::Term,

@@ -75,7 +75,14 @@ impl NatsServer {
     /// Starts the process (again) and waits for its port.
     pub async fn up(&self) {
         let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(&self.store)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
