@@ -189,3 +189,50 @@ async fn a_retry_held_on_the_server_survives_kill_9() {
         "left unacknowledged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_gauge_is_the_consumers_pending_count() {
+    let s = NatsStream::on_local("backlog").await;
+    let endpoint = Endpoint::start(|_| Reply::ok()).await;
+    let ferry = bridge(&s, &endpoint, "", "concurrency = 4").await;
+    let (status, _) = ferry.admin(reqwest::Method::PUT, "/routes/r/pause").await;
+    assert_eq!(status, 200);
+    // Paused, the route takes no more than its buffer: the rest stays pending.
+    s.publish(&numbered("b", 1000)).await;
+    let metric = r#"ferry_source_backlog{route="r",source="nats",sink="http"}"#;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let (matched, last) = loop {
+        let pending = ferry_e2e::conformance::nats::consumer_counts(&s.js, &s.stream)
+            .await
+            .map(|(p, _)| p as f64);
+        let gauge = ferry.metric(metric).await;
+        if gauge.is_some() && gauge == pending && gauge > Some(500.0) {
+            break (true, (gauge, pending));
+        }
+        if tokio::time::Instant::now() > deadline {
+            break (false, (gauge, pending));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(matched, "gauge and num_pending (gauge, server): {last:?}");
+    let (status, _) = ferry.admin(reqwest::Method::PUT, "/routes/r/resume").await;
+    assert_eq!(status, 200);
+    let all = wait_until(Duration::from_secs(60), || {
+        endpoint.delivered_set().len() == 1000
+    })
+    .await;
+    assert!(all, "log:\n{}", ferry.log());
+    let drained = wait_until_gauge_zero(&ferry, metric).await;
+    assert!(drained, "the gauge did not come back to 0");
+    stop(ferry).await;
+}
+
+async fn wait_until_gauge_zero(ferry: &Ferry, metric: &str) -> bool {
+    for _ in 0..60 {
+        if ferry.metric(metric).await == Some(0.0) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    false
+}

@@ -86,7 +86,7 @@ impl<'a> Receiver<'a> {
                             self.ctx.set_error(None);
                             failures = 0;
                         }
-                        self.ctx.set_connected(true);
+                        self.ctx.set_connected(self.connected());
                         if let Some(delivery) = self.wrap(msg, asked) {
                             // One permit per message asked for: never short. Dropping
                             // the delivery otherwise would release it, which is safe too.
@@ -100,9 +100,10 @@ impl<'a> Receiver<'a> {
             }
             drop(permits);
             match refused {
-                // 409s: the consumer holds `max_ack_pending` messages unacknowledged
-                // already (other replicas' too), or the request was too big: ask again soon.
-                Some(status) if status.contains("409") => {
+                // 409 "Exceeded ...": the consumer holds `max_ack_pending` messages
+                // unacknowledged already (other replicas' too), or has as many pulls
+                // waiting as it takes, or the request was too big: ask again soon.
+                Some(status) if status.contains("409") && status.contains("Exceeded") => {
                     debug!(route = %self.ctx.route, %status, "pull refused for now");
                     if self.pause(1).await {
                         return;
@@ -115,9 +116,15 @@ impl<'a> Receiver<'a> {
                         return;
                     }
                 }
-                None => self.ctx.set_connected(true),
+                None => self.ctx.set_connected(self.connected()),
             }
         }
+    }
+
+    /// Whether the client is connected now: a pull that ended without a word may have
+    /// timed out on the client's side while it reconnects.
+    fn connected(&self) -> bool {
+        self.state.client.connection_state() == async_nats::connection::State::Connected
     }
 
     /// A failed pull: logged once per outage, counted, shown by `/routes`.
