@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Makes sure the local brokers the tests use answer on loopback: RabbitMQ on 5672,
-# Mosquitto on 1883 and Redis on 6379. Starts one that is down, installing its Debian
-# package first when it is missing and this runs as root; fails loudly if it stays down.
+# Makes sure the local brokers the tests use answer on loopback: RabbitMQ on 5672, Redis
+# on 6379, PostgreSQL on 5432, Mosquitto on 1883 and NATS (JetStream) on 4222. Starts one
+# that is down, installing its Debian package first when it is missing and this runs as
+# root; fails loudly if it stays down.
 set -euo pipefail
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -47,4 +48,8 @@ ensure() {
 ensure RabbitMQ 5672 rabbitmq-server rabbitmq-server -detached
 ensure Mosquitto 1883 mosquitto mosquitto -d -p 1883   # -p alone: loopback only, anonymous
 ensure Redis 6379 redis-server redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save ""
+# nats-server stays in the foreground: `setsid -f` puts it in the background, so its
+# package is made sure of here rather than by `ensure` (which looks for the first word).
+command -v nats-server >/dev/null 2>&1 || install_package nats-server nats-server
+ensure NATS 4222 nats-server setsid -f nats-server -js -a 127.0.0.1 -p 4222 -sd "${TMPDIR:-/tmp}/ferry-nats-store"
 ensure PostgreSQL 5432 postgresql pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1 | grep . || echo 15)" main start

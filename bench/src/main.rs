@@ -19,6 +19,7 @@ mod delay;
 mod idle;
 mod kafka;
 mod latency;
+mod nats;
 mod postgres;
 mod redis;
 mod sqs;
@@ -48,6 +49,8 @@ enum Broker {
     Redis,
     /// The local PostgreSQL: a table drained by the claim statement.
     Postgres,
+    /// The local NATS server (JetStream).
+    Nats,
 }
 
 /// How ferry's HTTP sink carries the message in the request body (`[routes.*.sink] mode`).
@@ -103,6 +106,9 @@ struct Args {
     /// Redis server (`--broker redis`).
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
+    /// NATS server (`--broker nats`).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
     /// PostgreSQL server and database (the bench creates and drops its tables there).
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
     pg_url: String,
@@ -178,12 +184,12 @@ impl Args {
         let default = match self.broker {
             Broker::Sqs => 20_000,
             Broker::Postgres => 50_000,
-            Broker::Amqp | Broker::Kafka | Broker::Redis => 200_000,
+            Broker::Amqp | Broker::Kafka | Broker::Redis | Broker::Nats => 200_000,
         };
         // A quick sweep of two sizes, three settings and two latencies runs twelve rows.
         let quick_divisor = match self.broker {
             Broker::Sqs | Broker::Postgres => 10,
-            Broker::Amqp | Broker::Kafka | Broker::Redis => 40,
+            Broker::Amqp | Broker::Kafka | Broker::Redis | Broker::Nats => 40,
         };
         match (self.messages, self.quick) {
             (Some(n), _) => n,
@@ -258,6 +264,7 @@ async fn main() -> Result<()> {
         Broker::Kafka => kafka::run(&args).await,
         Broker::Redis => redis::run(&args).await,
         Broker::Postgres => postgres::run(&args).await,
+        Broker::Nats => nats::run(&args).await,
         Broker::Sqs => sqs::run(&args).await,
     }
 }

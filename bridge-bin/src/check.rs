@@ -113,6 +113,17 @@ async fn connect(source: SourcePlan) -> Result<String, String> {
                 .map(|_| what)
                 .map_err(|e| e.to_string())
         }
+        #[cfg(feature = "nats")]
+        SourcePlan::Nats(config) => {
+            let what = format!(
+                "stream {} and consumer {} exist",
+                config.stream, config.consumer
+            );
+            ferry_nats::NatsSource::connect(config)
+                .await
+                .map(|_| what)
+                .map_err(|e| e.to_string())
+        }
         #[cfg(feature = "postgres")]
         SourcePlan::Postgres(config) => {
             let what = match &config.dead_letters {

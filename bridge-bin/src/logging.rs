@@ -28,7 +28,7 @@ pub enum LogFormat {
 
 /// Targets of libraries whose debug lines describe their own work, not ferry's; capped at
 /// `info` unless `FERRY_LOG` names them.
-const CLIENTS: [&str; 12] = [
+const CLIENTS: [&str; 13] = [
     "aws",
     "hyper",
     "h2",
@@ -40,6 +40,7 @@ const CLIENTS: [&str; 12] = [
     "rdkafka",
     "redis",
     "rumqttc",
+    "async_nats",
     "opentelemetry",
 ];
 

@@ -10,7 +10,8 @@
         feature = "kafka",
         feature = "redis",
         feature = "postgres",
-        feature = "mqtt"
+        feature = "mqtt",
+        feature = "nats"
     )),
     allow(unused)
 )]
@@ -84,6 +85,7 @@ fn long_version() -> &'static str {
         ("redis", cfg!(feature = "redis")),
         ("postgres", cfg!(feature = "postgres")),
         ("mqtt", cfg!(feature = "mqtt")),
+        ("nats", cfg!(feature = "nats")),
         ("otlp", cfg!(feature = "otlp")),
         ("mimalloc", cfg!(feature = "mimalloc")),
     ];

@@ -136,5 +136,11 @@ pub async fn run(route: RoutePlan, ask: Redrive) -> anyhow::Result<()> {
             "--route {name}: redrive moves SQS and RabbitMQ dead letters; an MQTT \
              dead_letter_topic keeps the payload and properties, publish them back to the topic"
         ),
+        #[cfg(feature = "nats")]
+        SourcePlan::Nats(_) => bail!(
+            "--route {name}: redrive moves SQS and RabbitMQ dead letters; a NATS dead letter \
+             keeps the original headers and payload and its Ferry-Subject header, publish it \
+             back there"
+        ),
     }
 }

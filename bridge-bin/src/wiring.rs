@@ -89,6 +89,8 @@ pub async fn build(
         SourcePlan::Postgres(config) => connected!(ferry_postgres::PostgresSource::connect(config)),
         #[cfg(feature = "mqtt")]
         SourcePlan::Mqtt(config) => connected!(ferry_mqtt::MqttSource::connect(config)),
+        #[cfg(feature = "nats")]
+        SourcePlan::Nats(config) => connected!(ferry_nats::NatsSource::connect(config)),
     }
 }
 

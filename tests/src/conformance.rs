@@ -12,6 +12,7 @@
 pub mod amqp;
 pub mod kafka;
 pub mod mqtt;
+pub mod nats;
 pub mod postgres;
 pub mod redis;
 pub mod sqs;

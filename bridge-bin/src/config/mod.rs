@@ -106,6 +106,7 @@ debug_redacted!(
 );
 
 pub mod mqtt;
+pub mod nats;
 pub mod postgres;
 pub mod redis;
 
@@ -341,6 +342,8 @@ pub enum SourceConfig {
     Postgres(postgres::PostgresSourceConfig),
     /// MQTT 5.
     Mqtt(mqtt::MqttSourceConfig),
+    /// NATS JetStream.
+    Nats(nats::NatsSourceConfig),
 }
 
 /// `type = "kafka"`

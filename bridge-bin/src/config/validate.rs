@@ -57,6 +57,9 @@ pub enum SourcePlan {
     /// MQTT 5.
     #[cfg(feature = "mqtt")]
     Mqtt(ferry_mqtt::MqttConfig),
+    /// NATS JetStream.
+    #[cfg(feature = "nats")]
+    Nats(ferry_nats::NatsConfig),
 }
 
 /// Everything `ferry run` needs, validated.
@@ -487,7 +490,8 @@ fn range<T: PartialOrd + std::fmt::Display>(
         feature = "kafka",
         feature = "redis",
         feature = "postgres",
-        feature = "mqtt"
+        feature = "mqtt",
+        feature = "nats"
     ),
     allow(dead_code)
 )]
@@ -610,7 +614,8 @@ fn check_topic_arns(arns: &[String], at: &str, errors: &mut Errors) {
         feature = "kafka",
         feature = "redis",
         feature = "postgres",
-        feature = "mqtt"
+        feature = "mqtt",
+        feature = "nats"
     )),
     allow(unused_variables)
 )]
@@ -799,6 +804,20 @@ fn source_plan(
             {
                 let _ = ok;
                 missing_feature(at, "mqtt", errors)
+            }
+        }
+        SourceConfig::Nats(nats) => {
+            let found = nats.check(ordering, at);
+            let ok = found.is_empty();
+            errors.0.extend(found);
+            #[cfg(feature = "nats")]
+            {
+                ok.then(|| SourcePlan::Nats(nats.plan()))
+            }
+            #[cfg(not(feature = "nats"))]
+            {
+                let _ = ok;
+                missing_feature(at, "nats", errors)
             }
         }
     }
@@ -1299,6 +1318,7 @@ pub fn redacted(config: &Config) -> Config {
             SourceConfig::Redis(redis) => SourceConfig::Redis(redis.redacted()),
             SourceConfig::Postgres(postgres) => SourceConfig::Postgres(postgres.redacted()),
             SourceConfig::Mqtt(mqtt) => SourceConfig::Mqtt(mqtt.redacted()),
+            SourceConfig::Nats(nats) => SourceConfig::Nats(nats.redacted()),
         };
     }
     config
