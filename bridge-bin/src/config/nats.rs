@@ -60,7 +60,10 @@ fn default_batch_size() -> usize {
     100
 }
 
+/// The defaults of the consumer ferry declares; only the plan (built with the backend) uses them.
+#[cfg(feature = "nats")]
 const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+#[cfg(feature = "nats")]
 const DEFAULT_MAX_ACK_PENDING: i64 = 1000;
 
 /// A subject without spaces, empty tokens or (unless allowed) wildcards.
