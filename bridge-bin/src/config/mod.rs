@@ -57,6 +57,32 @@ impl std::fmt::Display for OneLine<'_> {
     }
 }
 
+/// The mistake, if any, in a source's choice of where its dead letters go: a destination
+/// (`destination_key`, set or not) or `dead_letters = "<word>"` (the broker's own way to
+/// be rid of them, `verb` in the message): exactly one of the two. Returns the key under
+/// the source (empty: the source itself) and what is wrong.
+pub(super) fn dead_letter_choice(
+    destination_key: &str,
+    destination: bool,
+    word: &str,
+    verb: &str,
+    chosen: bool,
+) -> Option<(&'static str, String)> {
+    match (destination, chosen) {
+        (false, false) => Some((
+            "",
+            format!(
+                "no dead-letter destination: set {destination_key}, or dead_letters = \"{word}\" to {verb} dead letters"
+            ),
+        )),
+        (true, true) => Some((
+            "dead_letters",
+            format!("\"{word}\" contradicts {destination_key}: keep one of them"),
+        )),
+        _ => None,
+    }
+}
+
 /// A key as one segment of a key path: as it is when it is a bare TOML key, quoted as
 /// TOML would write it otherwise, so that an empty key or one with a dot or a space still
 /// names exactly one place.

@@ -174,24 +174,26 @@ impl MqttSourceConfig {
         if self.keep_alive.0 < Duration::from_secs(1) || self.keep_alive.0.as_secs() > 65_535 {
             push("keep_alive", "must be between 1s and 65535s");
         }
-        match (&self.dead_letter_topic, self.dead_letters) {
-            (None, None) => push(
-                "",
-                "no dead-letter destination: set dead_letter_topic, or dead_letters = \"drop\" to drop dead letters",
-            ),
-            (Some(_), Some(MqttDeadLetters::Drop)) => push(
-                "dead_letters",
-                "\"drop\" contradicts dead_letter_topic: keep one of them",
-            ),
-            (Some(dl), _) if dl.is_empty() || dl.contains(['+', '#', '\0']) => push(
-                "dead_letter_topic",
-                "must be a topic name (not empty, no wildcards)",
-            ),
-            (Some(dl), _) if self.topics.iter().any(|f| matches(f, dl)) => push(
-                "dead_letter_topic",
-                "is matched by topics: dead letters would be delivered again",
-            ),
-            _ => {}
+        if let Some((key, what)) = super::dead_letter_choice(
+            "dead_letter_topic",
+            self.dead_letter_topic.is_some(),
+            "drop",
+            "drop",
+            self.dead_letters.is_some(),
+        ) {
+            push(key, &what);
+        } else if let Some(dl) = &self.dead_letter_topic {
+            if dl.is_empty() || dl.contains(['+', '#', '\0']) {
+                push(
+                    "dead_letter_topic",
+                    "must be a topic name (not empty, no wildcards)",
+                );
+            } else if self.topics.iter().any(|f| matches(f, dl)) {
+                push(
+                    "dead_letter_topic",
+                    "is matched by topics: dead letters would be delivered again",
+                );
+            }
         }
         errors
     }

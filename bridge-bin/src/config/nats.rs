@@ -157,19 +157,18 @@ impl NatsSourceConfig {
                 "ordering = \"key\" needs where the key is: \"subject\" or \"header:<name>\"",
             );
         }
-        match (&self.dead_letter_subject, self.dead_letters) {
-            (None, None) => push(
-                "",
-                "no dead-letter destination: set dead_letter_subject, or dead_letters = \"term\" to terminate dead letters",
-            ),
-            (Some(_), Some(NatsDeadLetters::Term)) => push(
-                "dead_letters",
-                "\"term\" contradicts dead_letter_subject: keep one of them",
-            ),
-            (Some(dl), _) if !valid_subject(dl, false) => {
+        if let Some((key, what)) = super::dead_letter_choice(
+            "dead_letter_subject",
+            self.dead_letter_subject.is_some(),
+            "term",
+            "terminate",
+            self.dead_letters.is_some(),
+        ) {
+            push(key, &what);
+        } else if let Some(dl) = &self.dead_letter_subject {
+            if !valid_subject(dl, false) {
                 push("dead_letter_subject", "not a subject (no wildcards)");
             }
-            _ => {}
         }
         errors
     }

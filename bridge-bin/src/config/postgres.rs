@@ -138,26 +138,23 @@ impl PostgresSourceConfig {
         if let Some(what) = table_name_problem(&self.table, suffix) {
             push("table", what);
         }
-        match (&self.dead_letter_table, self.dead_letters) {
-            (None, None) => push(
-                "",
-                "no dead-letter destination: set dead_letter_table, or dead_letters = \"drop\" to drop dead letters".to_owned(),
-            ),
-            (Some(_), Some(DropDeadLetters::Drop)) => push(
-                "dead_letters",
-                "\"drop\" contradicts dead_letter_table: keep one of them".to_owned(),
-            ),
-            (Some(dead), None) => {
-                if let Some(what) = table_name_problem(dead, 0) {
-                    push("dead_letter_table", what);
-                } else if same_table(dead, &self.table) {
-                    push(
-                        "dead_letter_table",
-                        "is the source table: dead letters would be delivered again".to_owned(),
-                    );
-                }
+        if let Some((key, what)) = super::dead_letter_choice(
+            "dead_letter_table",
+            self.dead_letter_table.is_some(),
+            "drop",
+            "drop",
+            self.dead_letters.is_some(),
+        ) {
+            push(key, what);
+        } else if let Some(dead) = &self.dead_letter_table {
+            if let Some(what) = table_name_problem(dead, 0) {
+                push("dead_letter_table", what);
+            } else if same_table(dead, &self.table) {
+                push(
+                    "dead_letter_table",
+                    "is the source table: dead letters would be delivered again".to_owned(),
+                );
             }
-            (None, Some(_)) => {}
         }
         if self.payload_type.is_some() && !self.declare {
             push(

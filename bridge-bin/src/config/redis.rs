@@ -146,21 +146,23 @@ impl RedisSourceConfig {
         if !(1..=10_000).contains(&self.batch_size) {
             push("batch_size", "must be between 1 and 10000");
         }
-        match (&self.dead_letter_stream, self.dead_letters) {
-            (None, None) => push(
-                "",
-                "no dead-letter destination: set dead_letter_stream, or dead_letters = \"drop\" to drop dead letters",
-            ),
-            (Some(_), Some(RedisDeadLetters::Drop)) => push(
-                "dead_letters",
-                "\"drop\" contradicts dead_letter_stream: keep one of them",
-            ),
-            (Some(dl), _) if *dl == self.stream => push(
-                "dead_letter_stream",
-                "is the stream itself: dead letters would be delivered again",
-            ),
-            (Some(dl), _) if dl.trim().is_empty() => push("dead_letter_stream", "must not be empty"),
-            _ => {}
+        if let Some((key, what)) = super::dead_letter_choice(
+            "dead_letter_stream",
+            self.dead_letter_stream.is_some(),
+            "drop",
+            "drop",
+            self.dead_letters.is_some(),
+        ) {
+            push(key, &what);
+        } else if let Some(dl) = &self.dead_letter_stream {
+            if *dl == self.stream {
+                push(
+                    "dead_letter_stream",
+                    "is the stream itself: dead letters would be delivered again",
+                );
+            } else if dl.trim().is_empty() {
+                push("dead_letter_stream", "must not be empty");
+            }
         }
         if self.dead_letter_maxlen.is_some() && self.dead_letter_stream.is_none() {
             push("dead_letter_maxlen", "only applies with dead_letter_stream");
