@@ -43,6 +43,7 @@ pub async fn sink_ceiling(
         health_url: None,
         signing: None,
         tls: TlsConfig::default(),
+        http2: false,
     })
     .context("building the load generator's sink")?;
     let stop = Arc::new(AtomicBool::new(false));

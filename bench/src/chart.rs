@@ -29,8 +29,9 @@ pub fn size_chart(title: &str, rows: &[Row]) -> String {
     let mut cpu = Series::new();
     for r in rows {
         let label = format!(
-            "{}, c={}, {} ms",
+            "{}{}, c={}, {} ms",
             r.mode.map_or("envelope", BodyMode::name),
+            if r.http2 { " HTTP/2" } else { "" },
             r.case.setting,
             r.case.latency_ms
         );

@@ -98,7 +98,7 @@ async fn sources(
 ) -> Result<Vec<String>> {
     let mut out = Vec::with_capacity(routes);
     match args.broker {
-        Broker::Redis | Broker::Postgres | Broker::Nats => {
+        Broker::Redis | Broker::Postgres | Broker::Nats | Broker::Mqtt => {
             anyhow::bail!("--idle-routes measures SQS, RabbitMQ and Kafka")
         }
         Broker::Sqs => {

@@ -19,6 +19,7 @@ mod delay;
 mod idle;
 mod kafka;
 mod latency;
+mod mqtt;
 mod nats;
 mod postgres;
 mod redis;
@@ -51,6 +52,8 @@ enum Broker {
     Postgres,
     /// The local NATS server (JetStream).
     Nats,
+    /// A Mosquitto (MQTT 5) the bench starts on a free loopback port.
+    Mqtt,
 }
 
 /// How ferry's HTTP sink carries the message in the request body (`[routes.*.sink] mode`).
@@ -167,6 +170,10 @@ struct Args {
     /// the broker holds in memory.
     #[arg(long, default_value_t = 1024)]
     max_phase_mib: u64,
+    /// The HTTP versions ferry's sink speaks to the counting sink, each run as its own row
+    /// (`http2`: h2c, every request on one connection).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "http1")]
+    http: Vec<HttpVersion>,
     /// Also writes an SVG chart of ferry's rate and CPU per message against the message
     /// size, one line per body mode, concurrency and latency.
     #[arg(long)]
@@ -177,6 +184,18 @@ struct Args {
     /// The body mode of the row being measured (set by the sweep from `--mode`).
     #[arg(skip)]
     current_mode: Option<BodyMode>,
+    /// Whether the row being measured speaks HTTP/2 (set by the sweep from `--http`).
+    #[arg(skip)]
+    current_http2: bool,
+}
+
+/// The HTTP version of ferry's sink (`[routes.*.sink] http2`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum HttpVersion {
+    /// HTTP/1.1, a pool of keep-alive connections (ferry's default).
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): every request multiplexed on one connection.
+    Http2,
 }
 
 impl Args {
@@ -184,12 +203,12 @@ impl Args {
         let default = match self.broker {
             Broker::Sqs => 20_000,
             Broker::Postgres => 50_000,
-            Broker::Amqp | Broker::Kafka | Broker::Redis | Broker::Nats => 200_000,
+            Broker::Amqp | Broker::Kafka | Broker::Redis | Broker::Nats | Broker::Mqtt => 200_000,
         };
         // A quick sweep of two sizes, three settings and two latencies runs twelve rows.
         let quick_divisor = match self.broker {
             Broker::Sqs | Broker::Postgres => 10,
-            Broker::Amqp | Broker::Kafka | Broker::Redis | Broker::Nats => 40,
+            Broker::Amqp | Broker::Kafka | Broker::Redis | Broker::Nats | Broker::Mqtt => 40,
         };
         match (self.messages, self.quick) {
             (Some(n), _) => n,
@@ -229,19 +248,25 @@ impl Args {
     }
 
     /// These arguments with ferry's sink in `mode` (`None`: the sink's default).
-    fn with_mode(&self, mode: Option<BodyMode>) -> Self {
+    fn with_variant(&self, (mode, http2): (Option<BodyMode>, bool)) -> Self {
         let mut args = self.clone();
         args.current_mode = mode;
+        args.current_http2 = http2;
         args
     }
 
-    /// The `--mode` list; the sink's default alone when none was given.
-    fn modes(&self) -> Vec<Option<BodyMode>> {
-        if self.mode.is_empty() {
+    /// Each `--mode` (the sink's default alone when none was given) with each `--http`
+    /// version (`true`: HTTP/2).
+    fn variants(&self) -> Vec<(Option<BodyMode>, bool)> {
+        let modes = if self.mode.is_empty() {
             vec![None]
         } else {
             self.mode.iter().copied().map(Some).collect()
-        }
+        };
+        modes
+            .into_iter()
+            .flat_map(|m| self.http.iter().map(move |h| (m, *h == HttpVersion::Http2)))
+            .collect()
     }
 
     fn first_size(&self) -> usize {
@@ -265,6 +290,7 @@ async fn main() -> Result<()> {
         Broker::Redis => redis::run(&args).await,
         Broker::Postgres => postgres::run(&args).await,
         Broker::Nats => nats::run(&args).await,
+        Broker::Mqtt => mqtt::run(&args).await,
         Broker::Sqs => sqs::run(&args).await,
     }
 }
@@ -298,6 +324,17 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
 
 fn peak_rss_kib(pid: u32) -> Result<u64> {
     status_kib(pid, "VmHWM")
+}
+
+/// A name no other phase of any run uses: the prefix, the process id and a count (a
+/// stream, subject, topic or session of one phase).
+fn unique(prefix: &str) -> String {
+    static PHASE: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        PHASE.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A size in KiB from /proc/PID/status (`VmHWM`, `VmRSS`, ...).
@@ -341,10 +378,13 @@ fn spawn_ferry_with(
             .with_context(|| format!("--ferry-extra {}", path.display()))?,
         None => String::new(),
     };
-    let mode = match args.current_mode {
+    let mut mode = match args.current_mode {
         Some(mode) => format!("mode = \"{}\"\n", mode.name()),
         None => String::new(),
     };
+    if args.current_http2 {
+        mode.push_str("http2 = true\n");
+    }
     spawn_ferry_config(
         args,
         &format!(

@@ -3,7 +3,7 @@
 //! next read; no HTTP) against ferry end to end into the counting sink. Each phase gets a
 //! fresh stream filled beforehand and deletes it afterwards. There are no paced phases.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,7 +13,7 @@ use redis::streams::StreamReadReply;
 
 use crate::latency::{Pace, Percentiles};
 use crate::sweep::{measure_ferry, sweep, Case, FerryRun, Phases};
-use crate::{counting_sink, spawn_ferry, Args};
+use crate::{counting_sink, spawn_ferry, unique, Args};
 
 /// Entries per read, for the native consumer and ferry (`batch_size`) alike.
 const COUNT: usize = 100;
@@ -40,16 +40,6 @@ pub async fn run(args: &Args) -> Result<()> {
 struct Redis {
     con: MultiplexedConnection,
     url: String,
-}
-
-/// A stream name of this run: the process id and a count.
-fn unique(prefix: &str) -> String {
-    static PHASE: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        PHASE.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 impl Redis {

@@ -105,6 +105,8 @@ pub struct Row {
     pub case: Case,
     /// ferry's body mode (`None`: the sink's default).
     pub mode: Option<BodyMode>,
+    /// Whether ferry's sink spoke HTTP/2.
+    pub http2: bool,
     /// Messages per phase (fewer for big payloads, see `--max-phase-mib`).
     pub messages: u64,
     /// Each plain consumer's rate, in the order of `natives()`.
@@ -129,13 +131,16 @@ pub async fn sweep(all: &Args, phases: &impl Phases) -> Result<()> {
     let mut native_latencies: HashMap<(usize, u64), Percentiles> = HashMap::new();
     for &size in &all.size {
         let sized = all.for_size(size);
-        for (mode, &latency_ms) in sized
-            .modes()
+        for ((mode, http2), &latency_ms) in sized
+            .variants()
             .into_iter()
-            .flat_map(|m| all.latency_ms.iter().map(move |l| (m, l)))
+            .flat_map(|v| all.latency_ms.iter().map(move |l| (v, l)))
         {
-            let args = &sized.with_mode(mode);
-            let shown_mode = mode.map_or(String::new(), |m| format!(", mode={}", m.name()));
+            let args = &sized.with_variant((mode, http2));
+            let mut shown_mode = mode.map_or(String::new(), |m| format!(", mode={}", m.name()));
+            if http2 {
+                shown_mode.push_str(", HTTP/2");
+            }
             for setting in args.settings() {
                 let case = Case {
                     size,
@@ -208,6 +213,7 @@ pub async fn sweep(all: &Args, phases: &impl Phases) -> Result<()> {
                 rows.push(Row {
                     case,
                     mode,
+                    http2,
                     messages: args.messages(),
                     natives: native_secs.iter().map(|secs| total / secs).collect(),
                     ceiling,
@@ -241,11 +247,16 @@ pub async fn sweep(all: &Args, phases: &impl Phases) -> Result<()> {
 fn print_rates(names: &[&str], rows: &[Row]) {
     println!();
     let modes = rows.iter().any(|r| r.mode.is_some());
+    let versions = rows.iter().any(|r| r.http2);
     let mut head = "| size |".to_owned();
     let mut rule = "|---|".to_owned();
     if modes {
         head.push_str(" mode | messages |");
         rule.push_str("---|---|");
+    }
+    if versions {
+        head.push_str(" HTTP |");
+        rule.push_str("---|");
     }
     head.push_str(" concurrency | endpoint latency |");
     rule.push_str("---|---|");
@@ -270,6 +281,9 @@ fn print_rates(names: &[&str], rows: &[Row]) {
         if modes {
             let mode = r.mode.map_or("envelope", BodyMode::name);
             line.push_str(&format!(" {mode} | {} |", r.messages));
+        }
+        if versions {
+            line.push_str(if r.http2 { " 2 |" } else { " 1.1 |" });
         }
         line.push_str(&format!(" {} | {} ms |", r.case.setting, r.case.latency_ms));
         for native in &r.natives {

@@ -136,3 +136,42 @@ async fn a_broker_restart_loses_nothing() {
     );
     assert_eq!(mqtt::held(&addr, &client_id).await, 0);
 }
+
+/// Mosquitto numbers the messages it queues for an absent session as it queues them, so
+/// past 65,535 of them it sends a message under an identifier ferry still holds
+/// unacknowledged on the same connection. Both must be delivered, each taking one
+/// `PUBACK` (the broker removes one message per `PUBACK`): nothing lost, nothing stuck,
+/// no reconnect storm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_beyond_the_packet_identifiers_loses_nothing() {
+    const TOTAL: usize = 70_000;
+    let broker = PrivateBroker::start().await;
+    let addr = broker.addr.clone();
+    let base = ferry_e2e::unique("deep");
+    let client_id = format!("{base}-bridge");
+    let endpoint = Endpoint::start(|_| Reply::ok()).await;
+    let route = |endpoint: &Endpoint| {
+        Ferry::start(&Route {
+            source: mqtt::source(&addr, &base, &client_id, &format!("dead/{base}"), "")
+                .replace("shared_group = \"ferry\"\n", ""),
+            sink_url: &endpoint.url(),
+            sink: "",
+            delivery: "concurrency = 64",
+        })
+    };
+    // The first start makes the session; the backlog is queued while ferry is away.
+    let ferry = route(&endpoint);
+    ferry.wait_ready(Duration::from_secs(30)).await;
+    stop(ferry).await;
+    mqtt::publish(&addr, &items(&base, 0..TOTAL)).await;
+    let ferry = route(&endpoint);
+    ferry.wait_ready(Duration::from_secs(30)).await;
+    wait_all(&endpoint, TOTAL, &ferry).await;
+    stop(ferry).await;
+    let (_, unlabelled) = duplicates(&endpoint);
+    assert!(
+        unlabelled.is_empty(),
+        "redeliveries not labelled attempt > 1: {unlabelled:?}"
+    );
+    assert_eq!(mqtt::held(&addr, &client_id).await, 0, "left on the broker");
+}

@@ -50,7 +50,10 @@ impl Settle for MessageAck {
             // Never sent (retries wait in ferry); if it were, releasing is right.
             Settlement::Retry { .. } | Settlement::Release => {
                 let Some(t) = this.ticket else { return };
-                this.shared.table.release(t);
+                // A stale ticket's message is the broker's no longer: nothing to bring back.
+                if !this.shared.table.release(t) {
+                    return;
+                }
                 // The broker sends it again only at the next connection: make one now,
                 // unless the route is stopping (then the next start gets it).
                 if !this.shared.ctx.shutdown.is_cancelled() {

@@ -12,9 +12,16 @@
 //!   broker never had its `PUBACK`, so cannot have reused the identifier): it is not
 //!   delivered a second time; the held message is bound to the new connection, and when
 //!   it was settled meanwhile its `PUBACK` goes out at once.
-//! - a message that arrives without the DUP flag under an identifier ferry holds means the
-//!   broker counts the held one as done: the held one is forgotten (its settlement is
-//!   moot) and the new one held.
+//! - a message that arrives without the DUP flag under an identifier ferry holds from an
+//!   earlier connection means the broker counts the held one as done: the held one is
+//!   forgotten (its settlement is moot) and the new one held.
+//! - on the same connection a broker must not reuse an identifier before its `PUBACK`,
+//!   but Mosquitto 2.0 does once a session has queued more than 65,535 messages (it numbers
+//!   them as it queues them). Both messages are then held under the identifier, each
+//!   settled on its own and each taking one `PUBACK`: Mosquitto removes one message per
+//!   `PUBACK` (the oldest of that identifier), so both are delivered and neither is lost.
+//!   Forgetting the older one, as above, would let the newer one's `PUBACK` remove the
+//!   older from the broker, never delivered.
 //! - a connection that found no session (the broker lost or expired it) makes everything
 //!   held moot: the broker will not take those `PUBACK`s.
 
@@ -24,6 +31,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use rumqttc::v5::mqttbytes::v5::Publish;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
+use tracing::debug;
 
 /// One message held, as its handle knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +55,8 @@ struct Inner {
     conn: u64,
     /// The current connection's client, while it is up.
     client: Option<AsyncClient>,
-    entries: HashMap<u16, Entry>,
+    /// By identifier, oldest first; more than one only where the broker reused it.
+    entries: HashMap<u16, Vec<Entry>>,
     next_token: u64,
 }
 
@@ -105,32 +114,40 @@ impl Table {
     /// A QoS 1 message arrived on connection `conn`.
     pub(crate) fn arrived(&self, conn: u64, pkid: u16, dup: bool) -> Arrival {
         let mut inner = self.lock();
-        if let Some(e) = inner.entries.get_mut(&pkid) {
-            if dup && e.conn != conn {
-                e.conn = conn;
-                if !e.settled {
-                    return Arrival::Held;
-                }
-                let sent = inner
-                    .client
-                    .as_ref()
-                    .is_some_and(|c| c.try_ack(&ack_of(pkid)).is_ok());
-                if sent {
+        let inner = &mut *inner;
+        let held = inner.entries.entry(pkid).or_default();
+        // The broker's copy of a message held from an earlier connection.
+        if let Some(i) = held.iter().position(|e| dup && e.conn != conn) {
+            held[i].conn = conn;
+            if !held[i].settled {
+                return Arrival::Held;
+            }
+            let sent = inner
+                .client
+                .as_ref()
+                .is_some_and(|c| c.try_ack(&ack_of(pkid)).is_ok());
+            if sent {
+                held.remove(i);
+                if held.is_empty() {
                     inner.entries.remove(&pkid);
                 }
-                return Arrival::AckedAgain;
             }
+            return Arrival::AckedAgain;
+        }
+        if !dup {
+            // Held from an earlier connection: the broker is done with those.
+            held.retain(|e| e.conn == conn);
+        }
+        if !held.is_empty() {
+            debug!(pkid, held = held.len(), "the broker sent a message under an identifier ferry holds unacknowledged; both are held");
         }
         inner.next_token += 1;
         let token = inner.next_token;
-        inner.entries.insert(
-            pkid,
-            Entry {
-                token,
-                conn,
-                settled: false,
-            },
-        );
+        held.push(Entry {
+            token,
+            conn,
+            settled: false,
+        });
         Arrival::New(Ticket { pkid, token })
     }
 
@@ -138,35 +155,44 @@ impl Table {
     /// once the broker sends the message again (see the module documentation).
     pub(crate) fn ack(&self, t: Ticket) {
         let mut inner = self.lock();
-        let current = inner.conn;
-        let sent = match inner.entries.get(&t.pkid) {
-            Some(e) if e.token == t.token => {
-                e.conn == current
-                    && inner
-                        .client
-                        .as_ref()
-                        .is_some_and(|c| c.try_ack(&ack_of(t.pkid)).is_ok())
-            }
-            _ => return,
+        let inner = &mut *inner;
+        let Some(held) = inner.entries.get_mut(&t.pkid) else {
+            return;
         };
+        let Some(i) = held.iter().position(|e| e.token == t.token) else {
+            return;
+        };
+        let sent = held[i].conn == inner.conn
+            && inner
+                .client
+                .as_ref()
+                .is_some_and(|c| c.try_ack(&ack_of(t.pkid)).is_ok());
         if sent {
-            inner.entries.remove(&t.pkid);
-        } else if let Some(e) = inner.entries.get_mut(&t.pkid) {
-            e.settled = true;
+            held.remove(i);
+            if held.is_empty() {
+                inner.entries.remove(&t.pkid);
+            }
+        } else {
+            held[i].settled = true;
         }
     }
 
     /// The engine gives the message back: it stays unacknowledged on the broker, which
-    /// sends it again at the next connection.
-    pub(crate) fn release(&self, t: Ticket) {
+    /// sends it again at the next connection. False when the ticket was stale already (the
+    /// broker is done with that message: nothing will come back).
+    pub(crate) fn release(&self, t: Ticket) -> bool {
         let mut inner = self.lock();
-        if inner
-            .entries
-            .get(&t.pkid)
-            .is_some_and(|e| e.token == t.token)
-        {
+        let Some(held) = inner.entries.get_mut(&t.pkid) else {
+            return false;
+        };
+        let Some(i) = held.iter().position(|e| e.token == t.token) else {
+            return false;
+        };
+        held.remove(i);
+        if held.is_empty() {
             inner.entries.remove(&t.pkid);
         }
+        true
     }
 
     /// Whether the ticket still names a message the broker will take the `PUBACK` of.
@@ -174,12 +200,12 @@ impl Table {
         self.lock()
             .entries
             .get(&t.pkid)
-            .is_some_and(|e| e.token == t.token && !e.settled)
+            .is_some_and(|held| held.iter().any(|e| e.token == t.token && !e.settled))
     }
 
     /// Messages held unacknowledged.
     pub(crate) fn held(&self) -> usize {
-        self.lock().entries.len()
+        self.lock().entries.values().map(Vec::len).sum()
     }
 }
 
@@ -230,7 +256,32 @@ mod tests {
     }
 
     #[test]
-    fn a_new_message_under_a_held_identifier_makes_the_held_one_moot() {
+    fn a_new_message_under_an_identifier_held_from_an_earlier_connection_makes_that_one_moot() {
+        let table = Table::default();
+        let (c1, _l1) = client();
+        table.connected(1, c1, false);
+        let Arrival::New(a) = table.arrived(1, 9, false) else {
+            panic!("new")
+        };
+        table.lost();
+        let (c2, _l2) = client();
+        table.connected(2, c2, true);
+        let Arrival::New(b) = table.arrived(2, 9, false) else {
+            panic!("new")
+        };
+        assert!(!table.is_current(a));
+        assert!(!table.release(a), "a stale release brings nothing back");
+        table.ack(a);
+        assert!(
+            table.is_current(b),
+            "the stale ack did not touch the new one"
+        );
+        assert_eq!(table.held(), 1);
+    }
+
+    #[test]
+    fn an_identifier_the_broker_reuses_on_the_same_connection_holds_both_messages() {
+        // Mosquitto with more than 65,535 messages queued for the session.
         let table = Table::default();
         let (c1, _l1) = client();
         table.connected(1, c1, false);
@@ -240,12 +291,38 @@ mod tests {
         let Arrival::New(b) = table.arrived(1, 9, false) else {
             panic!("new")
         };
-        assert!(!table.is_current(a));
+        assert!(table.is_current(a) && table.is_current(b));
+        assert_eq!(table.held(), 2);
+        // Each acknowledgement is one PUBACK, sent (queued on the connection) or kept.
+        table.ack(b);
+        assert!(table.is_current(a), "one PUBACK each");
+        assert_eq!(table.held(), 1);
         table.ack(a);
-        assert!(
-            table.is_current(b),
-            "the stale ack did not touch the new one"
-        );
+        assert_eq!(table.held(), 0);
+    }
+
+    #[test]
+    fn the_copies_of_two_messages_held_under_one_identifier_bind_one_each() {
+        let table = Table::default();
+        let (c1, _l1) = client();
+        table.connected(1, c1, false);
+        let Arrival::New(a) = table.arrived(1, 4, false) else {
+            panic!("new")
+        };
+        let Arrival::New(b) = table.arrived(1, 4, false) else {
+            panic!("new")
+        };
+        table.lost();
+        table.ack(a);
+        table.ack(b);
+        assert_eq!(table.held(), 2, "settled while the connection is down: kept");
+        let (c2, _l2) = client();
+        table.connected(2, c2, true);
+        // The broker sends both again under the one identifier: each copy takes a PUBACK.
+        assert_eq!(table.arrived(2, 4, true), Arrival::AckedAgain);
+        assert_eq!(table.held(), 1);
+        assert_eq!(table.arrived(2, 4, true), Arrival::AckedAgain);
+        assert_eq!(table.held(), 0);
     }
 
     #[test]

@@ -608,6 +608,10 @@ pub struct HttpSinkConfig {
     /// PEM private key of `client_cert_file`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_key_file: Option<String>,
+    /// HTTP/2 to the endpoint: h2c (prior knowledge) on `http://`, ALPN on `https://`.
+    /// Every request shares one connection; `pool_size` does not apply.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub http2: bool,
 }
 
 /// `[routes.NAME.delivery.batch]`

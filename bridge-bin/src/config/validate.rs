@@ -883,6 +883,7 @@ fn http_sink(
         health_url,
         signing: signing?,
         tls: tls?,
+        http2: http.http2,
     })
 }
 

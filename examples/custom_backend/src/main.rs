@@ -98,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         health_url: None,
         signing: None,
         tls: Default::default(),
+        http2: false,
     })
     .context("building the HTTP sink")?;
     let metrics = Metrics::default().route(&RouteLabels {

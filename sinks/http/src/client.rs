@@ -1,10 +1,17 @@
-//! A keep-alive HTTP/1.1 connection pool for one origin, on hyper's connection API.
+//! A keep-alive HTTP/1.1 connection pool for one origin, on hyper's connection API, or
+//! with `http2` one HTTP/2 connection that carries every request of the route at once.
 //!
 //! A route talks to one endpoint and sends nothing but POSTs (and a health GET), so a
 //! general-purpose client's per-request work — parsing the URL, looking up a pool keyed by
 //! origin, running redirect and retry layers — is pure overhead; on a fast endpoint it cost
 //! more CPU than building the message. Here the origin, the `Host` header and the path are
 //! worked out once, and a request is one pop from a stack of idle connections.
+//!
+//! HTTP/2 (h2c with prior knowledge on `http://`, offered by ALPN on `https://`, where the
+//! endpoint may still choose HTTP/1.1) multiplexes the requests on one connection: the
+//! frames of many requests leave in one write, so a busy route makes fewer system calls
+//! per message, and an endpoint behind a load balancer holds one connection per replica
+//! instead of `concurrency` of them.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -12,10 +19,11 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::{self, SendRequest};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2, TrySendError};
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, HOST, USER_AGENT};
-use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -30,6 +38,37 @@ use crate::{HttpSinkError, TlsConfig};
 /// and a request on a connection the server is closing fails.
 const IDLE_FOR: Duration = Duration::from_secs(50);
 
+/// A connection's request handle.
+enum Sender {
+    /// HTTP/1.1: one request at a time; pooled between requests.
+    H1(http1::SendRequest<Full<Bytes>>),
+    /// HTTP/2: any number at once (up to the endpoint's stream limit, beyond which hyper
+    /// holds requests until a stream is free); shared by every request of the origin.
+    H2(http2::SendRequest<Full<Bytes>>, Generation),
+}
+
+/// Which of the origin's successive HTTP/2 connections a sender is on.
+type Generation = u64;
+
+impl Sender {
+    async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Self::H1(s) => s.ready().await,
+            Self::H2(s, _) => s.ready().await,
+        }
+    }
+
+    async fn try_send(
+        &mut self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Full<Bytes>>>> {
+        match self {
+            Self::H1(s) => s.try_send_request(request).await,
+            Self::H2(s, _) => s.try_send_request(request).await,
+        }
+    }
+}
+
 /// Where and how to connect, and the idle connections.
 pub(crate) struct Origin {
     host: String,
@@ -38,10 +77,26 @@ pub(crate) struct Origin {
     /// `Host`, `User-Agent` and, from the URL's user info, `Authorization`.
     defaults: HeaderMap,
     path: Uri,
+    /// `scheme://authority/path`: HTTP/2 carries scheme and authority in the request (as
+    /// `:scheme` and `:authority`) instead of `Host`.
+    absolute: Uri,
     connect_timeout: Duration,
     timeout: Duration,
     max_idle: usize,
-    idle: Mutex<Vec<(SendRequest<Full<Bytes>>, Instant)>>,
+    /// HTTP/1.1 connections between requests.
+    idle: Mutex<Vec<(http1::SendRequest<Full<Bytes>>, Instant)>>,
+    /// Speak HTTP/2 (h2c, or ALPN `h2` over TLS).
+    http2: bool,
+    /// The HTTP/2 connection every request shares; locked while it is being made, so that
+    /// the requests of a burst wait for one connection instead of each opening its own.
+    shared: tokio::sync::Mutex<Shared>,
+}
+
+/// The HTTP/2 connection of an origin, if one is open, and how many were made before it.
+#[derive(Default)]
+struct Shared {
+    sender: Option<http2::SendRequest<Full<Bytes>>>,
+    generation: Generation,
 }
 
 impl Origin {
@@ -111,6 +166,8 @@ pub(crate) struct Limits {
     pub(crate) timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) max_idle: usize,
+    /// HTTP/2 instead of HTTP/1.1.
+    pub(crate) http2: bool,
 }
 
 impl Origin {
@@ -152,6 +209,9 @@ impl Origin {
             path.push('?');
             path.push_str(query);
         }
+        let absolute = format!("{}://{authority}{path}", url.scheme())
+            .parse::<Uri>()
+            .map_err(|_| invalid("path"))?;
         let path = path.parse::<Uri>().map_err(|_| invalid("path"))?;
         let tls = if secure {
             let name = match host.parse::<IpAddr>() {
@@ -159,7 +219,10 @@ impl Origin {
                 Err(_) => ServerName::try_from(host.clone())
                     .map_err(|_| invalid("host is not a valid TLS server name"))?,
             };
-            Some((TlsConnector::from(Arc::new(tls_config(tls)?)), name))
+            Some((
+                TlsConnector::from(Arc::new(tls_config(tls, limits.http2)?)),
+                name,
+            ))
         } else {
             None
         };
@@ -169,10 +232,13 @@ impl Origin {
             tls,
             defaults,
             path,
+            absolute,
             connect_timeout: limits.connect_timeout,
             timeout: limits.timeout,
             max_idle: limits.max_idle,
             idle: Mutex::new(Vec::new()),
+            http2: limits.http2,
+            shared: tokio::sync::Mutex::new(Shared::default()),
         })
     }
 
@@ -191,7 +257,6 @@ impl Origin {
         }
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = method;
-        *request.uri_mut() = self.path.clone();
         *request.headers_mut() = headers;
         match tokio::time::timeout(self.timeout, self.exchange(request, keep)).await {
             Ok(answer) => answer,
@@ -207,12 +272,19 @@ impl Origin {
         // A pooled connection the server closed meanwhile hands the request back unsent;
         // it then goes out once on a new connection.
         let response = loop {
-            let (mut sender, reused) = match self.checkout() {
-                Some(sender) => (sender, true),
-                // Boxed: the TLS handshake's state is large, and a future holds its largest
-                // state inline in every request's task (moved on spawn and on completion).
-                None => (Box::pin(self.connect()).await?, false),
-            };
+            let (mut sender, reused) = self.checkout().await?;
+            if let Sender::H2(..) = sender {
+                *request.uri_mut() = self.absolute.clone();
+                request.headers_mut().remove(HOST);
+            } else {
+                *request.uri_mut() = self.path.clone();
+                if let (false, Some(host)) = (
+                    request.headers().contains_key(HOST),
+                    self.defaults.get(HOST),
+                ) {
+                    request.headers_mut().insert(HOST, host.clone());
+                }
+            }
             if sender.ready().await.is_err() {
                 if reused {
                     continue;
@@ -221,7 +293,7 @@ impl Origin {
                     "connection failed: closed at once".into(),
                 ));
             }
-            match sender.try_send_request(request).await {
+            match sender.try_send(request).await {
                 Ok(response) => break (response, sender),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if reused => request = unsent,
@@ -232,7 +304,18 @@ impl Origin {
                             e.error(),
                         )))
                     }
-                    None => return Err(Failure::Error(describe("request failed", e.error()))),
+                    None => {
+                        let what = match sender {
+                            // A connection that failed a request (the endpoint going away,
+                            // a GOAWAY) is not handed to the next one: it opens a new one.
+                            Sender::H2(_, generation) => {
+                                self.forget(generation).await;
+                                "request failed over HTTP/2"
+                            }
+                            Sender::H1(_) => "request failed",
+                        };
+                        return Err(Failure::Error(describe(what, e.error())));
+                    }
                 },
             }
         };
@@ -275,7 +358,47 @@ impl Origin {
         })
     }
 
-    fn checkout(&self) -> Option<SendRequest<Full<Bytes>>> {
+    /// A connection for one request, and whether it carried requests before.
+    async fn checkout(&self) -> Result<(Sender, bool), Failure> {
+        if self.http2 {
+            let mut shared = self.shared.lock().await;
+            if let Some(sender) = shared.sender.as_ref().filter(|s| !s.is_closed()) {
+                return Ok((Sender::H2(sender.clone(), shared.generation), true));
+            }
+            // An endpoint that chose HTTP/1.1 over TLS is pooled as usual.
+            if let Some(sender) = self.idle_sender() {
+                return Ok((Sender::H1(sender), true));
+            }
+            let sender = Box::pin(self.connect()).await?;
+            return Ok((
+                match sender {
+                    Sender::H2(s, _) => {
+                        shared.generation += 1;
+                        shared.sender = Some(s.clone());
+                        Sender::H2(s, shared.generation)
+                    }
+                    h1 => h1,
+                },
+                false,
+            ));
+        }
+        match self.idle_sender() {
+            Some(sender) => Ok((Sender::H1(sender), true)),
+            // Boxed: the TLS handshake's state is large, and a future holds its largest
+            // state inline in every request's task (moved on spawn and on completion).
+            None => Ok((Box::pin(self.connect()).await?, false)),
+        }
+    }
+
+    /// Drops the shared HTTP/2 connection if it is still the one of `generation`.
+    async fn forget(&self, generation: Generation) {
+        let mut shared = self.shared.lock().await;
+        if shared.generation == generation {
+            shared.sender = None;
+        }
+    }
+
+    fn idle_sender(&self) -> Option<http1::SendRequest<Full<Bytes>>> {
         let mut idle = self
             .idle
             .lock()
@@ -288,7 +411,11 @@ impl Origin {
         None
     }
 
-    fn checkin(&self, sender: SendRequest<Full<Bytes>>) {
+    fn checkin(&self, sender: Sender) {
+        // An HTTP/2 connection stays shared; it is not pooled.
+        let Sender::H1(sender) = sender else {
+            return;
+        };
         if sender.is_closed() {
             return;
         }
@@ -302,7 +429,7 @@ impl Origin {
     }
 
     /// Opens a connection; every failure here is [`Failure::Unreachable`]: nothing was sent.
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, Failure> {
+    async fn connect(&self) -> Result<Sender, Failure> {
         let connecting = async {
             let tcp = TcpStream::connect((self.host.as_str(), self.port))
                 .await
@@ -310,13 +437,14 @@ impl Origin {
             // Requests are small and answered one at a time: never wait to fill a segment.
             let _ = tcp.set_nodelay(true);
             match &self.tls {
-                None => handshake(tcp).await,
+                None => handshake(tcp, self.http2).await,
                 Some((connector, name)) => {
                     let stream = connector
                         .connect(name.clone(), tcp)
                         .await
                         .map_err(|e| describe("connection failed: TLS", &e))?;
-                    handshake(stream).await
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    handshake(stream, h2).await
                 }
             }
         };
@@ -332,18 +460,28 @@ impl Origin {
     }
 }
 
-async fn handshake<T>(io: T) -> Result<SendRequest<Full<Bytes>>, Failure>
+/// The HTTP/1.1 or HTTP/2 handshake on a connected stream.
+async fn handshake<T>(io: T, h2: bool) -> Result<Sender, Failure>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| describe("connection failed", &e))?;
+    let failed = |e: hyper::Error| Failure::Error(describe("connection failed", &e));
     // The connection drives itself until either side closes it.
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(sender)
+    if h2 {
+        let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .map_err(|e| Failure::Error(describe("connection failed: HTTP/2 handshake", &e)))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Sender::H2(sender, 0))
+    } else {
+        let (sender, connection) = http1::handshake(TokioIo::new(io)).await.map_err(failed)?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Sender::H1(sender))
+    }
 }
 
 /// `what: cause: cause of cause…` on one line.
@@ -377,8 +515,9 @@ fn basic_auth(url: &Url) -> Option<HeaderValue> {
     Some(value)
 }
 
-/// The public roots plus the configured CA, and the client identity if there is one.
-fn tls_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, HttpSinkError> {
+/// The public roots plus the configured CA, the client identity if there is one, and the
+/// protocols offered: `h2` first when HTTP/2 is asked for, HTTP/1.1 always.
+fn tls_config(tls: &TlsConfig, http2: bool) -> Result<rustls::ClientConfig, HttpSinkError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(pem) = &tls.ca_pem {
@@ -426,6 +565,10 @@ fn tls_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, HttpSinkError> {
                 .map_err(|e| identity_error(e.to_string()))?
         }
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok(config)
 }

@@ -64,6 +64,10 @@ pub struct HttpSinkConfig {
     pub signing: Option<SigningKey>,
     /// HTTPS trust and identity beyond the defaults.
     pub tls: TlsConfig,
+    /// Speak HTTP/2: with prior knowledge (h2c) on `http://`, offered by ALPN on
+    /// `https://` (where the endpoint may still answer in HTTP/1.1). Every request of the
+    /// route then shares one connection, and `pool_size` does not apply.
+    pub http2: bool,
 }
 
 /// HTTPS settings for endpoints behind a private CA or requiring client certificates.
@@ -100,6 +104,7 @@ impl std::fmt::Debug for HttpSinkConfig {
             )
             .field("signing", &self.signing.is_some())
             .field("tls", &self.tls)
+            .field("http2", &self.http2)
             .finish()
     }
 }
@@ -174,6 +179,7 @@ impl HttpSink {
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
             max_idle: config.pool_size,
+            http2: config.http2,
         };
         // A redirect is an answer, not a delivery: following it would turn the POST into a
         // GET (301/302/303) that a 200 then "acks" with the message never delivered. The

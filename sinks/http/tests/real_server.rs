@@ -81,6 +81,7 @@ fn config(url: &str, timeout: Duration) -> HttpSinkConfig {
         health_url: None,
         signing: None,
         tls: Default::default(),
+        http2: false,
     }
 }
 

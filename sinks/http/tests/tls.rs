@@ -63,6 +63,17 @@ fn pki() -> Pki {
 /// Serves HTTPS on a loopback port, answering 200 to every request; with
 /// `require_client`, only to clients whose certificate the CA issued.
 async fn https_server(pki: &Pki, require_client: bool) -> (String, Arc<AtomicUsize>) {
+    let (url, served, _) = https_server_with(pki, require_client, false).await;
+    (url, served)
+}
+
+/// [`https_server`], offering HTTP/2 by ALPN too when `offer_h2`; also returns how many
+/// requests came over HTTP/2.
+async fn https_server_with(
+    pki: &Pki,
+    require_client: bool,
+    offer_h2: bool,
+) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = vec![CertificateDer::from(pki.server.cert.der().to_vec())];
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
@@ -86,35 +97,57 @@ async fn https_server(pki: &Pki, require_client: bool) -> (String, Arc<AtomicUsi
         builder.with_no_client_auth().with_single_cert(chain, key)
     }
     .expect("server config");
+    let mut config = config;
+    config.alpn_protocols = if offer_h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let served = Arc::new(AtomicUsize::new(0));
-    let count = served.clone();
+    let served_h2 = Arc::new(AtomicUsize::new(0));
+    let (count, count_h2) = (served.clone(), served_h2.clone());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, count) = (acceptor.clone(), count.clone());
+            let (acceptor, count, count_h2) = (acceptor.clone(), count.clone(), count_h2.clone());
             tokio::spawn(async move {
                 // A refused handshake is the point of some tests: just close.
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let service = hyper::service::service_fn(move |_request| {
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
                     count.fetch_add(1, Ordering::SeqCst);
+                    if request.version() == hyper::Version::HTTP_2 {
+                        count_h2.fetch_add(1, Ordering::SeqCst);
+                    }
                     async { Ok::<_, Infallible>(hyper::Response::new(String::new())) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                    .await;
+                let io = hyper_util::rt::TokioIo::new(tls);
+                let _ = if h2 {
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(io, service)
+                        .await
+                } else {
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await
+                };
             });
         }
     });
-    (format!("https://{addr}/in"), served)
+    (format!("https://{addr}/in"), served, served_h2)
 }
 
 fn sink(url: &str, tls: TlsConfig) -> Result<HttpSink, HttpSinkError> {
+    sink_with(url, tls, false)
+}
+
+fn sink_with(url: &str, tls: TlsConfig, http2: bool) -> Result<HttpSink, HttpSinkError> {
     HttpSink::new(HttpSinkConfig {
         route: Arc::from("orders"),
         url: url.parse().expect("url"),
@@ -126,6 +159,7 @@ fn sink(url: &str, tls: TlsConfig) -> Result<HttpSink, HttpSinkError> {
         health_url: None,
         signing: None,
         tls,
+        http2,
     })
 }
 
@@ -204,4 +238,31 @@ fn unreadable_certificates_are_refused_by_name() {
         Err(e) => assert!(e.to_string().starts_with("client_cert_file:"), "{e}"),
         Ok(_) => panic!("accepted a client certificate without its key"),
     }
+}
+
+#[tokio::test]
+async fn http2_is_offered_by_alpn_and_http1_kept_where_the_endpoint_chooses_it() {
+    let pki = pki();
+    let (url, served, h2) = https_server_with(&pki, false, true).await;
+    let sink = sink_with(&url, trusting(&pki), true).expect("sink");
+    for _ in 0..3 {
+        assert!(matches!(
+            sink.deliver(&message()).await,
+            SinkResponse::Status { status: 200, .. }
+        ));
+    }
+    assert_eq!(h2.load(Ordering::SeqCst), 3, "requests over HTTP/2");
+
+    // An endpoint that offers only HTTP/1.1 is still reached, over HTTP/1.1.
+    let (url, served_h1, h2) = https_server_with(&pki, false, false).await;
+    let sink = sink_with(&url, trusting(&pki), true).expect("sink");
+    for _ in 0..3 {
+        assert!(matches!(
+            sink.deliver(&message()).await,
+            SinkResponse::Status { status: 200, .. }
+        ));
+    }
+    assert_eq!(served_h1.load(Ordering::SeqCst), 3);
+    assert_eq!(h2.load(Ordering::SeqCst), 0, "requests over HTTP/2");
+    assert_eq!(served.load(Ordering::SeqCst), 3);
 }
