@@ -295,12 +295,14 @@ async fn main() -> Result<()> {
     }
 }
 
-/// A counting sink: answers 200 to everything after `latency` and counts requests.
+/// A counting sink: reads each request's body, answers 200 after `latency` and counts
+/// requests. It reads the body as an endpoint does: one that answers without reading it
+/// has its connection closed under a big body, or over HTTP/2 its stream reset.
 async fn counting_sink(count: Arc<AtomicU64>, latency: Duration) -> Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let delay = delay::Delay::start();
-    let app = axum::Router::new().fallback(move || {
+    let app = axum::Router::new().fallback(move |_body: bytes::Bytes| {
         let count = count.clone();
         let delay = delay.clone();
         async move {

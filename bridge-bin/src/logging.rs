@@ -12,6 +12,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
+use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -148,16 +149,40 @@ fn verbosity(level: Level) -> u8 {
     }
 }
 
-/// Installs the subscriber: `filter` on stderr, in `format`.
-pub fn init(format: LogFormat, filter: EnvFilter) {
+/// Log lines held for stderr while it does not take them; beyond, lines are dropped (and
+/// counted) rather than wait.
+const HELD_LINES: usize = 8_192;
+
+/// How many log lines were dropped because stderr did not take them, once logging is up.
+static DROPPED: std::sync::OnceLock<ErrorCounter> = std::sync::OnceLock::new();
+
+/// Installs the subscriber: `filter` on stderr, in `format`. Lines are written by a thread
+/// of their own: a write to stderr blocks while the pipe behind it is full (a log shipper
+/// that stalled, a parent that never reads), and a blocked runtime thread would stop every
+/// delivery, ack and lease renewal, and the handling of SIGTERM. Lines that find the queue
+/// full are dropped and counted (`ferry_log_lines_dropped_total`). Keep the guard until
+/// the end: dropping it writes out what is queued.
+pub fn init(format: LogFormat, filter: EnvFilter) -> WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(HELD_LINES)
+        .thread_name("ferry-log")
+        .finish(std::io::stderr());
+    let _ = DROPPED.set(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.event_format(JsonLine).init(),
     }
+    guard
+}
+
+/// Log lines dropped so far because stderr did not take them.
+pub fn dropped_lines() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
 }
 
 /// An error that ends ferry.
@@ -181,19 +206,25 @@ impl Fatal {
     }
 }
 
+/// One line to stderr; a stderr that is gone is no reason to panic on the way out.
+fn write_err(text: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
+
 /// Writes the errors that end ferry: `ferry: <error>` lines for people, JSON lines (with
 /// the key path as `at` where there is one) for machines.
 pub fn fatal(format: LogFormat, errors: &[Fatal]) {
     for e in errors {
         match format {
-            LogFormat::Text => eprintln!("ferry: {}", e.line),
+            LogFormat::Text => write_err(&format!("ferry: {}", e.line)),
             LogFormat::Json => {
                 let mut fields = Map::new();
                 fields.insert("message".into(), Value::String(e.what.clone()));
                 if let Some(at) = &e.at {
                     fields.insert("at".into(), Value::String(at.clone()));
                 }
-                eprintln!("{}", line("ERROR", "ferry", fields));
+                write_err(&line("ERROR", "ferry", fields).to_string());
             }
         }
     }

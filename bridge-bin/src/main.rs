@@ -193,13 +193,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logging::init(format, filter);
+    let log = logging::init(format, filter);
     let result = match cli.command {
         Command::Validate(args) => validate(&args),
         Command::Run(args) => run(&args),
         Command::Check(args) => check(&args),
         Command::Redrive(args) => redrive(args),
     };
+    // The log lines still queued go out before the fatal ones.
+    drop(log);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(errors)) => {

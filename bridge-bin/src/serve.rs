@@ -44,6 +44,11 @@ pub(crate) async fn run_routes(
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut registry);
     let reloads = Reloads::register(&mut registry);
+    registry.register(
+        "ferry_log_lines_dropped",
+        "Log lines dropped because stderr did not take them (its reader stalled or is gone)",
+        DroppedLogLines,
+    );
     let shutdown = CancellationToken::new();
     let (audit, audit_thread) = match &plan.audit {
         Some(audit) => {
@@ -173,6 +178,26 @@ pub(crate) async fn run_routes(
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
+}
+
+/// [`crate::logging::dropped_lines`] as a counter, read when the metrics are.
+#[derive(Debug)]
+struct DroppedLogLines;
+
+impl prometheus_client::encoding::EncodeMetric for DroppedLogLines {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(
+            &crate::logging::dropped_lines(),
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Counter
+    }
 }
 
 /// Counts SIGHUP reloads: `applied` (the new configuration runs) or `refused` (it did not

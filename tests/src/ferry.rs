@@ -121,6 +121,8 @@ pub struct Ferry {
     ready_marker: Option<String>,
     /// The configuration file `ferry run --config` reads (also on SIGHUP).
     config: Option<PathBuf>,
+    /// The read end of ferry's stderr when nobody reads it (see [`Ferry::start_unread`]).
+    _unread: Option<std::process::ChildStderr>,
 }
 
 fn command() -> Command {
@@ -199,6 +201,36 @@ impl Ferry {
         Self::start_at(crate::free_port(), config, wrapper, options, ferry_log)
     }
 
+    /// Starts `ferry run` with `route` and this `FERRY_LOG`, its stderr a pipe that nobody
+    /// reads (a stalled log shipper): once the pipe is full, every write to it blocks.
+    /// [`Ferry::log`] is empty.
+    pub fn start_unread(route: &Route<'_>, ferry_log: &str) -> Self {
+        let admin_port = crate::free_port();
+        let dir = scratch("ferry");
+        let file = dir.join("ferry.toml");
+        std::fs::write(&file, route.config(admin_port)).expect("write config");
+        let log = dir.join("ferry.log");
+        std::fs::write(&log, "").expect("log file");
+        let mut child = command()
+            .arg("run")
+            .arg("--config")
+            .arg(&file)
+            .env("FERRY_LOG", ferry_log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry");
+        let unread = child.stderr.take();
+        Self {
+            child,
+            admin_port,
+            log,
+            ready_marker: None,
+            config: Some(file),
+            _unread: unread,
+        }
+    }
+
     fn start_at(
         admin_port: u16,
         config: impl FnOnce(u16) -> String,
@@ -230,6 +262,7 @@ impl Ferry {
             log,
             ready_marker: None,
             config: Some(file),
+            _unread: None,
         }
     }
 
@@ -252,6 +285,7 @@ impl Ferry {
             log,
             ready_marker: Some(ready_marker.to_owned()),
             config: None,
+            _unread: None,
         }
     }
 

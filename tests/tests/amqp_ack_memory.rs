@@ -106,3 +106,49 @@ async fn memory_stays_flat_while_one_message_retries_for_a_minute() {
     rabbit.delete(&queue.name).await;
     rabbit.delete(&queue.dead_letter).await;
 }
+
+/// Many teams run one ferry with dozens of routes, most of them idle: an idle RabbitMQ
+/// route must cost well under a MiB. (lapin's I/O buffers, grown after the handshake,
+/// made each connection 8.5 MiB resident.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_route_costs_less_than_a_mib() {
+    const ROUTES: usize = 20;
+    let rabbit = Rabbit::connect().await;
+    let endpoint = Endpoint::start(|_| Reply::ok()).await;
+    let url = endpoint.url();
+    let mut queues = Vec::new();
+    for _ in 0..ROUTES {
+        queues.push(rabbit.queue("idle").await);
+    }
+    let config = |n: usize| {
+        let queues = &queues;
+        let url = &url;
+        move |admin_port: u16| {
+            let mut text = format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n");
+            for (i, queue) in queues.iter().take(n).enumerate() {
+                let route = Route {
+                    source: amqp_source(&queue.name, ""),
+                    sink_url: url,
+                    sink: "",
+                    delivery: "",
+                };
+                text.push_str(&route.section(&format!("idle{i}")));
+            }
+            text
+        }
+    };
+    let one = Ferry::start_config(config(1));
+    one.wait_ready(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_one = one.rss_kib();
+    drop(one);
+    let many = Ferry::start_config(config(ROUTES));
+    many.wait_ready(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_many = many.rss_kib();
+    let per_route = rss_many.saturating_sub(rss_one) / (ROUTES as u64 - 1);
+    assert!(
+        per_route < 1024,
+        "an idle route costs {per_route} KiB ({rss_one} KiB with one route, {rss_many} KiB with {ROUTES})"
+    );
+}

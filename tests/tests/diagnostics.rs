@@ -315,3 +315,54 @@ url = "http://127.0.0.1:{closed}/x"
     let (visible, invisible) = ferry_e2e::sqs::depth(&sqs, &queue).await;
     assert_eq!((visible, invisible), (1, 0));
 }
+
+/// A reader of stderr that stops reading (a stalled log shipper, a parent that never
+/// reads) fills the pipe, and a write to a full pipe blocks. ferry must go on delivering,
+/// stop on SIGTERM, and count the lines it could not write, not hang in a log write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_reader_stops_no_delivery_and_no_shutdown() {
+    use ferry_e2e::amqp::Rabbit;
+    use ferry_e2e::ferry::{amqp_source, Route};
+    use ferry_e2e::{wait_until, Endpoint, Ferry, Reply};
+    use std::time::Duration;
+
+    const N: usize = 3000;
+    let rabbit = Rabbit::connect().await;
+    let queue = rabbit.queue("unread-log").await;
+    let endpoint = Endpoint::start(|_| Reply::ok()).await;
+    let url = endpoint.url();
+    let route = Route {
+        source: amqp_source(&queue.name, ""),
+        sink_url: &url,
+        sink: "",
+        delivery: "concurrency = 16",
+    };
+    // Every message writes a few debug lines: far more than a pipe holds (64 KiB).
+    let mut ferry = Ferry::start_unread(&route, "debug");
+    ferry.wait_ready(Duration::from_secs(30)).await;
+    let sent = rabbit.publish_numbered(&queue.name, "log", N).await;
+    let all = wait_until(Duration::from_secs(60), || {
+        endpoint.delivered_set().len() >= N
+    })
+    .await;
+    assert!(
+        all,
+        "{} of {N} delivered with nobody reading stderr",
+        endpoint.delivered_set().len()
+    );
+    assert_eq!(endpoint.delivered_set(), sent);
+    let dropped = ferry
+        .metric("ferry_log_lines_dropped_total")
+        .await
+        .expect("ferry_log_lines_dropped_total");
+    assert!(
+        dropped > 0.0,
+        "no log line dropped: did the pipe ever fill?"
+    );
+    ferry.signal("TERM");
+    let status = ferry.wait_exit(Duration::from_secs(15)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "no clean exit on SIGTERM: {status:?}"
+    );
+}

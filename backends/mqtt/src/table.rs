@@ -315,7 +315,11 @@ mod tests {
         table.lost();
         table.ack(a);
         table.ack(b);
-        assert_eq!(table.held(), 2, "settled while the connection is down: kept");
+        assert_eq!(
+            table.held(),
+            2,
+            "settled while the connection is down: kept"
+        );
         let (c2, _l2) = client();
         table.connected(2, c2, true);
         // The broker sends both again under the one identifier: each copy takes a PUBACK.
