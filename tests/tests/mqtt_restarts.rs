@@ -175,3 +175,34 @@ async fn a_backlog_beyond_the_packet_identifiers_loses_nothing() {
     );
     assert_eq!(mqtt::held(&addr, &client_id).await, 0, "left on the broker");
 }
+
+/// The start check resumes the session before the real connection does: what it was sent
+/// comes back flagged DUP and is labelled a second attempt. At most one message may be
+/// mislabelled so, not a receive window of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_labels_no_window_of_first_deliveries_as_redeliveries() {
+    mqtt::require_broker(ADDR).await;
+    let base = ferry_e2e::unique("relabel");
+    let client_id = format!("{base}-bridge");
+    let _dead = mqtt::DeadLetterTopic::subscribe(ADDR, &format!("dead/{base}")).await;
+    let endpoint = Endpoint::start(|_| Reply::ok()).await;
+    let ferry = start(ADDR, &base, &client_id, &endpoint);
+    ferry.wait_ready(Duration::from_secs(30)).await;
+    stop(ferry).await;
+    // Queued for the session while no ferry runs: none of them was ever delivered.
+    mqtt::publish(ADDR, &items(&base, 0..300)).await;
+    let ferry = start(ADDR, &base, &client_id, &endpoint);
+    ferry.wait_ready(Duration::from_secs(30)).await;
+    wait_all(&endpoint, 300, &ferry).await;
+    stop(ferry).await;
+    let relabelled = endpoint
+        .delivered()
+        .iter()
+        .filter(|s| s.attempt > 1)
+        .count();
+    assert!(
+        relabelled <= 1,
+        "{relabelled} first deliveries labelled as redeliveries"
+    );
+    mqtt::end_session(ADDR, &client_id).await;
+}

@@ -112,7 +112,14 @@ pub(crate) async fn check(config: &MqttConfig, options: &MqttOptions) -> Result<
         url: url.clone(),
         detail,
     };
-    let (client, mut events) = AsyncClient::new(options.clone(), capacity(config));
+    // The check resumes the session, and the broker starts sending what it holds: with a
+    // window of one, one message at most comes back to the real connection flagged as
+    // sent before (and labelled a second attempt), not a whole window of them.
+    let mut options = options.clone();
+    let mut props = options.connect_properties().unwrap_or_default();
+    props.receive_maximum = Some(1);
+    options.set_connect_properties(props);
+    let (client, mut events) = AsyncClient::new(options, capacity(config));
     let mut subscribed = false;
     loop {
         let event = tokio::time::timeout(CHECK_TIMEOUT, events.poll())

@@ -11,6 +11,9 @@ const DEFAULT_PORT: u16 = 1883;
 /// MQTT's largest packet.
 pub(crate) const MAX_PACKET: u32 = 268_435_455;
 
+/// QoS 1 messages ferry may have published and not yet had acknowledged on a connection.
+const OUTGOING: u16 = 8;
+
 /// The options every connection of the route uses: its session (`clean_start = false`,
 /// the expiry), manual acknowledgements, the receive window and the login.
 pub(crate) fn build(config: &MqttConfig) -> Result<MqttOptions, MqttError> {
@@ -36,7 +39,11 @@ pub(crate) fn build(config: &MqttConfig) -> Result<MqttOptions, MqttError> {
         .set_clean_start(false)
         .set_manual_acks(true)
         .set_keep_alive(config.keep_alive)
-        .set_connection_timeout(5);
+        .set_connection_timeout(5)
+        // What ferry itself publishes at once: dead letters, one at a time. rumqttc keeps a
+        // slot for each message it may have out, 216 bytes each, allocated and written up
+        // front: its default (65,535) made every connection 14 MiB resident.
+        .set_outgoing_inflight_upper_limit(OUTGOING);
     let mut props = ConnectProperties::new();
     props.session_expiry_interval =
         Some(u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX));
