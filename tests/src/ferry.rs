@@ -189,7 +189,7 @@ impl Ferry {
     /// [`Ferry::start_config`] with the admin server on `admin_port`: a ferry started again
     /// where the one before it was, as after a restart.
     pub fn start_config_at(admin_port: u16, config: impl FnOnce(u16) -> String) -> Self {
-        Self::start_at(admin_port, config, &[], &[], None)
+        Self::start_at(admin_port, config, &[], &[], None, false)
     }
 
     fn start_config_in(
@@ -198,37 +198,31 @@ impl Ferry {
         options: &[&str],
         ferry_log: Option<&str>,
     ) -> Self {
-        Self::start_at(crate::free_port(), config, wrapper, options, ferry_log)
+        Self::start_at(
+            crate::free_port(),
+            config,
+            wrapper,
+            options,
+            ferry_log,
+            false,
+        )
     }
 
     /// Starts `ferry run` with `route` and this `FERRY_LOG`, its stderr a pipe that nobody
     /// reads (a stalled log shipper): once the pipe is full, every write to it blocks.
     /// [`Ferry::log`] is empty.
     pub fn start_unread(route: &Route<'_>, ferry_log: &str) -> Self {
-        let admin_port = crate::free_port();
-        let dir = scratch("ferry");
-        let file = dir.join("ferry.toml");
-        std::fs::write(&file, route.config(admin_port)).expect("write config");
-        let log = dir.join("ferry.log");
-        std::fs::write(&log, "").expect("log file");
-        let mut child = command()
-            .arg("run")
-            .arg("--config")
-            .arg(&file)
-            .env("FERRY_LOG", ferry_log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ferry");
-        let unread = child.stderr.take();
-        Self {
-            child,
-            admin_port,
-            log,
-            ready_marker: None,
-            config: Some(file),
-            _unread: unread,
-        }
+        let mut ferry = Self::start_at(
+            crate::free_port(),
+            |port| route.config(port),
+            &[],
+            &[],
+            Some(ferry_log),
+            true,
+        );
+        std::fs::write(&ferry.log, "").expect("log file");
+        ferry._unread = ferry.child.stderr.take();
+        ferry
     }
 
     fn start_at(
@@ -237,6 +231,7 @@ impl Ferry {
         wrapper: &[&str],
         options: &[&str],
         ferry_log: Option<&str>,
+        unread_stderr: bool,
     ) -> Self {
         let dir = scratch("ferry");
         let file = dir.join("ferry.toml");
@@ -253,7 +248,11 @@ impl Ferry {
             .arg(&file)
             .env("FERRY_LOG", ferry_log)
             .stdout(std::fs::File::create(log.with_extension("out")).expect("output file"))
-            .stderr(std::fs::File::create(&log).expect("log file"))
+            .stderr(if unread_stderr {
+                Stdio::piped()
+            } else {
+                std::fs::File::create(&log).expect("log file").into()
+            })
             .spawn()
             .expect("spawn ferry");
         Self {
