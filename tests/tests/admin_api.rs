@@ -44,7 +44,7 @@ const METHODS: [&str; 8] = [
 fn document() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml");
     let text = std::fs::read_to_string(path).expect("read docs/openapi.yaml");
-    serde_yaml::from_str(&text).expect("docs/openapi.yaml is YAML that maps to JSON")
+    serde_yaml_ng::from_str(&text).expect("docs/openapi.yaml is YAML that maps to JSON")
 }
 
 /// Follows `$ref`s within the document (`#/components/...`).

@@ -552,7 +552,7 @@ fn read_file(path: &Path) -> Result<(String, String), ConfigError> {
 /// Parses one text to a generic tree whose top level is a table.
 fn parse(at: &str, text: &str, format: Format) -> Result<Value, ConfigError> {
     let value = match format {
-        Format::Yaml => match serde_yaml::from_str::<Value>(text) {
+        Format::Yaml => match serde_yaml_ng::from_str::<Value>(text) {
             Ok(value @ (Value::Object(_) | Value::Null)) => value,
             result => {
                 if toml::from_str::<toml::Table>(text).is_ok_and(|t| !t.is_empty()) {
@@ -565,7 +565,7 @@ fn parse(at: &str, text: &str, format: Format) -> Result<Value, ConfigError> {
             }
         },
         Format::Toml => toml::from_str::<Value>(text).map_err(|e| {
-            if matches!(serde_yaml::from_str::<Value>(text), Ok(Value::Object(m)) if !m.is_empty())
+            if matches!(serde_yaml_ng::from_str::<Value>(text), Ok(Value::Object(m)) if !m.is_empty())
             {
                 return ConfigError::new(
                     at,

@@ -446,6 +446,45 @@ async fn shutdown_releases_unstarted_and_overdue_in_flight() {
     assert_eq!(log.len(), 6, "{log:?}");
 }
 
+/// Shutdown while slots are free and messages wait in the channel (the loop takes both
+/// without waiting): every message the source made is settled exactly once, every ack
+/// follows a request, and none is skipped.
+#[tokio::test(start_paused = true)]
+async fn shutdown_in_a_busy_loop_settles_every_message_once() {
+    for cut_ms in [1, 7, 23] {
+        let h = start(
+            5_000,
+            false,
+            policy(64, 3),
+            Duration::from_millis(1),
+            |_| ok(),
+        );
+        tokio::time::sleep(Duration::from_millis(cut_ms)).await;
+        let (log, calls) = (h.log.clone(), h.calls.clone());
+        h.shutdown.cancel();
+        h.task.await.expect("join").expect("route");
+        let log = log.lock().expect("lock");
+        let mut by_id: HashMap<&str, Vec<Settlement>> = HashMap::new();
+        for (id, s) in log.iter() {
+            by_id.entry(id.as_str()).or_default().push(s.clone());
+        }
+        assert!(by_id.values().all(|s| s.len() == 1), "settled twice");
+        for i in 0..by_id.len() {
+            assert!(
+                by_id.contains_key(format!("m{i}").as_str()),
+                "m{i} never settled"
+            );
+        }
+        let acked = by_id.values().filter(|s| s[0] == Settlement::Ack).count();
+        assert_eq!(
+            acked,
+            calls.load(Ordering::SeqCst),
+            "an ack without a request"
+        );
+        assert!(acked > 0, "cut at {cut_ms} ms: nothing delivered");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn in_flight_finishes_within_grace() {
     let h = start(4, false, policy(4, 5), Duration::from_secs(2), |_| ok());
