@@ -221,12 +221,17 @@ impl Harness {
         }
         self.shutdown.cancel();
         self.task.await.expect("join").expect("route");
-        let mut by_id: HashMap<String, Vec<Settlement>> = HashMap::new();
-        for (id, s) in self.log.lock().expect("lock").drain(..) {
-            by_id.entry(id).or_default().push(s);
-        }
-        by_id
+        by_id(&self.log)
     }
+}
+
+/// Each id's settlements, in the order they came.
+fn by_id(log: &Log) -> HashMap<String, Vec<Settlement>> {
+    let mut by_id: HashMap<String, Vec<Settlement>> = HashMap::new();
+    for (id, s) in log.lock().expect("lock").drain(..) {
+        by_id.entry(id).or_default().push(s);
+    }
+    by_id
 }
 
 fn policy(concurrency: usize, max_attempts: u32) -> DeliveryPolicy {
@@ -446,9 +451,9 @@ async fn shutdown_releases_unstarted_and_overdue_in_flight() {
     assert_eq!(log.len(), 6, "{log:?}");
 }
 
-/// Shutdown while slots are free and messages wait in the channel (the loop takes both
-/// without waiting): every message the source made is settled exactly once, every ack
-/// follows a request, and none is skipped.
+/// Shutdown at any moment while slots are free and messages wait in the channel: every
+/// message the source made is settled exactly once, every ack follows a request, and
+/// none is skipped.
 #[tokio::test(start_paused = true)]
 async fn shutdown_in_a_busy_loop_settles_every_message_once() {
     for cut_ms in [1, 7, 23] {
@@ -463,11 +468,7 @@ async fn shutdown_in_a_busy_loop_settles_every_message_once() {
         let (log, calls) = (h.log.clone(), h.calls.clone());
         h.shutdown.cancel();
         h.task.await.expect("join").expect("route");
-        let log = log.lock().expect("lock");
-        let mut by_id: HashMap<&str, Vec<Settlement>> = HashMap::new();
-        for (id, s) in log.iter() {
-            by_id.entry(id.as_str()).or_default().push(s.clone());
-        }
+        let by_id = by_id(&log);
         assert!(by_id.values().all(|s| s.len() == 1), "settled twice");
         for i in 0..by_id.len() {
             assert!(
